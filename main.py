@@ -1,0 +1,344 @@
+"""Train or evaluate a (sparse) Vision Transformer: the command-line edge of the project.
+
+argparse lives here only. Components receive typed configs or explicit arguments; the training loop in
+`engine.py` sees a `Sparsifier`, never a sparsity method's internals.
+
+    python main.py --model vit_digits_tiny --data-set DIGITS --output_dir out      # one process
+    torchrun --nproc_per_node=8 main.py --model deit_small_patch16_224 ...          # NCCL on GPUs, gloo on CPUs
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+import datasets
+import engine
+import models
+from models.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from sparselearning import DenseSparsifier, Sparsifier
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """DeiT's and SViTE's flag names and defaults, minus the flags the original parsed and ignored."""
+    parser = argparse.ArgumentParser("SViTE training and evaluation", add_help=True)
+    parser.add_argument("--batch-size", default=64, type=int, help="per-process batch size")
+    parser.add_argument("--epochs", default=300, type=int)
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="vit_digits_tiny", choices=models.MODEL_NAMES)
+    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    g.add_argument("--model-ema", action="store_true", default=True, help="keep and evaluate an EMA of the weights")
+    g.add_argument("--no-model-ema", action="store_false", dest="model_ema")
+    g.add_argument("--model-ema-decay", type=float, default=0.99996)
+    g.add_argument("--model-ema-force-cpu", action="store_true", default=False)
+
+    g = parser.add_argument_group("optimizer (timm create_optimizer_v2)")
+    g.add_argument("--opt", default="adamw", help="timm optimizer name")
+    g.add_argument("--opt-eps", default=1e-8, type=float)
+    g.add_argument("--opt-betas", default=None, type=float, nargs="+")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm to this value")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+
+    g = parser.add_argument_group("learning-rate schedule (timm create_scheduler_v2, stepped per epoch)")
+    g.add_argument("--sched", default="cosine", choices=("cosine", "tanh", "step", "multistep", "poly"))
+    g.add_argument("--lr", type=float, default=5e-4, help="learning rate for a global batch of 512 (scaled linearly)")
+    g.add_argument("--lr-noise", type=float, nargs="+", default=None, help="epoch percentages to add lr noise")
+    g.add_argument("--lr-noise-pct", type=float, default=0.67)
+    g.add_argument("--lr-noise-std", type=float, default=1.0)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--decay-epochs", type=float, default=30, help="step/multistep schedules: epochs per decay")
+    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument("--decay-rate", "--dr", type=float, default=0.1, help="step/multistep decay factor")
+
+    g = parser.add_argument_group("regularisation")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--repeated-aug", action="store_true", default=True, help="repeated-augmentation sampler (x3)")
+    g.add_argument("--no-repeated-aug", action="store_false", dest="repeated_aug")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha; 0 disables")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha; 0 disables")
+    g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+
+    datasets.add_data_args(parser)
+
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--output_dir", default="", help="checkpoints, log.txt and config.json go here; empty: no saving")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="native mixed precision (torch.amp); default: on for CUDA, off for CPU")
+    g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
+                   help="float16 uses a GradScaler, as the original's AMP did")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
+    g.add_argument("--start_epoch", default=0, type=int, help="overwritten by --resume")
+    g.add_argument("--eval", action="store_true", help="evaluate and exit")
+    g.add_argument("--dist_url", default="env://", help="torch.distributed init method; torchrun sets env://")
+    g.add_argument("--print-freq", default=50, type=int, help="steps between progress lines")
+    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <output_dir>/tensorboard")
+    # The model's own resolution is the right default; DeiT's 224 would break the small models.
+    parser.set_defaults(input_size=None)
+    return parser
+
+
+def init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device) from torchrun's or SLURM's environment; (0, 1) without one."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        rank, world, local = (int(os.environ[k]) for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+    else:
+        return 0, 1, torch.device(args.device)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=args.dist_url, rank=rank, world_size=world)
+    return rank, world, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_loaders(args: argparse.Namespace, data_cfg: datasets.DataConfig, rank: int, world: int):
+    """Train loader (repeated-augmentation or plain shuffling sampler) and a padding-free sharded val loader."""
+    train_set, num_classes = datasets.build_dataset(True, data_cfg)
+    val_set, _ = datasets.build_dataset(False, data_cfg)
+    if args.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        sampler: torch.utils.data.Sampler = RepeatAugSampler(train_set, num_replicas=world, rank=rank, shuffle=True)
+    else:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=args.seed)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem, drop_last=True)
+    if len(train_loader) == 0:
+        raise ValueError(f"each process gets {len(sampler)} training images per epoch, fewer than one batch of "
+                         f"{args.batch_size}; lower --batch-size")
+    val_loader = torch.utils.data.DataLoader(
+        val_set, sampler=list(range(rank, len(val_set), world)), batch_size=int(1.5 * args.batch_size),
+        num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False)
+    return train_loader, val_loader, num_classes
+
+
+def build_criterion(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
+    # Soft targets whenever mixup OR cutmix is on (DeiT keyed this on mixup alone, which breaks cutmix-only runs).
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def validate_args(args: argparse.Namespace, mixup_active: bool) -> None:
+    if args.batch_size < 1 or args.epochs < 1:
+        raise ValueError(f"--batch-size and --epochs must be positive, got {args.batch_size} and {args.epochs}")
+    if mixup_active and args.batch_size % 2:
+        raise ValueError(f"mixup/cutmix mixes pairs and needs an even --batch-size, got {args.batch_size}; "
+                         "change it or pass --mixup 0 --cutmix 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; pass --device cpu")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run training (or evaluation with --eval) and return the last epoch's log record."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    validate_args(args, mixup_active)
+    rank, world, device = init_distributed(args)
+    is_main = rank == 0
+    seed_everything(args.seed + rank)
+    if args.input_size is None:
+        args.input_size = models.default_img_size(args.model)
+    data_cfg = datasets.DataConfig.from_args(args)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+
+    train_loader, val_loader, num_classes = build_loaders(args, data_cfg, rank, world)
+    model = models.create_model(args.model, num_classes=num_classes, img_size=args.input_size,
+                                drop_rate=args.drop, drop_path_rate=args.drop_path)
+    model.to(device)
+    n_parameters = sum(p.numel() for p in model.parameters())
+    if is_main:
+        print(f"model {args.model}: {n_parameters:,} parameters; {world} process(es) on {device}")
+
+    amp_enabled = args.amp if args.amp is not None else device.type == "cuda"
+    amp_dtype = getattr(torch, args.amp_dtype) if amp_enabled else None
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
+    model_ddp: nn.Module = model
+    if world > 1:
+        model_ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+
+    steps_per_epoch = len(train_loader)
+    lr = args.lr * args.batch_size * world / 512.0
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, eps=args.opt_eps,
+                                    **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}))
+    lr_scheduler = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_milestones=[int(args.decay_epochs * k) for k in range(1, 1 + int(args.epochs // args.decay_epochs))],
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        noise=args.lr_noise, noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)[0]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    sparsifier: Sparsifier = DenseSparsifier()
+    mixup_fn = None
+    if mixup_active:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+    criterion = build_criterion(args, mixup_active)
+
+    start_epoch, global_step, best_acc1 = args.start_epoch, args.start_epoch * steps_per_epoch, 0.0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, map_location="cpu")
+        load_model_weights(model, ckpt.get("model", ckpt), args.resume)
+        if args.eval:
+            if model_ema is not None and "model_ema" in ckpt:
+                model_ema.module.load_state_dict(ckpt["model_ema"])
+        elif "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            sparsifier.load_state_dict(ckpt.get("sparsifier", {}))
+            if model_ema is not None:
+                model_ema.module.load_state_dict(ckpt["model_ema"])
+            start_epoch, global_step = ckpt["epoch"] + 1, ckpt["step"]
+            best_acc1 = ckpt.get("best_acc1", 0.0)
+            set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if is_main:
+            print(f"resumed from {args.resume}" + ("" if args.eval else f" at epoch {start_epoch}"))
+
+    if args.eval:
+        stats = {f"test_{k}": v for k, v in engine.evaluate(model_ddp, val_loader, device, amp_dtype).items()}
+        if model_ema is not None and args.resume and "model_ema" in ckpt:
+            stats.update({f"ema_test_{k}": v for k, v in
+                          engine.evaluate(model_ema.module, val_loader, device, amp_dtype).items()})
+        if is_main:
+            print(f"Accuracy of {args.model} on {stats['test_images']} images: top-1 {stats['test_acc1']:.2f}% "
+                  f"top-5 {stats['test_acc5']:.2f}% loss {stats['test_loss']:.4f}")
+        return stats
+
+    ctx = engine.StepContext(optimizer=optimizer, scaler=scaler, sparsifier=sparsifier, amp_dtype=amp_dtype,
+                             clip_grad=args.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,
+                             print_freq=args.print_freq)
+    writer = None
+    if is_main and output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    record: dict[str, Any] = {}
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        lr_scheduler.step(epoch)  # before the epoch: epoch e trains at lr(e) (DeiT stepped after, repeating epoch 0)
+        try:
+            train_stats, global_step = engine.train_one_epoch(model_ddp, criterion, train_loader, ctx, device, epoch,
+                                                              global_step, show_progress=is_main)
+        except engine.NonFiniteLossError as e:
+            kept = f"; the last good checkpoint {output_dir / 'checkpoint.pth'} is intact" if output_dir else ""
+            raise SystemExit(f"error: {e}{kept}. Lower --lr, set --clip-grad, or use --amp-dtype bfloat16.") from e
+        test_stats = engine.evaluate(model_ddp, val_loader, device, amp_dtype)
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                  **{f"test_{k}": v for k, v in test_stats.items()}}
+        if model_ema is not None:
+            ema_stats = engine.evaluate(model_ema.module, val_loader, device, amp_dtype)
+            record.update({f"ema_test_{k}": v for k, v in ema_stats.items()})
+        record.update(sparsifier.report())
+        record["n_parameters"], record["n_nonzero_parameters"] = models.count_parameters(model)
+        is_best = test_stats["acc1"] > best_acc1
+        best_acc1 = max(best_acc1, test_stats["acc1"])
+        if output_dir is not None:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
+                     "sparsifier": sparsifier.state_dict(), "epoch": epoch, "step": global_step,
+                     "best_acc1": best_acc1, "rng": gather_rng_states(world), "args": vars(args)}
+            if is_main:
+                save_atomic(state, output_dir / "checkpoint.pth")
+                if is_best:
+                    save_atomic(state, output_dir / "best.pth")
+                with open(output_dir / "log.txt", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for key, value in record.items():
+                        if key != "epoch" and isinstance(value, (int, float)):
+                            writer.add_scalar(key, value, epoch)
+        if is_main:
+            print(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, test top-1 {test_stats['acc1']:.2f}% "
+                  f"(best {best_acc1:.2f}%)", flush=True)
+    if writer is not None:
+        writer.close()
+    if is_main:
+        elapsed = datetime.timedelta(seconds=int(time.time() - start_time))
+        where = f"; outputs in {output_dir}" if output_dir else ""
+        print(f"training time {elapsed}; final top-1 {record.get('test_acc1', float('nan')):.2f}%{where}")
+    return record
+
+
+def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load whose error lists the first mismatching keys with both shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        problems = [f"shape mismatch {w}" for w in wrong[:5]] + [f"missing key {k}" for k in missing[:5]]
+        problems += [f"unexpected key {k}" for k in unexpected[:5]]
+        raise ValueError(f"{source} does not fit this --model: " + "; ".join(problems))
+    model.load_state_dict(state_dict)
+
+
+def gather_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state (ranks draw different augmentations), so a resume restores each one."""
+    local = rng_state()
+    if world == 1:
+        return [local]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, local)
+    return states
+
+
+if __name__ == "__main__":
+    parsed = get_args_parser().parse_args()
+    try:
+        main(parsed)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from err
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,36 @@
+"""Shared test setup: one thread (results and timings independent of machine load), repo root importable."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(1)
+
+
+def run_main(*flags: str, cwd: Path = ROOT, timeout: float = 300, check: bool = True,
+             launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `python main.py FLAGS` (or under `launcher`, e.g. torchrun) in a fresh process, as a user would."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [*launcher, str(ROOT / "main.py"), *flags] if launcher else [sys.executable, str(ROOT / "main.py"), *flags]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+# Fast DIGITS flags: the micro model, no augmentation that needs many epochs, no worker processes.
+TINY_RUN = ("--model", "vit_digits_micro", "--data-set", "DIGITS", "--batch-size", "32", "--lr", "4e-2",
+            "--warmup-epochs", "0", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none",
+            "--hflip", "0", "--drop-path", "0", "--no-repeated-aug", "--num_workers", "0", "--no-pin-mem", "--print-freq", "1000")
+
+
+@pytest.fixture
+def tiny_run() -> tuple[str, ...]:
+    return TINY_RUN

@@ -1,0 +1,27 @@
+"""torchrun worker: runs main.main with the given flags, then saves this rank's final weights for comparison."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import main as entry  # noqa: E402
+import models  # noqa: E402
+
+built = []
+_create = models.create_model
+
+
+def _capture(*args, **kwargs):
+    built.append(_create(*args, **kwargs))
+    return built[-1]
+
+
+entry.models.create_model = _capture
+out = Path(sys.argv[1])
+args = entry.get_args_parser().parse_args(sys.argv[2:])
+entry.main(args)
+torch.save(built[0].state_dict(), out / f"weights_rank{os.environ['RANK']}.pt")

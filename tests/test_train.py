@@ -1,0 +1,150 @@
+"""End-to-end training through main.py on DIGITS: learning, --eval, exact resume after SIGKILL, DDP, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as entry
+from conftest import ROOT, TINY_RUN, run_main
+from models.checkpoint import load_checkpoint
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Three epochs of the micro model; shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("trained")
+    run_main(*TINY_RUN, "--model", "vit_digits_tiny", "--epochs", "5", "--output_dir", str(out), "--model-ema-decay", "0.9")
+    return out
+
+
+def test_training_lowers_the_loss_and_logs_deit_keys(trained: Path) -> None:
+    log = read_log(trained)
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3, 4]
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.1
+    assert log[-1]["test_acc1"] > 20.0  # chance is 10%
+    for key in ("train_loss", "train_lr", "test_loss", "test_acc1", "test_acc5", "n_parameters",
+                "ema_test_acc1", "ema_test_acc5"):
+        assert key in log[-1], key
+    assert log[-1]["test_images"] == 360
+
+
+def test_checkpoint_contents_load_safely(trained: Path) -> None:
+    ckpt = torch.load(trained / "checkpoint.pth", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "scaler", "model_ema", "epoch", "step", "rng", "args",
+            "sparsifier"} <= set(ckpt)
+    assert ckpt["epoch"] == 4 and isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "vit_digits_tiny"
+    best = load_checkpoint(trained / "best.pth")
+    best_epoch = max(read_log(trained), key=lambda r: r["test_acc1"])["epoch"]
+    assert best["epoch"] == best_epoch
+    assert not list(trained.glob(".*.tmp")), "temporary files must not be left behind"
+
+
+def test_eval_only_reproduces_the_logged_accuracy(trained: Path) -> None:
+    proc = run_main(*TINY_RUN, "--model", "vit_digits_tiny", "--eval", "--resume", str(trained / "checkpoint.pth"))
+    top1 = float(re.search(r"top-1 ([\d.]+)%", proc.stdout).group(1))
+    assert top1 == pytest.approx(read_log(trained)[-1]["test_acc1"], abs=0.01)
+    assert "epoch 0" not in proc.stdout, "--eval must not train"
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
+    flags = (*TINY_RUN, "--epochs", "3", "--model-ema-decay", "0.9", "--num_workers", "1")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_main(*flags, "--output_dir", str(straight))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *flags, "--output_dir", str(killed)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "log.txt").exists() and time.time() < deadline:  # log.txt is written after the checkpoint
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = load_checkpoint(killed / "checkpoint.pth")["epoch"]
+    assert interrupted_at < 2, "the run finished before it could be killed; the test proves nothing"
+    run_main(*flags, "--output_dir", str(killed), "--resume", str(killed / "checkpoint.pth"))
+
+    a, b = load_checkpoint(straight / "checkpoint.pth"), load_checkpoint(killed / "checkpoint.pth")
+    for section in ("model", "model_ema"):
+        for key, value in a[section].items():
+            assert torch.equal(value, b[section][key]), f"{section}.{key} differs after resume"
+    assert [r["train_loss"] for r in read_log(straight)] == [r["train_loss"] for r in read_log(killed)][-3:]
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path: Path) -> None:
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = (*TINY_RUN, "--epochs", "2", "--batch-size", "16", "--output_dir", str(tmp_path / "run"))
+    proc = subprocess.run([*torchrun, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0 = torch.load(tmp_path / "weights_rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "weights_rank1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["model"]
+    assert all(torch.equal(saved[k], w0[k]) for k in w0)  # the checkpoint holds exactly these weights
+    log = read_log(tmp_path / "run")
+    assert log[-1]["test_images"] == 360  # every validation image counted once across the 2 shards
+    single = run_main(*TINY_RUN, "--eval", "--resume", str(tmp_path / "run" / "checkpoint.pth"))
+    top1 = float(re.search(r"top-1 ([\d.]+)%", single.stdout).group(1))
+    assert top1 == pytest.approx(log[-1]["test_acc1"], abs=0.01)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    # Epoch 0 trains at the warm-up lr; epoch 1 jumps to an absurd lr and the loss diverges.
+    proc = run_main(*TINY_RUN, "--epochs", "4", "--lr", "1e9", "--warmup-epochs", "1", "--warmup-lr", "1e-6", "--no-model-ema",
+                    "--output_dir", str(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert re.search(r"loss became (nan|inf)", proc.stderr), proc.stderr[-2000:]
+    assert "last good checkpoint" in proc.stderr
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("flags, error, message", [
+    (("--data-set", "IMNET"), ValueError, r"--data-path"),
+    (("--data-set", "IMNET", "--data-path", "/nonexistent/imagenet"), FileNotFoundError,
+     r"/nonexistent/imagenet.*does not exist"),
+    (("--mixup", "0.8", "--batch-size", "63"), ValueError, r"even --batch-size"),
+    (("--batch-size", "4096"), ValueError, r"fewer than one batch of 4096"),
+    (("--resume", "/nonexistent/ckpt.pth"), FileNotFoundError, r"checkpoint /nonexistent/ckpt.pth does not exist"),
+    (("--device", "cuda"), ValueError, r"no CUDA device"),
+])
+def test_bad_input_gives_a_clear_error(flags: tuple[str, ...], error: type, message: str) -> None:
+    if flags == ("--device", "cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    args = entry.get_args_parser().parse_args([*TINY_RUN, "--epochs", "1", *flags])
+    with pytest.raises(error, match=message):
+        entry.main(args)
+
+
+def test_unknown_dataset_lists_the_choices_without_a_traceback() -> None:
+    proc = run_main(*TINY_RUN, "--data-set", "MNIST", check=False)
+    assert proc.returncode == 2
+    assert re.search(r"invalid choice: 'MNIST'.*DIGITS", proc.stderr) and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_for_another_model_lists_the_mismatch(trained: Path) -> None:
+    proc = run_main(*TINY_RUN, "--eval", "--resume", str(trained / "checkpoint.pth"),
+                    check=False)
+    assert proc.returncode != 0
+    assert re.search(r"shape mismatch cls_token: checkpoint \(1, 1, 64\) vs model \(1, 1, 32\)", proc.stderr)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path: Path, trained: Path) -> None:
+    data = (trained / "checkpoint.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    proc = run_main(*TINY_RUN, "--eval", "--resume", str(tmp_path / "cut.pth"), check=False)
+    assert proc.returncode != 0 and "not a readable PyTorch checkpoint" in proc.stderr
