@@ -34,7 +34,7 @@ import datasets
 import engine
 import models
 from models.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from sparselearning import DenseSparsifier, Sparsifier
+import sparselearning
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -84,6 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
 
     datasets.add_data_args(parser)
+    sparselearning.add_sparse_args(parser)
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--output_dir", default="", help="checkpoints, log.txt and config.json go here; empty: no saving")
@@ -179,6 +180,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.input_size is None:
         args.input_size = models.default_img_size(args.model)
     data_cfg = datasets.DataConfig.from_args(args)
+    sparse_cfg = sparselearning.SparsityConfig.from_args(args)
     output_dir = Path(args.output_dir) if args.output_dir else None
 
     train_loader, val_loader, num_classes = build_loaders(args, data_cfg, rank, world)
@@ -210,7 +212,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
         noise=args.lr_noise, noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)[0]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    sparsifier: Sparsifier = DenseSparsifier()
+    log_fn = sparsity_logger(output_dir) if is_main else (lambda record: None)
+    sparsifier = sparselearning.build_sparsifier(sparse_cfg, model, optimizer, steps_per_epoch * args.epochs,
+                                                 seed=args.seed, log_fn=log_fn)
     mixup_fn = None
     if mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
@@ -307,6 +311,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         where = f"; outputs in {output_dir}" if output_dir else ""
         print(f"training time {elapsed}; final top-1 {record.get('test_acc1', float('nan')):.2f}%{where}")
     return record
+
+
+def sparsity_logger(output_dir: Path | None):
+    """Rank 0's sink for sparsity records: a console table, a JSON line in log.txt and a per-layer density plot."""
+
+    def log(record: dict[str, Any]) -> None:
+        print(sparselearning.format_table(record), flush=True)
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            with open(output_dir / "log.txt", "a") as f:
+                f.write(json.dumps({"sparsity": record}) + "\n")
+            sparselearning.plot_densities(record, output_dir / "layer_density.png")
+
+    return log
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

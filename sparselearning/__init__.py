@@ -1,4 +1,20 @@
 """Sparsity methods for ViT training (SViTE and friends), independent of the model code."""
 from sparselearning.base import DenseSparsifier, Sparsifier
+from sparselearning.config import SparsityConfig, add_sparse_args
+from sparselearning.distributions import layer_counts, layer_densities
+from sparselearning.dst import Masking, build_sparsifier
+from sparselearning.metrics import density_record, format_table, plot_densities
 
-__all__ = ["DenseSparsifier", "Sparsifier"]
+__all__ = [
+    "DenseSparsifier",
+    "Masking",
+    "Sparsifier",
+    "SparsityConfig",
+    "add_sparse_args",
+    "build_sparsifier",
+    "density_record",
+    "format_table",
+    "layer_counts",
+    "layer_densities",
+    "plot_densities",
+]

@@ -45,3 +45,46 @@ class DenseSparsifier:
 
     def report(self) -> dict[str, float]:
         return {}
+
+
+class SparsifierChain:
+    """Several methods behind one `Sparsifier`, e.g. weight sparsity plus a token-selection schedule.
+
+    Each member keeps its own state under its position, so a checkpoint records which method owns what.
+    """
+
+    def __init__(self, *members: Sparsifier) -> None:
+        self.members = list(members)
+
+    def step(self, step: int) -> bool:
+        changed = False
+        for member in self.members:
+            changed |= member.step(step)
+        return changed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{i}:{type(m).__name__}": m.state_dict() for i, m in enumerate(self.members)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = [f"{i}:{type(m).__name__}" for i, m in enumerate(self.members)]
+        if sorted(state) != sorted(expected):
+            raise ValueError(
+                f"the checkpoint's sparsity state holds {sorted(state) or 'nothing'} but this run has {expected}; "
+                "pass the sparsity and token-selection flags the checkpoint was trained with (see its 'args')"
+            )
+        for key, member in zip(expected, self.members):
+            member.load_state_dict(state[key])
+
+    def report(self) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for member in self.members:
+            merged.update(member.report())
+        return merged
+
+
+def combine(*members: Sparsifier) -> Sparsifier:
+    """One `Sparsifier` for the active methods: the no-op when none is active, the method itself when one is."""
+    active = [m for m in members if not isinstance(m, DenseSparsifier)]
+    if not active:
+        return DenseSparsifier()
+    return active[0] if len(active) == 1 else SparsifierChain(*active)

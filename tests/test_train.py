@@ -14,12 +14,16 @@ import pytest
 import torch
 
 import main as entry
+import models
+import sparselearning
 from conftest import ROOT, TINY_RUN, run_main
 from models.checkpoint import load_checkpoint
 
 
 def read_log(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+    """The per-epoch records (sparsity records, keyed 'sparsity', are left out)."""
+    lines = [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+    return [line for line in lines if "epoch" in line]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +63,13 @@ def test_eval_only_reproduces_the_logged_accuracy(trained: Path) -> None:
     assert "epoch 0" not in proc.stdout, "--eval must not train"
 
 
-def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
-    flags = (*TINY_RUN, "--epochs", "3", "--model-ema-decay", "0.9", "--num_workers", "1")
+# Sparse: updates every 20 of the 44 steps per epoch, so the resumed epoch crosses topology updates.
+SPARSE = ("--density", "0.5", "--sparse_init", "fixed_ERK", "--update_frequency", "20", "--growth", "gradient")
+
+
+@pytest.mark.parametrize("extra", [(), SPARSE], ids=["dense", "sparse"])
+def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    flags = (*TINY_RUN, "--epochs", "3", "--model-ema-decay", "0.9", "--num_workers", "1", *extra)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_main(*flags, "--output_dir", str(straight))
 
@@ -68,7 +77,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *flags, "--output_dir", str(killed)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (killed / "log.txt").exists() and time.time() < deadline:  # log.txt is written after the checkpoint
+    log = killed / "log.txt"  # an epoch's line is written right after its checkpoint
+    while not (log.exists() and '"epoch"' in log.read_text()) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -80,14 +90,17 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path) -> None:
     for section in ("model", "model_ema"):
         for key, value in a[section].items():
             assert torch.equal(value, b[section][key]), f"{section}.{key} differs after resume"
+    for key, mask in a["sparsifier"].get("masks", {}).items():
+        assert torch.equal(mask, b["sparsifier"]["masks"][key]), f"mask {key} differs after resume"
     assert [r["train_loss"] for r in read_log(straight)] == [r["train_loss"] for r in read_log(killed)][-3:]
 
 
-def test_torchrun_two_processes_keep_identical_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [(), SPARSE], ids=["dense", "sparse"])
+def test_torchrun_two_processes_keep_identical_weights(tmp_path: Path, extra: tuple[str, ...]) -> None:
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    flags = (*TINY_RUN, "--epochs", "2", "--batch-size", "16", "--output_dir", str(tmp_path / "run"))
+    flags = (*TINY_RUN, "--epochs", "2", "--batch-size", "16", "--output_dir", str(tmp_path / "run"), *extra)
     proc = subprocess.run([*torchrun, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     w0 = torch.load(tmp_path / "weights_rank0.pt", weights_only=True)
@@ -148,3 +161,36 @@ def test_corrupt_checkpoint_is_refused(tmp_path: Path, trained: Path) -> None:
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     proc = run_main(*TINY_RUN, "--eval", "--resume", str(tmp_path / "cut.pth"), check=False)
     assert proc.returncode != 0 and "not a readable PyTorch checkpoint" in proc.stderr
+
+
+def test_sparse_run_keeps_exact_layer_densities(tmp_path: Path) -> None:
+    run_main(*TINY_RUN, "--epochs", "1", "--no-model-ema", "--output_dir", str(tmp_path), *SPARSE)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    masks = ckpt["sparsifier"]["masks"]
+    assert "blocks.0.attn.qkv.weight" in masks and "head.weight" in masks and "blocks.0.attn.qkv.bias" not in masks
+    for name, mask in masks.items():
+        weight = ckpt["model"][name]
+        assert mask.dtype == torch.bool
+        assert torch.equal(weight != 0, mask), f"{name}: non-zeros do not match the mask"
+    updates = [json.loads(line)["sparsity"] for line in (tmp_path / "log.txt").read_text().splitlines()
+               if "sparsity" in line]
+    assert [u["event"] for u in updates] == ["init", "update"]  # step 20; step 40 is past t_end * 44 = 35.2
+    assert updates[0]["density"] == pytest.approx(0.5, abs=1e-3)
+    assert read_log(tmp_path)[-1]["density"] == pytest.approx(0.5, abs=1e-3)
+    assert (tmp_path / "layer_density.png").stat().st_size > 1000
+
+
+def test_original_unstructured_flag_lines_parse_and_build_masks() -> None:
+    """The flag line of SViTE's cmd/vm/0426/vm1.sh (SViTE-Small, density 0.4, ΔT 15000), unchanged."""
+    line = ("--model deit_small_patch16_224 --batch-size 64 --data-path ../../imagenet --epochs 600 "
+            "--output_dir small_dst_uns_0426 --dist_url tcp://127.0.0.1:23305 --sparse_init fixed_ERK "
+            "--density 0.4 --update_frequency 15000 --growth gradient --death magnitude --redistribution none")
+    args = entry.get_args_parser().parse_args(line.split())
+    cfg = sparselearning.SparsityConfig.from_args(args)
+    model = models.create_model(args.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    masking = sparselearning.build_sparsifier(cfg, model, optimizer, 2502 * 600, log_fn=lambda record: None)
+    densities = {name: float(m.float().mean()) for name, m in masking.masks.items()}
+    assert len(densities) == 50
+    assert densities["blocks.3.attn.qkv.weight"] == pytest.approx(0.4029, abs=1e-4)  # SViTE's ERK table, §2.3
+    assert densities["head.weight"] == pytest.approx(0.4182, abs=1e-4)

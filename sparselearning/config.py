@@ -1,0 +1,142 @@
+"""Sparsity configuration: SViTE's command-line flags, parsed once into a validated frozen dataclass."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sparselearning.criteria import DEATH_MODES, GROWTH_MODES, REDISTRIBUTION_MODES
+from sparselearning.distributions import DISTRIBUTIONS
+from sparselearning.schedules import DECAY_SCHEDULES
+
+
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {field} {value!r}; choose from {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Unstructured dynamic sparse training settings (SViTE's flags, same names and meanings).
+
+    ``density=None`` (the default) or ``1.0`` means dense training: ``build_sparsifier`` then returns a no-op and no
+    mask exists. SViTE defaulted to ``--density 0.05``, which silently made every run 95% sparse; here sparsity is
+    opt-in. ``sparse_init`` defaults to ``uniform`` as in SViTE (its scripts all passed ``fixed_ERK``).
+
+    Args:
+        density: overall density of the masked tensors in (0, 1], or None for dense.
+        sparse_init: per-layer density distribution: uniform, ERK (= fixed_ERK) or ER.
+        update_frequency: ΔT, optimizer steps between topology updates.
+        growth: gradient (RigL/SViTE), random or momentum.
+        death: magnitude or SET.
+        redistribution: none (SViTE), magnitude or nonzero (Dettmers & Zettlemoyer).
+        death_rate: initial fraction of each layer's active weights that dies per update, in [0, 1].
+        decay_schedule: cosine (SViTE), constant or linear decay of the death rate to 0.005 over the run.
+        t_end: fraction of the run after which the topology is frozen, in (0, 1].
+        sparse_exclude: fnmatch patterns of parameter FQNs not to mask.
+        sparse_include: fnmatch patterns; if given, only matching parameters are masked.
+        keep_optimizer_state: SViTE's optimizer handling (Adam moments never touched, SGD momentum masked every
+            step) instead of resetting the state of dropped and grown weights at each update.
+        erk_power: exponent of the ERK score.
+    """
+
+    density: float | None = None
+    sparse_init: str = "uniform"
+    update_frequency: int = 100
+    growth: str = "gradient"
+    death: str = "magnitude"
+    redistribution: str = "none"
+    death_rate: float = 0.5
+    decay_schedule: str = "cosine"
+    t_end: float = 0.8
+    sparse_exclude: tuple[str, ...] = ()
+    sparse_include: tuple[str, ...] = ()
+    keep_optimizer_state: bool = False
+    erk_power: float = 1.0
+
+    def __post_init__(self) -> None:
+        valid_number = isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
+        if self.density is not None and not (valid_number and 0.0 < self.density <= 1.0):
+            raise ValueError(f"density must be in (0, 1] (or None for dense training), got {self.density!r}")
+        _check_choice("sparse_init", self.sparse_init, DISTRIBUTIONS)
+        _check_choice("growth mode", self.growth, GROWTH_MODES)
+        _check_choice("death mode", self.death, DEATH_MODES)
+        _check_choice("redistribution mode", self.redistribution, REDISTRIBUTION_MODES)
+        _check_choice("decay schedule", self.decay_schedule, DECAY_SCHEDULES)
+        frequency = self.update_frequency
+        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency <= 0:
+            raise ValueError(f"update_frequency must be a positive int (optimizer steps), got {frequency!r}")
+        if not 0.0 < self.t_end <= 1.0:
+            raise ValueError(f"t_end must be in (0, 1], got {self.t_end!r}")
+        if not 0.0 <= self.death_rate <= 1.0:
+            raise ValueError(f"death-rate must be in [0, 1], got {self.death_rate!r}")
+        if not math.isfinite(self.erk_power) or self.erk_power < 0:
+            raise ValueError(f"erk-power must be a finite number >= 0, got {self.erk_power!r}")
+        for flag, patterns in (("sparse_exclude", self.sparse_exclude), ("sparse_include", self.sparse_include)):
+            if isinstance(patterns, str) or any(not isinstance(p, str) or not p for p in patterns):
+                raise ValueError(f"{flag} must be a sequence of non-empty pattern strings, got {patterns!r}")
+            object.__setattr__(self, flag, tuple(patterns))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any weight is masked (density given and below 1)."""
+        return self.density is not None and self.density < 1.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SparsityConfig:
+        """Build from a Namespace parsed with ``add_sparse_args`` (validation happens in ``__post_init__``)."""
+        return cls(
+            density=args.density,
+            sparse_init=args.sparse_init,
+            update_frequency=args.update_frequency,
+            growth=args.growth,
+            death=args.death,
+            redistribution=args.redistribution,
+            death_rate=args.death_rate,
+            decay_schedule=args.decay_schedule,
+            t_end=args.t_end,
+            sparse_exclude=tuple(args.sparse_exclude or ()),
+            sparse_include=tuple(args.sparse_include or ()),
+            keep_optimizer_state=args.keep_optimizer_state,
+            erk_power=args.erk_power,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON- and ``weights_only``-safe dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add SViTE's unstructured-sparsity flags (original names and meanings) as an argument group.
+
+    Differences from SViTE: ``--density`` defaults to None (dense), choices are checked, ``--decay-schedule linear``
+    and ``--growth momentum`` work, ``--redistribution`` is implemented, and the never-read flags
+    (``--final_density``, ``--sparse``, ``--snip``, ``--fix``, ``--reset``) are gone.
+    """
+    group = parser.add_argument_group("unstructured sparsity (SViTE)")
+    group.add_argument("--density", type=float, default=None,
+                       help="overall density of the masked weights in (0, 1]; default: dense training, no masks")
+    group.add_argument("--sparse_init", default="uniform", choices=DISTRIBUTIONS,
+                       help="per-layer density distribution (fixed_ERK is an alias of ERK; default: uniform, as SViTE)")
+    group.add_argument("--update_frequency", type=int, default=100, metavar="N",
+                       help="optimizer steps between topology updates (ΔT)")
+    group.add_argument("--growth", default="gradient", choices=GROWTH_MODES, help="growth criterion")
+    group.add_argument("--death", default="magnitude", choices=DEATH_MODES, help="death (pruning) criterion")
+    group.add_argument("--redistribution", default="none", choices=REDISTRIBUTION_MODES,
+                       help="move regrowth between layers (none keeps every layer's density fixed, as SViTE)")
+    group.add_argument("--death-rate", dest="death_rate", type=float, default=0.5,
+                       help="initial fraction of active weights replaced per update")
+    group.add_argument("--decay-schedule", dest="decay_schedule", default="cosine", choices=DECAY_SCHEDULES,
+                       help="decay of the death rate to 0.005 over the whole run")
+    group.add_argument("--t_end", type=float, default=0.8,
+                       help="fraction of the run after which the topology is frozen")
+    group.add_argument("--sparse-exclude", dest="sparse_exclude", nargs="+", default=[], metavar="PATTERN",
+                       help="fnmatch patterns of parameter names not to mask (e.g. 'head.weight')")
+    group.add_argument("--sparse-include", dest="sparse_include", nargs="+", default=[], metavar="PATTERN",
+                       help="fnmatch patterns; only matching 2-D/4-D weights are masked")
+    group.add_argument("--keep-optimizer-state", dest="keep_optimizer_state", action="store_true",
+                       help="SViTE behaviour: do not reset optimizer state of dropped/grown weights")
+    group.add_argument("--erk-power", dest="erk_power", type=float, default=1.0, help="exponent of the ERK score")
+    return group

@@ -1,0 +1,389 @@
+"""Unstructured dynamic sparse training (SViTE): distribution + criterion + schedule, composed in ``Masking``."""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparselearning.base import DenseSparsifier, Sparsifier
+from sparselearning.config import SparsityConfig
+from sparselearning.criteria import (
+    derive_seed,
+    grow_highest,
+    magnitude_death,
+    random_scores,
+    set_death,
+)
+from sparselearning.distributions import layer_counts, layer_densities, redistribute
+from sparselearning.masks import MaskSet, momentum_of, select_parameters, unwrap_model
+from sparselearning.metrics import density_record, format_table
+from sparselearning.schedules import death_rate_at, is_update_step
+
+logger = logging.getLogger(__name__)
+
+LogFn = Callable[[dict[str, Any]], None]
+STATE_FORMAT = "sparselearning.Masking/1"
+
+
+def print_table(record: dict[str, Any]) -> None:
+    """Default ``log_fn``: print the per-layer table, on rank 0 only under torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(format_table(record), flush=True)
+
+
+class Masking:
+    """SViTE's unstructured dynamic sparse training as a drop-in for any PyTorch training loop.
+
+    Construction picks the masked tensors, draws masks with exact per-layer counts, zeroes the masked weights and
+    hooks ``optimizer.step()`` so they stay zero. ``step(step)`` after each optimizer step updates the topology on
+    schedule: per layer, the ``ceil(rate * active)`` weakest active weights die and as many (or, with
+    redistribution, a re-allocated number) inactive weights grow, chosen by gradient, momentum or at random. New
+    weights start at zero; a weight dropped and regrown in the same update keeps its value. All random draws come
+    from private generators seeded by (seed, layer name, step), so DDP ranks agree without broadcasts.
+
+    Example (a plain PyTorch loop; the three added lines are marked ``# +``)::
+
+        import torch
+        from sparselearning import Masking  # +
+
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        T = 200
+        masking = Masking(model, optimizer, density=0.5, total_steps=T)  # +  ERK masks, hooks the optimizer
+        for step in range(1, T + 1):
+            x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            masking.step(step)  # +  topology update every 100 steps until 0.8 * T
+
+    Args:
+        model: the model (a DDP or compiled wrapper is fine; names are taken from the wrapped module).
+        optimizer: the optimizer of the masked parameters; a post-step hook is registered on it.
+        density: overall density of the masked tensors, in (0, 1].
+        total_steps: T, optimizer steps of the whole run (schedules are relative to it).
+        sparse_init: per-layer distribution: ERK (= fixed_ERK), uniform or ER. The library default is ERK (what
+            every SViTE script used); the CLI keeps SViTE's ``uniform`` default.
+        update_frequency: optimizer steps between topology updates.
+        growth: ``gradient`` (dense ``weight.grad``), ``momentum`` (optimizer first moment) or ``random``.
+        death: ``magnitude`` or ``SET``.
+        redistribution: ``none`` (each layer regrows what it lost), ``magnitude`` or ``nonzero``.
+        death_rate: initial death fraction.
+        decay_schedule: ``cosine``, ``constant`` or ``linear`` decay of the death fraction to 0.005 over T.
+        t_end: no updates after ``t_end * total_steps``.
+        sparse_exclude: fnmatch patterns of FQNs not to mask.
+        sparse_include: fnmatch patterns; only matching tensors are masked.
+        keep_optimizer_state: keep SViTE's optimizer handling: never reset moments of dropped or grown weights, but
+            zero SGD ``momentum_buffer`` at masked positions after every step (so SGD + momentum growth then only
+            sees the just-dropped weights). Default: at each update, zero every parameter-shaped state tensor at the
+            positions whose mask changed; between updates masked positions keep accumulating dense statistics.
+        erk_power: exponent of the ERK score.
+        seed: base seed of the masks; must be the same on every rank (not ``seed + rank``).
+        log_fn: receives a ``density_record`` dict at construction, after every update and on resume; default
+            prints a table on rank 0.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        density: float,
+        total_steps: int,
+        *,
+        sparse_init: str = "ERK",
+        update_frequency: int = 100,
+        growth: str = "gradient",
+        death: str = "magnitude",
+        redistribution: str = "none",
+        death_rate: float = 0.5,
+        decay_schedule: str = "cosine",
+        t_end: float = 0.8,
+        sparse_exclude: Sequence[str] = (),
+        sparse_include: Sequence[str] = (),
+        keep_optimizer_state: bool = False,
+        erk_power: float = 1.0,
+        seed: int = 0,
+        log_fn: LogFn | None = None,
+    ) -> None:
+        if density is None:
+            raise ValueError("Masking needs a density in (0, 1]; use build_sparsifier for optional sparsity")
+        self.config = SparsityConfig(
+            density=density, sparse_init=sparse_init, update_frequency=update_frequency, growth=growth, death=death,
+            redistribution=redistribution, death_rate=death_rate, decay_schedule=decay_schedule, t_end=t_end,
+            sparse_exclude=sparse_exclude, sparse_include=sparse_include,
+            keep_optimizer_state=keep_optimizer_state, erk_power=erk_power,
+        )
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be a positive int (optimizer steps of the run), got {total_steps!r}")
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.seed = int(seed)
+        self.log_fn: LogFn = log_fn if log_fn is not None else print_table
+        self.skipped_updates: list[int] = []
+        self._step = 0
+        self._last_update_step = 0
+
+        params = select_parameters(model, sparse_include, sparse_exclude)
+        self.total_parameters = sum(p.numel() for p in unwrap_model(model).parameters())
+        self.shapes = {name: tuple(p.shape) for name, p in params.items()}
+        densities = layer_densities(self.shapes, density, sparse_init, erk_power=erk_power)
+        self.mask_set = MaskSet.random(params, layer_counts(densities, self.shapes), self.seed)
+        self._hook = self.mask_set.attach(optimizer, mask_momentum=keep_optimizer_state)  # validates first
+        self.mask_set.apply_()
+        if not keep_optimizer_state:
+            self.mask_set.reset_optimizer_state(optimizer, {name: ~m for name, m in self.mask_set.masks.items()})
+        self._refresh_counts()
+        self.check_consistency()
+        if update_frequency >= t_end * total_steps:
+            warnings.warn(
+                f"update_frequency={update_frequency} >= t_end * total_steps = {t_end * total_steps:g}: the topology "
+                "will never be updated (static sparse training)",
+                stacklevel=2,
+            )
+        self.log_fn(self.record("init"))
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: SparsityConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        *,
+        seed: int = 0,
+        log_fn: LogFn | None = None,
+    ) -> Masking:
+        """Build from a validated ``SparsityConfig`` (its ``density`` must be set)."""
+        return cls(
+            model, optimizer, cfg.density, total_steps, sparse_init=cfg.sparse_init,
+            update_frequency=cfg.update_frequency, growth=cfg.growth, death=cfg.death,
+            redistribution=cfg.redistribution, death_rate=cfg.death_rate, decay_schedule=cfg.decay_schedule,
+            t_end=cfg.t_end, sparse_exclude=cfg.sparse_exclude, sparse_include=cfg.sparse_include,
+            keep_optimizer_state=cfg.keep_optimizer_state, erk_power=cfg.erk_power, seed=seed, log_fn=log_fn,
+        )
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """FQN -> live bool mask (True = active). Do not modify; use ``load_state_dict``."""
+        return self.mask_set.masks
+
+    @property
+    def fired_masks(self) -> dict[str, torch.Tensor]:
+        """FQN -> bool mask of weights that have ever been active (for the ITOP explored rate)."""
+        return self.mask_set.fired
+
+    def death_rate(self, step: int) -> float:
+        """The death fraction the schedule gives at ``step``."""
+        cfg = self.config
+        return death_rate_at(step, self.total_steps, cfg.death_rate, cfg.decay_schedule)
+
+    def step(self, step: int) -> bool:
+        """Call after every optimizer step with the number of optimizer steps done so far.
+
+        Masks are already enforced by the optimizer hook, so between updates this is a cheap schedule check.
+        Returns True when the topology changed.
+        """
+        self._step = step
+        cfg = self.config
+        if step == self._last_update_step or not is_update_step(step, cfg.update_frequency, self.total_steps,
+                                                                cfg.t_end):
+            return False
+        self._last_update_step = step
+        return self._update(step)
+
+    def _growth_signal(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        if self.config.growth == "gradient":
+            if param.grad is None:
+                raise RuntimeError(
+                    f"gradient growth needs {name}.grad at the update step: call masking.step(step) after "
+                    "optimizer.step() and before zero_grad()"
+                )
+            return param.grad
+        return momentum_of(self.optimizer, param)
+
+    def _growth_scores(self, name: str, param: torch.Tensor, step: int) -> torch.Tensor:
+        if self.config.growth == "random":
+            return random_scores(param.shape, derive_seed(self.seed, name, step, "grow"), param.device)
+        return self._growth_signal(name, param).abs()
+
+    def _finite_inputs(self, step: int) -> bool:
+        """Whether everything the update reads is finite; otherwise the update is skipped and logged.
+
+        A float64 sum of float32 values cannot overflow, so it is finite exactly when every entry is, at a quarter
+        of the cost of ``isfinite(t).all()``.
+        """
+        for name, param in self.mask_set.params.items():
+            tensors = [param.detach()]
+            if self.config.growth != "random":
+                tensors.append(self._growth_signal(name, param))
+            if not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in tensors])).all()):
+                signal = "gradient" if self.config.growth == "gradient" else "momentum"
+                logger.warning(
+                    "sparsity: non-finite weight or %s of %s at step %d; topology update skipped", signal, name, step
+                )
+                self.skipped_updates.append(step)
+                return False
+        return True
+
+    @torch.no_grad()
+    def _update(self, step: int) -> bool:
+        """One topology update: death per layer, growth allocation, growth, optimizer hygiene, bookkeeping."""
+        if not self._finite_inputs(step):
+            return False
+        kept, dropped = self._death(self.death_rate(step))
+        changed = self._grow(kept, self._growth_counts(dropped), step)
+        if not self.config.keep_optimizer_state:
+            self.mask_set.reset_optimizer_state(self.optimizer, changed)
+        self._refresh_counts()
+        self.check_consistency()
+        self.log_fn(self.record("update"))
+        return any(bool(where.any()) for where in changed.values())
+
+    def _death(self, rate: float) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Per layer, the surviving mask after ``ceil(rate * active)`` weights die (SViTE's count), and that count."""
+        death = magnitude_death if self.config.death == "magnitude" else set_death
+        kept, dropped = {}, {}
+        for name, param in self.mask_set.params.items():
+            dropped[name] = min(self._active[name], math.ceil(rate * self._active[name]))
+            mask = self.mask_set.masks[name]
+            kept[name] = mask & ~death(param, mask, dropped[name])
+        return kept, dropped
+
+    def _growth_counts(self, dropped: dict[str, int]) -> dict[str, int]:
+        """How many weights each layer regrows: what it lost (``none``), or the total lost split by mean magnitude
+        or density of the layer's active weights (measured before death), capped by its free slots."""
+        mode = self.config.redistribution
+        if mode == "none":
+            return dropped
+        params, active = self.mask_set.params, self._active
+        if mode == "magnitude":  # masked weights are exactly zero, so the sum runs over the active ones
+            stats = {n: float(p.abs().sum()) / max(active[n], 1) for n, p in params.items()}
+        else:
+            stats = {n: active[n] / p.numel() for n, p in params.items()}
+        free = {n: p.numel() - active[n] + dropped[n] for n, p in params.items()}
+        return redistribute(sum(dropped.values()), stats, free)
+
+    def _grow(self, kept: dict[str, torch.Tensor], counts: dict[str, int], step: int) -> dict[str, torch.Tensor]:
+        """Grow ``counts[name]`` weights among the inactive ones (just-dropped included), write the new masks and
+        weights in place, and return the positions whose mask changed."""
+        changed = {}
+        for name, param in self.mask_set.params.items():
+            old = self.mask_set.masks[name]
+            new = kept[name] | grow_highest(self._growth_scores(name, param, step), ~kept[name], counts[name])
+            # only weights active before and after keep their value (dropped-and-regrown ones included): the ones
+            # that died are zeroed and the new ones start at zero
+            param.mul_(new & old)
+            changed[name] = new ^ old
+            old.copy_(new)
+            self.mask_set.fired[name] |= new
+        return changed
+
+    def _refresh_counts(self) -> None:
+        self._active = self.mask_set.counts()
+        self._explored = self.mask_set.fired_count()
+
+    def check_consistency(self) -> None:
+        """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed).
+
+        One small all-reduce of per-layer float64 checksums: the element-wise MAX over ranks of [c, -c] gives the
+        maximum and minimum at once, and they must agree.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        local = self.mask_set.checksum()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        both = torch.cat([local, -local]).to(device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        high, low = both[: local.numel()].cpu(), -both[local.numel():].cpu()
+        if not torch.equal(high, low):
+            names = list(self.masks)
+            differing = sorted({names[int(i) // 3] for i in (high != low).nonzero().flatten()})
+            raise RuntimeError(
+                f"sparsity masks differ across ranks at step {self._step} in {differing}. Masks are functions of "
+                "(seed, layer name, step) and of the all-reduced gradients, so every rank must pass the same seed "
+                "(not seed + rank) and train the same replicated model"
+            )
+
+    def record(self, event: str = "report") -> dict[str, Any]:
+        """A ``density_record`` of the current topology (per-layer densities, global densities, explored rate)."""
+        return density_record(
+            event, self._step, self.death_rate(self._step), self.shapes, self._active, self._explored,
+            self.total_parameters,
+        )
+
+    def report(self) -> dict[str, float]:
+        """Scalars for the epoch log: density (masked tensors), density_all, explored_rate, nonzero_parameters,
+        death_rate."""
+        record = self.record()
+        keys = ("density", "density_all", "explored_rate", "nonzero_parameters", "death_rate")
+        return {key: record[key] for key in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and explored masks (CPU bool tensors keyed by FQN), step, death-rate state, seed and config.
+
+        Only plain tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
+        """
+        return {
+            "format": STATE_FORMAT,
+            **self.mask_set.state_dict(),
+            "step": self._step,
+            "last_update_step": self._last_update_step,
+            "death_rate": self.death_rate(self._step),
+            "seed": self.seed,
+            "skipped_updates": list(self.skipped_updates),
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output: masks (re-applied to the weights), explored masks, step and seed.
+
+        Load the model and optimizer first; the masks are then enforced on the loaded weights. The checkpoint's
+        seed replaces the constructor's so that random draws continue the saved run.
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a Masking state dict (expected format {STATE_FORMAT!r})")
+        self.mask_set.load_state_dict(state)
+        self._step = int(state["step"])
+        self._last_update_step = int(state["last_update_step"])
+        self.seed = int(state["seed"])
+        self.skipped_updates = [int(s) for s in state["skipped_updates"]]
+        differing = {k: (v, state["config"].get(k)) for k, v in self.config.to_dict().items()
+                     if state["config"].get(k) != v}
+        if differing:
+            logger.warning("sparsity: resuming with settings that differ from the checkpoint (now, saved): %s",
+                           differing)
+        self._refresh_counts()
+        self.check_consistency()
+        self.log_fn(self.record("resume"))
+
+
+def build_sparsifier(
+    cfg: SparsityConfig | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    *,
+    seed: int = 0,
+    log_fn: LogFn | None = None,
+) -> Sparsifier:
+    """The sparsifier a run asks for: ``DenseSparsifier`` (no masks, no hook, no cost) when ``cfg`` is None, its
+    density is None or 1.0; otherwise ``Masking``.
+
+    Args:
+        cfg: parsed sparsity settings.
+        model: the model (possibly DDP-wrapped).
+        optimizer: its optimizer.
+        total_steps: optimizer steps of the whole run.
+        seed: base mask seed, identical on every rank.
+        log_fn: record callback; default prints a table on rank 0.
+    """
+    if cfg is None or not cfg.enabled:
+        return DenseSparsifier()
+    return Masking.from_config(cfg, model, optimizer, total_steps, seed=seed, log_fn=log_fn)

@@ -1,0 +1,106 @@
+"""Density reports: a plain-dict record per event, a readable table, and a bar plot.
+
+Records hold only numbers, strings, lists and dicts, so they can go straight into a JSON log line.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def density_record(
+    event: str,
+    step: int,
+    death_rate: float,
+    shapes: Mapping[str, Sequence[int]],
+    active: Mapping[str, int],
+    explored: int,
+    total_parameters: int,
+) -> dict[str, Any]:
+    """One report of the current topology.
+
+    Args:
+        event: what triggered it, e.g. ``init``, ``update``, ``resume``.
+        step: optimizer steps done so far.
+        death_rate: death fraction of the schedule at ``step``.
+        shapes: masked parameter name -> shape.
+        active: masked parameter name -> number of active weights.
+        explored: weights of the masked tensors that have ever been active (ITOP "fired" count).
+        total_parameters: all parameters of the model, masked or not.
+
+    Returns:
+        A dict with ``layers`` (name -> shape, nonzero, numel, density), ``density`` (over the masked tensors),
+        ``density_all`` (over all parameters; unmasked tensors count as fully dense), ``explored_rate`` (fraction of
+        masked weights ever active), ``nonzero_parameters`` (parameters not removed by a mask) and the counts.
+    """
+    layers = {}
+    for name, shape in shapes.items():
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        layers[name] = {"shape": [int(d) for d in shape], "nonzero": active[name], "numel": numel,
+                        "density": active[name] / numel}
+    masked = sum(layer["numel"] for layer in layers.values())
+    nonzero_masked = sum(active.values())
+    nonzero = total_parameters - masked + nonzero_masked
+    return {
+        "event": event,
+        "step": step,
+        "death_rate": death_rate,
+        "layers": layers,
+        "density": nonzero_masked / masked,
+        "density_all": nonzero / total_parameters,
+        "explored_rate": explored / masked,
+        "nonzero_parameters": nonzero,
+        "masked_parameters": masked,
+        "total_parameters": total_parameters,
+    }
+
+
+def format_table(record: Mapping[str, Any]) -> str:
+    """A fixed-width per-layer table of a ``density_record``, with the global numbers in the last line."""
+    layers = record["layers"]
+    width = max([len("layer")] + [len(name) for name in layers])
+    lines = [
+        f"sparsity {record['event']} at step {record['step']} (death rate {record['death_rate']:.4f})",
+        f"{'layer':<{width}}  {'shape':>16}  {'density':>7}  {'nonzero':>11}  {'numel':>11}",
+    ]
+    for name, layer in layers.items():
+        shape = "x".join(str(d) for d in layer["shape"])
+        lines.append(
+            f"{name:<{width}}  {shape:>16}  {layer['density']:>7.4f}  {layer['nonzero']:>11,}  {layer['numel']:>11,}"
+        )
+    lines.append(
+        f"masked density {record['density']:.4f} | density of all parameters {record['density_all']:.4f} "
+        f"({record['nonzero_parameters']:,} of {record['total_parameters']:,}) | explored {record['explored_rate']:.4f}"
+    )
+    return "\n".join(lines)
+
+
+def plot_densities(record: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a horizontal bar plot of the per-layer densities of ``record`` to ``path`` (PNG) and return the path.
+
+    matplotlib is imported here so that importing the library stays light. The figure is drawn on an Agg canvas
+    directly rather than through pyplot, so the caller's global backend and figure registry are untouched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(record["layers"])
+    densities = [record["layers"][name]["density"] for name in names]
+    fig = Figure(figsize=(8, 1.0 + 0.22 * len(names)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.barh(range(len(names)), densities, color="tab:blue")
+    ax.axvline(record["density"], color="tab:red", linestyle="--", label=f"overall {record['density']:.3f}")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("density")
+    ax.set_title(f"per-layer density, {record['event']} at step {record['step']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png", dpi=100)
+    return path
