@@ -35,6 +35,7 @@ import engine
 import models
 from models.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 import sparselearning
+from sparselearning.base import combine
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,6 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     datasets.add_data_args(parser)
     sparselearning.add_sparse_args(parser)
+    models.add_token_args(parser)
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--output_dir", default="", help="checkpoints, log.txt and config.json go here; empty: no saving")
@@ -97,6 +99,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
     g.add_argument("--start_epoch", default=0, type=int, help="overwritten by --resume")
     g.add_argument("--eval", action="store_true", help="evaluate and exit")
+    g.add_argument("--compact", action="store_true",
+                   help="with --eval on a structured checkpoint: write the physically pruned model as compact.pth")
     g.add_argument("--dist_url", default="env://", help="torch.distributed init method; torchrun sets env://")
     g.add_argument("--print-freq", default=50, type=int, help="steps between progress lines")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <output_dir>/tensorboard")
@@ -181,18 +185,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.input_size = models.default_img_size(args.model)
     data_cfg = datasets.DataConfig.from_args(args)
     sparse_cfg = sparselearning.SparsityConfig.from_args(args)
+    token_cfg = models.TokenConfig.from_args(args)
     output_dir = Path(args.output_dir) if args.output_dir else None
 
     train_loader, val_loader, num_classes = build_loaders(args, data_cfg, rank, world)
+    amp_enabled = args.amp if args.amp is not None else device.type == "cuda"
+    amp_dtype = getattr(torch, args.amp_dtype) if amp_enabled else None
+    if args.eval:
+        return evaluate_checkpoint(args, token_cfg, val_loader, num_classes, device, amp_dtype, is_main)
+    if args.compact:
+        raise ValueError("--compact converts a trained checkpoint: use it with --eval --resume CHECKPOINT")
     model = models.create_model(args.model, num_classes=num_classes, img_size=args.input_size,
                                 drop_rate=args.drop, drop_path_rate=args.drop_path)
+    models.apply_token_selection(model, token_cfg)  # before the optimizer, EMA and DDP see the parameters
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters())
     if is_main:
         print(f"model {args.model}: {n_parameters:,} parameters; {world} process(es) on {device}")
 
-    amp_enabled = args.amp if args.amp is not None else device.type == "cuda"
-    amp_dtype = getattr(torch, args.amp_dtype) if amp_enabled else None
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
@@ -213,8 +223,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         noise=args.lr_noise, noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)[0]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log_fn = sparsity_logger(output_dir) if is_main else (lambda record: None)
-    sparsifier = sparselearning.build_sparsifier(sparse_cfg, model, optimizer, steps_per_epoch * args.epochs,
-                                                 seed=args.seed, log_fn=log_fn)
+    total_steps = steps_per_epoch * args.epochs
+    units = models.structure_units(model, scaler) if sparse_cfg.structured else None
+    weight_sparsifier = sparselearning.build_sparsifier(sparse_cfg, model, optimizer, total_steps, seed=args.seed,
+                                                        log_fn=log_fn, units=units)
+    token_schedule = (models.TokenSchedule(model, token_cfg, total_steps) if token_cfg.enabled
+                      else sparselearning.DenseSparsifier())
+    sparsifier = combine(weight_sparsifier, token_schedule)
     mixup_fn = None
     if mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
@@ -226,31 +241,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         ckpt = load_checkpoint(args.resume, map_location="cpu")
         load_model_weights(model, ckpt.get("model", ckpt), args.resume)
-        if args.eval:
-            if model_ema is not None and "model_ema" in ckpt:
-                model_ema.module.load_state_dict(ckpt["model_ema"])
-        elif "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            sparsifier.load_state_dict(ckpt.get("sparsifier", {}))
-            if model_ema is not None:
-                model_ema.module.load_state_dict(ckpt["model_ema"])
-            start_epoch, global_step = ckpt["epoch"] + 1, ckpt["step"]
-            best_acc1 = ckpt.get("best_acc1", 0.0)
-            set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if "optimizer" not in ckpt:
+            raise ValueError(f"{args.resume} holds weights only (no optimizer state) and cannot be resumed; "
+                             "evaluate it with --eval")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        sparsifier.load_state_dict(ckpt["sparsifier"])
+        if model_ema is not None:
+            model_ema.module.load_state_dict(ckpt["model_ema"])
+        start_epoch, global_step = ckpt["epoch"] + 1, ckpt["step"]
+        best_acc1 = ckpt.get("best_acc1", 0.0)
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if is_main:
-            print(f"resumed from {args.resume}" + ("" if args.eval else f" at epoch {start_epoch}"))
-
-    if args.eval:
-        stats = {f"test_{k}": v for k, v in engine.evaluate(model_ddp, val_loader, device, amp_dtype).items()}
-        if model_ema is not None and args.resume and "model_ema" in ckpt:
-            stats.update({f"ema_test_{k}": v for k, v in
-                          engine.evaluate(model_ema.module, val_loader, device, amp_dtype).items()})
-        if is_main:
-            print(f"Accuracy of {args.model} on {stats['test_images']} images: top-1 {stats['test_acc1']:.2f}% "
-                  f"top-5 {stats['test_acc5']:.2f}% loss {stats['test_loss']:.4f}")
-        return stats
+            print(f"resumed from {args.resume} at epoch {start_epoch}")
 
     ctx = engine.StepContext(optimizer=optimizer, scaler=scaler, sparsifier=sparsifier, amp_dtype=amp_dtype,
                              clip_grad=args.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,
@@ -306,11 +310,67 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   f"(best {best_acc1:.2f}%)", flush=True)
     if writer is not None:
         writer.close()
+    if is_main and output_dir is not None and sparse_cfg.structured:
+        compact = models.compact_model(model, getattr(sparsifier, "masks", None))
+        path = models.save_compact(compact, args.model, output_dir / "compact.pth")
+        print_compaction(model, compact, path)
+    if is_main and output_dir is not None and token_cfg.visualize:
+        images = torch.stack([val_loader.dataset[i][0] for i in range(token_cfg.visualize)]).to(device)
+        written = models.visualize_tokens(model, images, output_dir / "tokens" / "val")
+        print(f"token selection pictures: {len(written)} PNGs in {output_dir / 'tokens'}")
     if is_main:
         elapsed = datetime.timedelta(seconds=int(time.time() - start_time))
         where = f"; outputs in {output_dir}" if output_dir else ""
         print(f"training time {elapsed}; final top-1 {record.get('test_acc1', float('nan')):.2f}%{where}")
     return record
+
+
+def evaluate_checkpoint(args: argparse.Namespace, token_cfg: models.TokenConfig, val_loader, num_classes: int,
+                        device: torch.device, amp_dtype: torch.dtype | None, is_main: bool) -> dict[str, Any]:
+    """--eval: evaluate --resume (ours, a bare state_dict or a compact model) and its EMA; with --compact, also
+    write and evaluate the physically pruned model."""
+    ckpt = load_checkpoint(args.resume, map_location="cpu") if args.resume else {}
+    if models.is_compact_checkpoint(ckpt):
+        model = models.load_compact(args.resume)
+    else:
+        model = models.create_model(args.model, num_classes=num_classes, img_size=args.input_size)
+        models.apply_token_selection(model, token_cfg)
+        if args.resume:
+            load_model_weights(model, ckpt.get("model", ckpt), args.resume)
+        elif is_main:
+            print("warning: --eval without --resume evaluates randomly initialised weights")
+    model.to(device)
+    stats = {f"test_{k}": v for k, v in engine.evaluate(model, val_loader, device, amp_dtype).items()}
+    if ckpt.get("model_ema") is not None:
+        ema = models.create_model(args.model, num_classes=num_classes, img_size=args.input_size)
+        models.apply_token_selection(ema, token_cfg)
+        load_model_weights(ema, ckpt["model_ema"], f"{args.resume} (model_ema)")
+        stats.update({f"ema_test_{k}": v for k, v in engine.evaluate(ema.to(device), val_loader, device,
+                                                                     amp_dtype).items()})
+    if is_main:
+        print(f"Accuracy of {args.resume or args.model} on {stats['test_images']} images: top-1 "
+              f"{stats['test_acc1']:.2f}% top-5 {stats['test_acc5']:.2f}% loss {stats['test_loss']:.4f}")
+    if args.compact:
+        masks = ckpt.get("sparsifier", {}).get("masks")  # structured masks; the zero pattern is the fallback
+        compact = models.compact_model(model, masks)
+        compact_stats = engine.evaluate(compact.to(device), val_loader, device, amp_dtype)
+        stats.update({f"compact_test_{k}": v for k, v in compact_stats.items()})
+        if is_main:
+            target = Path(args.output_dir or Path(args.resume).parent) / "compact.pth"
+            print_compaction(model, compact, models.save_compact(compact, args.model, target))
+            print(f"compact model: top-1 {compact_stats['acc1']:.2f}% (masked model {stats['test_acc1']:.2f}%)")
+    return stats
+
+
+def print_compaction(model: nn.Module, compact: nn.Module, path: Path) -> None:
+    """Params and MACs of a compacted structured model against the dense model it came from."""
+    dense, small = models.mac_summary(model), models.mac_summary(compact)
+    arch = models.architecture(compact)
+    print(f"compact model written to {path}: heads per block {arch['block_heads']}, "
+          f"MLP widths {arch['block_mlp_hidden']}\n"
+          f"  params {small['params']:,} vs dense {dense['params']:,} ({small['params'] / dense['params']:.3f}x); "
+          f"GMACs {small['gmacs_executed']:.4f} vs dense {dense['gmacs_dense']:.4f} "
+          f"({small['gmacs_executed'] / dense['gmacs_dense']:.3f}x)")
 
 
 def sparsity_logger(output_dir: Path | None):

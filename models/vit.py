@@ -14,6 +14,8 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, VisionTransformer
 
+from models.token_selection import TokenConfig, apply_token_selection
+
 # The names SViTE's scripts pass to --model; built by timm itself.
 DEIT_MODELS = (
     "deit_tiny_patch16_224",
@@ -29,11 +31,17 @@ SMALL_MODELS: dict[str, dict[str, Any]] = {
     "vit_digits_micro": dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0),
 }
 
-MODEL_NAMES = DEIT_MODELS + tuple(SMALL_MODELS)
+# SViTE's layer-wise token-selection models: the DeiT model plus a global and a per-block `gumbel` scorer (keeping all
+# tokens until `apply_token_selection` sets k). Not registered with timm; only `create_model` knows them.
+DATA_MODELS = tuple(f"{name}_data" for name in DEIT_MODELS[:3])
+
+MODEL_NAMES = DEIT_MODELS + tuple(SMALL_MODELS) + DATA_MODELS
 
 
 def default_img_size(name: str) -> int:
     """The input resolution a named model is built for."""
+    if name in DATA_MODELS:
+        name = name.removesuffix("_data")
     if name in SMALL_MODELS:
         return SMALL_MODELS[name]["img_size"]
     if name in DEIT_MODELS:
@@ -64,6 +72,12 @@ def create_model(
         block_mlp_hidden: MLP hidden width of each block; defaults to mlp_ratio * embed_dim.
         head_dim: width of one head when `block_heads` is given; defaults to embed_dim // num_heads.
     """
+    if name in DATA_MODELS:
+        model = create_model(name.removesuffix("_data"), num_classes=num_classes, img_size=img_size,
+                             drop_rate=drop_rate, drop_path_rate=drop_path_rate, block_heads=block_heads,
+                             block_mlp_hidden=block_mlp_hidden, head_dim=head_dim)
+        apply_token_selection(model, TokenConfig(enabled=True, selector="layerwise"))
+        return model
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     if img_size is not None:
         kwargs["img_size"] = img_size

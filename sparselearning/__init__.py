@@ -4,12 +4,14 @@ from sparselearning.config import SparsityConfig, add_sparse_args
 from sparselearning.distributions import layer_counts, layer_densities
 from sparselearning.dst import Masking, build_sparsifier
 from sparselearning.metrics import density_record, format_table, plot_densities
+from sparselearning.structured import StructuredDST, swap_units
 
 __all__ = [
     "DenseSparsifier",
     "Masking",
     "Sparsifier",
     "SparsityConfig",
+    "StructuredDST",
     "add_sparse_args",
     "build_sparsifier",
     "density_record",
@@ -17,4 +19,5 @@ __all__ = [
     "layer_counts",
     "layer_densities",
     "plot_densities",
+    "swap_units",
 ]

@@ -11,6 +11,9 @@ from sparselearning.criteria import DEATH_MODES, GROWTH_MODES, REDISTRIBUTION_MO
 from sparselearning.distributions import DISTRIBUTIONS
 from sparselearning.schedules import DECAY_SCHEDULES
 
+PRUNING_TYPES = ("unstructure", "structure", "structure_new")
+"""SViTE's ``--pruning_type`` values; ``structure_new`` (the original scripts' spelling) aliases ``structure``."""
+
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -19,7 +22,7 @@ def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    """Unstructured dynamic sparse training settings (SViTE's flags, same names and meanings).
+    """Dynamic sparse training settings (SViTE's flags, same names and meanings), unstructured or structured.
 
     ``density=None`` (the default) or ``1.0`` means dense training: ``build_sparsifier`` then returns a no-op and no
     mask exists. SViTE defaulted to ``--density 0.05``, which silently made every run 95% sparse; here sparsity is
@@ -40,6 +43,16 @@ class SparsityConfig:
         keep_optimizer_state: SViTE's optimizer handling (Adam moments never touched, SGD momentum masked every
             step) instead of resetting the state of dropped and grown weights at each update.
         erk_power: exponent of the ERK score.
+        pruning_type: ``unstructure`` (weights, ``Masking``) or ``structure`` (attention heads and MLP neurons,
+            ``StructuredDST``); ``structure_new`` is stored as ``structure``. Structured runs ignore ``density``,
+            ``sparse_init`` and ``erk_power``, as SViTE did: the two kinds of masks are never combined.
+        atten_head: heads per block the run expects (SViTE's ``--atten_head``); None takes them from the model, a
+            number must match it.
+        atten_density: fraction of each block's heads kept: ``int(heads * atten_density)``.
+        other_density: fraction of each block's MLP neurons kept: ``int(hidden * other_density)``.
+        structure_compat: reproduce SViTE's structured quirks: biases of pruned heads and neurons are not masked
+            (a pruned head leaks a constant through ``proj``), regrown units start from zero weights, and the fc2
+            columns of pruned neurons are masked too.
     """
 
     density: float | None = None
@@ -55,6 +68,11 @@ class SparsityConfig:
     sparse_include: tuple[str, ...] = ()
     keep_optimizer_state: bool = False
     erk_power: float = 1.0
+    pruning_type: str = "unstructure"
+    atten_head: int | None = None
+    atten_density: float = 0.2
+    other_density: float = 0.2
+    structure_compat: bool = False
 
     def __post_init__(self) -> None:
         valid_number = isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
@@ -78,11 +96,45 @@ class SparsityConfig:
             if isinstance(patterns, str) or any(not isinstance(p, str) or not p for p in patterns):
                 raise ValueError(f"{flag} must be a sequence of non-empty pattern strings, got {patterns!r}")
             object.__setattr__(self, flag, tuple(patterns))
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        _check_choice("pruning_type", self.pruning_type, PRUNING_TYPES)
+        if self.pruning_type == "structure_new":
+            object.__setattr__(self, "pruning_type", "structure")
+        for flag, value in (("atten_density", self.atten_density), ("other_density", self.other_density)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"{flag} must be in (0, 1], got {value!r}")
+        head = self.atten_head
+        if head is not None and (isinstance(head, bool) or not isinstance(head, int) or head <= 0):
+            raise ValueError(f"atten_head must be a positive int (heads per block) or None, got {head!r}")
+        if not self.structured:
+            if self.structure_compat:
+                raise ValueError("--structure-compat needs --pruning_type structure (it changes structured masks only)")
+            return
+        # Structured updates swap whole heads and neurons with a fixed count per block, by SViTE's unit scores.
+        if self.death != "magnitude":
+            raise ValueError(f"--death {self.death} selects single weights; structured sparsity scores heads by "
+                             "first-order Taylor and neurons by magnitude (--death magnitude)")
+        if self.growth == "momentum":
+            raise ValueError("--growth momentum is not defined for heads (their growth signal is the gradient at the "
+                             "head output); use gradient or random with --pruning_type structure")
+        if self.redistribution != "none":
+            raise ValueError(f"--redistribution {self.redistribution} moves weights between layers; structured "
+                             "sparsity keeps each block's head and neuron counts fixed (--redistribution none)")
+        if self.sparse_include or self.sparse_exclude:
+            raise ValueError("--sparse-include/--sparse-exclude choose tensors for unstructured masks; structured "
+                             "sparsity always covers the heads and MLP neurons of every block")
+
+    @property
+    def structured(self) -> bool:
+        """Whether heads and MLP neurons are pruned (``--pruning_type structure``)."""
+        return self.pruning_type == "structure"
 
     @property
     def enabled(self) -> bool:
-        """Whether any weight is masked (density given and below 1)."""
-        return self.density is not None and self.density < 1.0
+        """Whether anything is masked: structured sparsity, or a density given and below 1."""
+        return self.structured or (self.density is not None and self.density < 1.0)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SparsityConfig:
@@ -101,6 +153,11 @@ class SparsityConfig:
             sparse_include=tuple(args.sparse_include or ()),
             keep_optimizer_state=args.keep_optimizer_state,
             erk_power=args.erk_power,
+            pruning_type=args.pruning_type,
+            atten_head=args.atten_head,
+            atten_density=args.atten_density,
+            other_density=args.other_density,
+            structure_compat=args.structure_compat,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,7 +166,8 @@ class SparsityConfig:
 
 
 def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add SViTE's unstructured-sparsity flags (original names and meanings) as an argument group.
+    """Add SViTE's unstructured-sparsity flags (original names and meanings) as an argument group, and its
+    structured-sparsity flags as a second group; returns the unstructured group.
 
     Differences from SViTE: ``--density`` defaults to None (dense), choices are checked, ``--decay-schedule linear``
     and ``--growth momentum`` work, ``--redistribution`` is implemented, and the never-read flags
@@ -139,4 +197,18 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--keep-optimizer-state", dest="keep_optimizer_state", action="store_true",
                        help="SViTE behaviour: do not reset optimizer state of dropped/grown weights")
     group.add_argument("--erk-power", dest="erk_power", type=float, default=1.0, help="exponent of the ERK score")
+
+    structure = parser.add_argument_group("structured sparsity (S²ViTE: attention heads and MLP neurons)")
+    structure.add_argument("--pruning_type", default="unstructure", choices=PRUNING_TYPES,
+                           help="unstructure: weight masks (--density); structure (alias structure_new): whole heads "
+                                "and MLP neurons, --density and --sparse_init are then ignored")
+    structure.add_argument("--atten_head", type=int, default=None, metavar="H",
+                           help="heads per block, checked against the model (default: taken from the model)")
+    structure.add_argument("--atten_density", type=float, default=0.2,
+                           help="fraction of heads kept per block: int(H * atten_density)")
+    structure.add_argument("--other_density", type=float, default=0.2,
+                           help="fraction of MLP neurons kept per block: int(hidden * other_density)")
+    structure.add_argument("--structure-compat", dest="structure_compat", action="store_true",
+                           help="SViTE's quirks: unmasked biases of pruned units (pruned heads leak a constant), "
+                                "zero-initialised regrown units")
     return group

@@ -5,7 +5,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,9 @@ from sparselearning.masks import MaskSet, momentum_of, select_parameters, unwrap
 from sparselearning.metrics import density_record, format_table
 from sparselearning.schedules import death_rate_at, is_update_step
 
+if TYPE_CHECKING:
+    from sparselearning.structured import StructureSource
+
 logger = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, Any]], None]
@@ -35,6 +38,35 @@ def print_table(record: dict[str, Any]) -> None:
     """Default ``log_fn``: print the per-layer table, on rank 0 only under torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         print(format_table(record), flush=True)
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for a torch.distributed collective: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_masks_agree(mask_set: MaskSet, step: int) -> None:
+    """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed).
+
+    One small all-reduce of per-layer float64 checksums: the element-wise MAX over ranks of [c, -c] gives the maximum
+    and minimum at once, and they must agree.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    local = mask_set.checksum()
+    both = torch.cat([local, -local]).to(collective_device())
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    high, low = both[: local.numel()].cpu(), -both[local.numel():].cpu()
+    if not torch.equal(high, low):
+        names = list(mask_set.masks)
+        differing = sorted({names[int(i) // 3] for i in (high != low).nonzero().flatten()})
+        raise RuntimeError(
+            f"sparsity masks differ across ranks at step {step} in {differing}. Masks are functions of "
+            "(seed, layer name, step) and of the all-reduced gradients, so every rank must pass the same seed "
+            "(not seed + rank) and train the same replicated model"
+        )
 
 
 class Masking:
@@ -290,26 +322,8 @@ class Masking:
         self._explored = self.mask_set.fired_count()
 
     def check_consistency(self) -> None:
-        """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed).
-
-        One small all-reduce of per-layer float64 checksums: the element-wise MAX over ranks of [c, -c] gives the
-        maximum and minimum at once, and they must agree.
-        """
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        local = self.mask_set.checksum()
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        both = torch.cat([local, -local]).to(device)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        high, low = both[: local.numel()].cpu(), -both[local.numel():].cpu()
-        if not torch.equal(high, low):
-            names = list(self.masks)
-            differing = sorted({names[int(i) // 3] for i in (high != low).nonzero().flatten()})
-            raise RuntimeError(
-                f"sparsity masks differ across ranks at step {self._step} in {differing}. Masks are functions of "
-                "(seed, layer name, step) and of the all-reduced gradients, so every rank must pass the same seed "
-                "(not seed + rank) and train the same replicated model"
-            )
+        """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed)."""
+        check_masks_agree(self.mask_set, self._step)
 
     def record(self, event: str = "report") -> dict[str, Any]:
         """A ``density_record`` of the current topology (per-layer densities, global densities, explored rate)."""
@@ -372,9 +386,10 @@ def build_sparsifier(
     *,
     seed: int = 0,
     log_fn: LogFn | None = None,
+    units: StructureSource | None = None,
 ) -> Sparsifier:
-    """The sparsifier a run asks for: ``DenseSparsifier`` (no masks, no hook, no cost) when ``cfg`` is None, its
-    density is None or 1.0; otherwise ``Masking``.
+    """The sparsifier a run asks for: ``DenseSparsifier`` (no masks, no hook, no cost) when ``cfg`` is None, or
+    unstructured with density None or 1.0; ``StructuredDST`` for ``pruning_type`` structure; otherwise ``Masking``.
 
     Args:
         cfg: parsed sparsity settings.
@@ -383,7 +398,16 @@ def build_sparsifier(
         total_steps: optimizer steps of the whole run.
         seed: base mask seed, identical on every rank.
         log_fn: record callback; default prints a table on rank 0.
+        units: the model's heads and neurons (e.g. ``models.structure_units(model, scaler)``); read only for
+            structured sparsity, whose score hooks are installed only then.
     """
     if cfg is None or not cfg.enabled:
         return DenseSparsifier()
+    if cfg.structured:
+        from sparselearning.structured import StructuredDST  # builds on this module, so imported late
+
+        if units is None:
+            raise ValueError("--pruning_type structure needs the model's head and neuron layout: pass "
+                             "units=models.structure_units(model, scaler) to build_sparsifier")
+        return StructuredDST.from_config(cfg, model, optimizer, total_steps, units, seed=seed, log_fn=log_fn)
     return Masking.from_config(cfg, model, optimizer, total_steps, seed=seed, log_fn=log_fn)

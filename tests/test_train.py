@@ -26,6 +26,17 @@ def read_log(output_dir: Path) -> list[dict]:
     return [line for line in lines if "epoch" in line]
 
 
+def same_state(a: object, b: object) -> bool:
+    """Exact equality of nested checkpoint state (tensors compared bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """Three epochs of the micro model; shared by the tests that only read its outputs."""
@@ -65,9 +76,11 @@ def test_eval_only_reproduces_the_logged_accuracy(trained: Path) -> None:
 
 # Sparse: updates every 20 of the 44 steps per epoch, so the resumed epoch crosses topology updates.
 SPARSE = ("--density", "0.5", "--sparse_init", "fixed_ERK", "--update_frequency", "20", "--growth", "gradient")
+# SViTE+: the same weight sparsity co-trained with a token selector that really drops 30% of the tokens.
+SPARSE_TOKENS = (*SPARSE, "--token_selection", "--token-ratio", "0.7", "--token-mode", "drop")
 
 
-@pytest.mark.parametrize("extra", [(), SPARSE], ids=["dense", "sparse"])
+@pytest.mark.parametrize("extra", [(), SPARSE_TOKENS], ids=["dense", "sparse+tokens"])
 def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, extra: tuple[str, ...]) -> None:
     flags = (*TINY_RUN, "--epochs", "3", "--model-ema-decay", "0.9", "--num_workers", "1", *extra)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -90,12 +103,11 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, extra: tuple[str, ...
     for section in ("model", "model_ema"):
         for key, value in a[section].items():
             assert torch.equal(value, b[section][key]), f"{section}.{key} differs after resume"
-    for key, mask in a["sparsifier"].get("masks", {}).items():
-        assert torch.equal(mask, b["sparsifier"]["masks"][key]), f"mask {key} differs after resume"
+    assert same_state(a["sparsifier"], b["sparsifier"]), "sparsifier state (masks, step, tau) differs after resume"
     assert [r["train_loss"] for r in read_log(straight)] == [r["train_loss"] for r in read_log(killed)][-3:]
 
 
-@pytest.mark.parametrize("extra", [(), SPARSE], ids=["dense", "sparse"])
+@pytest.mark.parametrize("extra", [(), SPARSE_TOKENS], ids=["dense", "sparse+tokens"])
 def test_torchrun_two_processes_keep_identical_weights(tmp_path: Path, extra: tuple[str, ...]) -> None:
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path))
@@ -110,7 +122,7 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path: Path, extra: tu
     assert all(torch.equal(saved[k], w0[k]) for k in w0)  # the checkpoint holds exactly these weights
     log = read_log(tmp_path / "run")
     assert log[-1]["test_images"] == 360  # every validation image counted once across the 2 shards
-    single = run_main(*TINY_RUN, "--eval", "--resume", str(tmp_path / "run" / "checkpoint.pth"))
+    single = run_main(*TINY_RUN, *extra, "--eval", "--resume", str(tmp_path / "run" / "checkpoint.pth"))
     top1 = float(re.search(r"top-1 ([\d.]+)%", single.stdout).group(1))
     assert top1 == pytest.approx(log[-1]["test_acc1"], abs=0.01)
 
@@ -194,3 +206,36 @@ def test_original_unstructured_flag_lines_parse_and_build_masks() -> None:
     assert len(densities) == 50
     assert densities["blocks.3.attn.qkv.weight"] == pytest.approx(0.4029, abs=1e-4)  # SViTE's ERK table, §2.3
     assert densities["head.weight"] == pytest.approx(0.4182, abs=1e-4)
+
+
+def test_cotrained_run_keeps_block_weights_sparse_and_selector_dense(tmp_path: Path) -> None:
+    """The original's mask-index bug left SViTE+ runs dense; here the block weights must really be sparse."""
+    run_main(*TINY_RUN, "--epochs", "1", "--no-model-ema", "--output_dir", str(tmp_path), *SPARSE_TOKENS)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    weights = ckpt["model"]
+    assert {"gumbel.weight", "gumbel.bias"} <= set(weights)
+    assert bool((weights["gumbel.weight"] != 0).all())
+    for name in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.weight"):
+        density = float((weights[name] != 0).float().mean())
+        assert 0.4 < density < 0.55, f"{name} has density {density}"
+    assert read_log(tmp_path)[-1]["tau"] == pytest.approx(0.1)  # the linear schedule ends at 0.1 after T steps
+
+
+STRUCTURED = ("--pruning_type", "structure_new", "--atten_head", "2", "--atten_density", "0.5",
+              "--other_density", "0.5", "--update_frequency", "20", "--density", "0.5", "--sparse_init", "fixed_ERK")
+
+
+def test_structured_run_writes_a_compact_model_that_evaluates_identically(tmp_path: Path) -> None:
+    run_main(*TINY_RUN, "--epochs", "1", "--no-model-ema", "--output_dir", str(tmp_path), *STRUCTURED)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    qkv = ckpt["model"]["blocks.0.attn.qkv.weight"].reshape(3, 2, 16, 32)  # (q/k/v, head, head_dim, D)
+    assert (qkv.abs().sum(dim=(0, 2, 3)) > 0).sum() == 1, "exactly one of the two heads is active"
+    assert (ckpt["model"]["blocks.0.mlp.fc1.weight"].abs().sum(1) > 0).sum() == 64
+    compact = load_checkpoint(tmp_path / "compact.pth")
+    assert compact["architecture"]["block_heads"] == [1, 1] and compact["architecture"]["block_mlp_hidden"] == [64, 64]
+    masked = run_main(*TINY_RUN, "--eval", "--resume", str(tmp_path / "checkpoint.pth"), "--compact",
+                      "--output_dir", str(tmp_path / "again"))
+    small = run_main(*TINY_RUN, "--eval", "--resume", str(tmp_path / "compact.pth"))
+    accuracies = [float(x) for x in re.findall(r"top-1 ([\d.]+)%", masked.stdout + small.stdout)]
+    assert len(accuracies) == 3 and len(set(accuracies)) == 1, accuracies  # masked, its compaction, compact.pth
+    assert (tmp_path / "again" / "compact.pth").exists() and "params" in masked.stdout

@@ -1,0 +1,248 @@
+"""Analytic multiply-accumulates (MACs) and parameter counts of timm ViTs: the one counter the project uses.
+
+MACs are per image. Per block b, with embed dim D, n_b tokens entering the block, a_b tokens seen by the attention
+(a_b = n_b unless a layer-wise selector drops tokens), h_b heads of width d_b and MLP hidden width m_b:
+
+    qkv  a_b * D * 3 h_b d_b        QK^T and AV  2 * a_b^2 * h_b * d_b (always dense)
+    proj a_b * h_b d_b * D          fc1 + fc2    2 * n_b * D * m_b
+
+plus the patch embedding (patches x C p^2 x D), the head (D x classes, on the pooled token) and the token scorers
+(D per scored token). Linear layers scale with the tokens, the attention matmuls with their square. Norms,
+activations, softmax and biases are not counted (as in timm's and the papers' numbers). With weight densities the
+linear layers (patch embedding and head included) are scaled by their density: SViTE's theoretical count.
+
+Three views of one model:
+
+* ``dense``: the architecture without token selection or sparsity.
+* ``theoretical``: what the paper reports: the selected token counts (as if dropped) and density-scaled linears.
+* ``executed``: what the code really computes: masked weights are still dense matmuls, zero-mode token selection
+  keeps the full sequence, drop mode shortens it; the scorers are included.
+
+Dense DeiT-Tiny/Small/Base: 1.254 / 4.599 / 17.564 GMACs (timm: 1.26 / 4.61 / 17.58). SViTE's reported savings
+(45.5% for DeiT-S at 50% sparsity, 38.1% for DeiT-B at 40%) are reproduced by scaling the block linears by the
+global density and keeping the patch embedding and head dense (``svite_paper_densities``); the ERK densities of all
+masked tensors give 46.1% and 38.5%.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from models.token_selection import TokenScorer, num_tokens, unwrap
+from models.vit import count_parameters
+
+KINDS = ("dense", "theoretical", "executed")
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """One transformer block as the counter sees it.
+
+    Args:
+        num_heads: h, attention heads.
+        head_dim: d, width of one head.
+        mlp_hidden: m, MLP hidden width.
+        tokens: n, tokens entering the block (the MLP runs on all of them).
+        attn_tokens: tokens the attention runs on; None means ``tokens``.
+        scorer: a layer-wise token scorer (D -> 1) runs on the block's ``tokens``.
+    """
+
+    num_heads: int
+    head_dim: int
+    mlp_hidden: int
+    tokens: int
+    attn_tokens: int | None = None
+    scorer: bool = False
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """MACs per image by layer (``blocks.3.attn.qkv``, ``blocks.3.attn.matmul`` for QK^T + AV, ``head``, ...)."""
+
+    layers: Mapping[str, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.layers.values())
+
+    @property
+    def attention(self) -> float:
+        """The attention matmuls QK^T and AV, which weight sparsity does not reduce."""
+        return sum(v for name, v in self.layers.items() if name.endswith(".matmul"))
+
+    @property
+    def linear(self) -> float:
+        """Every weight-bearing layer (patch embedding, linears, scorers, head)."""
+        return self.total - self.attention
+
+
+def vit_macs(
+    embed_dim: int,
+    blocks: Sequence[BlockShape],
+    *,
+    num_patches: int,
+    patch_dim: int,
+    num_classes: int,
+    global_scorer_tokens: int = 0,
+    densities: Mapping[str, float] | None = None,
+) -> MacCount:
+    """MACs per image of a ViT from explicit numbers (a pure function).
+
+    Args:
+        embed_dim: D.
+        blocks: one ``BlockShape`` per block, in order.
+        num_patches: patches embedded per image (196 at 224 px, patch 16).
+        patch_dim: inputs per patch, C * p * p (768 for RGB 16x16).
+        num_classes: head outputs (0: no head).
+        global_scorer_tokens: tokens scored by a global selector (0: none).
+        densities: weight FQN (``blocks.0.attn.qkv.weight``, ``patch_embed.proj.weight``, ``head.weight``, ...)
+            -> density in [0, 1]; missing names are dense.
+
+    Raises:
+        ValueError: for a density outside [0, 1] or one naming no counted layer (e.g. a ``module.`` prefix).
+    """
+    if min(embed_dim, num_patches, patch_dim) < 1 or num_classes < 0 or global_scorer_tokens < 0:
+        raise ValueError("embed_dim, num_patches and patch_dim must be positive; num_classes and tokens >= 0")
+    for b in blocks:
+        if min(b.num_heads, b.head_dim, b.mlp_hidden, b.tokens) < 1 or not 1 <= (b.attn_tokens or 1) <= b.tokens:
+            raise ValueError(f"block sizes and token counts must be positive, attn_tokens <= tokens; got {b}")
+    dim = embed_dim
+    macs: dict[str, float] = {"patch_embed.proj": num_patches * patch_dim * dim}
+    if global_scorer_tokens:
+        macs["gumbel"] = global_scorer_tokens * dim
+    for i, b in enumerate(blocks):
+        n = b.tokens
+        a = n if b.attn_tokens is None else b.attn_tokens
+        inner = b.num_heads * b.head_dim
+        if b.scorer:
+            macs[f"blocks.{i}.attn.gumbel"] = n * dim
+        macs[f"blocks.{i}.attn.qkv"] = a * dim * 3 * inner
+        macs[f"blocks.{i}.attn.matmul"] = 2 * a * a * inner
+        macs[f"blocks.{i}.attn.proj"] = a * inner * dim
+        macs[f"blocks.{i}.mlp.fc1"] = n * dim * b.mlp_hidden
+        macs[f"blocks.{i}.mlp.fc2"] = n * b.mlp_hidden * dim
+    if num_classes:
+        macs["head"] = dim * num_classes
+    for name, density in (densities or {}).items():
+        layer = name.removesuffix(".weight")
+        if layer not in macs or layer.endswith(".matmul") or not name.endswith(".weight"):
+            raise ValueError(f"density given for {name!r}, which is not the weight of a counted layer "
+                             f"(e.g. {', '.join(list(macs)[:3])}, with '.weight')")
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"density of {name!r} must be in [0, 1], got {density}")
+        macs[layer] *= density
+    return MacCount(macs)
+
+
+def block_shapes(model: nn.Module, kind: str = "executed") -> list[BlockShape]:
+    """Per-block shapes and token counts of a live timm ViT, read from its modules and installed selectors.
+
+    Args:
+        model: a timm ``VisionTransformer`` (wrappers are unwrapped), possibly with token selectors.
+        kind: ``dense`` (full sequence, no scorers), ``theoretical`` (selected tokens as if dropped) or
+            ``executed`` (what runs: zero mode keeps the full sequence, drop mode shortens it).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown MAC count kind {kind!r}; choose from {', '.join(KINDS)}")
+    net = _vit(model)
+    n, _ = num_tokens(net)
+    selecting = kind != "dense"
+    glob = getattr(net, "gumbel", None)
+    if selecting and isinstance(glob, TokenScorer) and (kind == "theoretical" or glob.mode == "drop"):
+        n = glob.keep_count(n)
+    shapes = []
+    for blk in net.blocks:
+        attn = blk.attn
+        scorer = getattr(attn, "gumbel", None) if selecting else None
+        scorer = scorer if isinstance(scorer, TokenScorer) else None
+        a = n
+        if scorer is not None and (kind == "theoretical" or scorer.mode == "drop"):
+            a = scorer.keep_count(n)
+        shapes.append(BlockShape(attn.num_heads, attn.head_dim, blk.mlp.fc1.out_features, n, a, scorer is not None))
+    return shapes
+
+
+def count_macs(model: nn.Module, kind: str = "executed", densities: Mapping[str, float] | None = None) -> MacCount:
+    """MACs per image of a live timm ViT.
+
+    Args:
+        model: a timm ``VisionTransformer`` (wrappers are unwrapped), possibly with token selectors.
+        kind: ``dense``, ``theoretical`` or ``executed`` (see the module docstring).
+        densities: ``theoretical`` only: weight FQN -> density; default: the measured non-zero fraction of every
+            weight (``weight_densities``), which is the mask density of a masked model and 1 for a dense one.
+    """
+    shapes = block_shapes(model, kind)
+    if densities is not None and kind != "theoretical":
+        raise ValueError(f"densities only apply to theoretical MACs; {kind} MACs count dense matmuls")
+    net = _vit(model)
+    if kind == "theoretical" and densities is None:
+        densities = weight_densities(net)
+    glob = getattr(net, "gumbel", None)
+    head = net.head
+    return vit_macs(
+        net.embed_dim, shapes, num_patches=net.patch_embed.num_patches,
+        patch_dim=math.prod(net.patch_embed.proj.weight.shape[1:]),
+        num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
+        global_scorer_tokens=num_tokens(net)[0] if kind != "dense" and isinstance(glob, TokenScorer) else 0,
+        densities=densities,
+    )
+
+
+def mac_summary(model: nn.Module, densities: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The numbers an evaluation summary prints: GMACs per image (dense / theoretical / executed) and parameters.
+
+    Args:
+        model: the evaluated model.
+        densities: for the theoretical count; default: measured from the weights' zeros (see ``count_macs``).
+
+    Returns:
+        ``gmacs_dense``, ``gmacs_theoretical``, ``gmacs_executed``, ``params`` and ``params_nonzero``.
+    """
+    total, nonzero = count_parameters(_vit(model))
+    return {
+        "gmacs_dense": count_macs(model, "dense").total / 1e9,
+        "gmacs_theoretical": count_macs(model, "theoretical", densities).total / 1e9,
+        "gmacs_executed": count_macs(model, "executed").total / 1e9,
+        "params": float(total),
+        "params_nonzero": float(nonzero),
+    }
+
+
+def weight_densities(model: nn.Module) -> dict[str, float]:
+    """Measured non-zero fraction of every 2-D / 4-D weight except the token scorers (the maskable set)."""
+    return {name: p.count_nonzero().item() / p.numel() for name, p in unwrap(model).named_parameters()
+            if p.dim() in (2, 4) and "gumbel" not in name}
+
+
+def mask_densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """FQN -> density of boolean masks (e.g. ``Masking.masks``)."""
+    return {name: mask.float().mean().item() for name, mask in masks.items()}
+
+
+def svite_paper_densities(depth: int, density: float) -> dict[str, float]:
+    """The convention behind SViTE's reported savings: block linears at the global density, the rest dense."""
+    return {f"blocks.{i}.{layer}.weight": density for i in range(depth)
+            for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+
+
+def expected_parameters(model: nn.Module, densities: Mapping[str, float]) -> tuple[int, int]:
+    """(all parameters, non-zero parameters if each named tensor had round(density * numel) non-zeros)."""
+    params = dict(unwrap(model).named_parameters())
+    unknown = set(densities) - params.keys()
+    if unknown:
+        raise ValueError(f"densities name parameters the model does not have: {sorted(unknown)[:5]}")
+    total = sum(p.numel() for p in params.values())
+    nonzero = sum(round(densities[name] * p.numel()) if name in densities else p.numel() for name, p in params.items())
+    return total, nonzero
+
+
+def _vit(model: nn.Module) -> VisionTransformer:
+    net = unwrap(model)
+    if not isinstance(net, VisionTransformer):
+        raise ValueError(f"the MAC counter reads timm VisionTransformer models, got {type(net).__name__}")
+    return net

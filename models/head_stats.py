@@ -1,0 +1,201 @@
+"""The model side of structured sparsity: which tensor slices make up each head and neuron, and per-head scores.
+
+``structure_units(model, scaler)`` describes a timm ViT's units as plain dicts (FQNs, axes, widths). So
+``sparselearning`` can prune heads and neurons without importing this package, and this package never imports
+``sparselearning``. Head scores come from hooks that leave the attention math untouched. A forward pre-hook on
+``attn.proj`` sees the merged head outputs O, exactly the input of ``proj``. A tensor hook on that input then sees
+G = dLoss/dO in backward. Nothing is installed until the structured sparsifier asks for it
+(``StructureUnits.attach_stats``), so dense and unstructured runs pay nothing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose parameter names are the canonical FQNs (strips DDP/DataParallel and ``torch.compile``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def prunable_blocks(model: nn.Module) -> list[tuple[str, Attention, Mlp]]:
+    """(block FQN, its timm Attention, its timm Mlp) for every transformer block, checked to be prunable by unit.
+
+    Raises:
+        ValueError: for a block whose attention normalises or gates the merged heads, or whose MLP normalises the
+            hidden layer or has an activation with act(0) != 0. Removing a unit would then change the others, or a
+            pruned unit would not be silent.
+    """
+    net = unwrap_model(model)
+    blocks = getattr(net, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"structured sparsity needs a timm VisionTransformer with .blocks, got {type(net).__name__}")
+    found = []
+    for i, blk in enumerate(blocks):
+        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+        if not isinstance(attn, Attention) or not isinstance(mlp, Mlp):
+            raise ValueError(f"blocks.{i} must hold timm Attention and Mlp modules, got "
+                             f"{type(attn).__name__} and {type(mlp).__name__}")
+        if not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None:
+            raise ValueError(f"blocks.{i}.attn normalises or gates the merged heads, so heads cannot be scored or "
+                             "removed one by one")
+        if not isinstance(mlp.norm, nn.Identity) or float(mlp.act(torch.zeros(1))) != 0.0:
+            raise ValueError(f"blocks.{i}.mlp normalises its hidden layer or has act(0) != 0, so pruned neurons "
+                             "would not be silent")
+        found.append((f"blocks.{i}", attn, mlp))
+    return found
+
+
+def unit_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Per block, its heads and its MLP neurons as plain dicts (the ``UnitGroup.from_dict`` format).
+
+    A head h owns rows [h*d, (h+1)*d) of each of the q, k and v sections of ``qkv`` (weight and bias) and the same
+    columns of ``proj``. Neuron i owns row i of ``fc1`` (weight and bias) and column i of ``fc2``. The roles say what
+    is masked: ``in`` rows and ``bias`` by default, never the ``out`` columns.
+    """
+    groups = []
+    for name, attn, mlp in prunable_blocks(model):
+        d = attn.head_dim
+        heads = [dict(param=f"{name}.attn.qkv.weight", dim=0, sections=3, width=d, role="in"),
+                 dict(param=f"{name}.attn.proj.weight", dim=1, sections=1, width=d, role="out")]
+        if attn.qkv.bias is not None:
+            heads.insert(1, dict(param=f"{name}.attn.qkv.bias", dim=0, sections=3, width=d, role="bias"))
+        neurons = [dict(param=f"{name}.mlp.fc1.weight", dim=0, sections=1, width=1, role="in"),
+                   dict(param=f"{name}.mlp.fc2.weight", dim=1, sections=1, width=1, role="out")]
+        if mlp.fc1.bias is not None:
+            neurons.insert(1, dict(param=f"{name}.mlp.fc1.bias", dim=0, sections=1, width=1, role="bias"))
+        groups.append(dict(name=f"{name}.attn", kind="head", num_units=attn.num_heads, slices=heads))
+        groups.append(dict(name=f"{name}.mlp", kind="neuron", num_units=mlp.fc1.out_features, slices=neurons))
+    return groups
+
+
+class HeadStats:
+    """Per-head importance sums over the training samples since the last ``reset``, filled by hooks.
+
+    For each block and sample b, with O the merged head outputs (B x N x H*d) and G = dLoss/dO:
+    ``taylor[h]`` adds |Σ_{n,l} G[b,n,h,l] * O[b,n,h,l]|, SViTE's first-order Taylor death score. ``grad_l1[h]`` adds
+    Σ_{n,l} |G[b,n,h,l]|, its growth score. ``samples`` counts b. Both are computed in float32 and summed in float64
+    on the model's device, without a host sync. Dividing by ``samples`` gives SViTE's per-sample batch mean,
+    averaged over the whole window.
+
+    Under a float16 ``GradScaler`` the captured G is scaled. Each batch's sums are divided by the scale that was
+    applied to that batch's loss, read as a device tensor (``GradScaler._get_scale_async``, no sync). A batch whose
+    sums are not finite (an overflow step, which the scaler skips too) is left out of the window entirely. Passes
+    without gradient (evaluation, EMA) are not counted.
+
+    Args:
+        model: the (possibly DDP-wrapped) timm ViT.
+        scaler: the run's GradScaler, if any.
+    """
+
+    def __init__(self, model: nn.Module, scaler: torch.amp.GradScaler | None = None) -> None:
+        self.scaler = scaler
+        self.sums_: dict[str, dict[str, torch.Tensor]] = {}
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        for name, attn, _ in prunable_blocks(model):
+            device = attn.proj.weight.device
+            self.sums_[f"{name}.attn"] = {
+                "taylor": torch.zeros(attn.num_heads, dtype=torch.float64, device=device),
+                "grad_l1": torch.zeros(attn.num_heads, dtype=torch.float64, device=device),
+                "samples": torch.zeros((), dtype=torch.float64, device=device),
+            }
+            self.handles.append(attn.proj.register_forward_pre_hook(self._capture(f"{name}.attn", attn.num_heads)))
+
+    def _capture(self, name: str, num_heads: int):
+        """The forward pre-hook of one ``proj``: keeps O and registers the backward hook that will see G."""
+
+        def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if torch.is_grad_enabled() and x.requires_grad:
+                out = x.detach()
+                x.register_hook(lambda grad: self._accumulate(name, num_heads, out, grad))
+
+        return pre_hook
+
+    @torch.no_grad()
+    def _accumulate(self, name: str, num_heads: int, out: torch.Tensor, grad: torch.Tensor) -> None:
+        with torch.autocast(grad.device.type, enabled=False):
+            b, n, width = grad.shape
+            g = grad.float().reshape(b, n, num_heads, width // num_heads)
+            o = out.float().reshape(b, n, num_heads, width // num_heads)
+            taylor = torch.einsum("bnhd,bnhd->bh", g, o).abs().sum(0)
+            grad_l1 = g.abs().sum(dim=(0, 1, 3))
+            if self.scaler is not None and self.scaler.is_enabled():
+                scale = self.scaler._get_scale_async()
+                if scale is not None:
+                    scale = scale.to(device=taylor.device, dtype=torch.float32)
+                    taylor, grad_l1 = taylor / scale, grad_l1 / scale
+            finite = torch.isfinite(taylor).all() & torch.isfinite(grad_l1).all()
+            sums = self.sums_[name]
+            sums["taylor"] += torch.where(finite, taylor, 0.0)
+            sums["grad_l1"] += torch.where(finite, grad_l1, 0.0)
+            sums["samples"] += finite * float(b)
+
+    def sums(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Attention FQN (``blocks.3.attn``) -> ``taylor`` [H], ``grad_l1`` [H], ``samples`` (0-d); live tensors."""
+        return self.sums_
+
+    def reset(self) -> None:
+        """Start a new window (the sparsifier calls this after each topology update)."""
+        for sums in self.sums_.values():
+            for value in sums.values():
+                value.zero_()
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The running sums as CPU tensors (an open window survives a checkpoint, so resume is exact)."""
+        return {name: {key: value.detach().to("cpu", copy=True) for key, value in sums.items()}
+                for name, sums in self.sums_.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore ``state_dict()`` output into the live tensors (names and shapes checked)."""
+        if state.keys() != self.sums_.keys():
+            raise ValueError(f"head statistics are for {sorted(state)}, this model has {sorted(self.sums_)}")
+        for name, sums in self.sums_.items():
+            for key, value in sums.items():
+                if state[name][key].shape != value.shape:
+                    raise ValueError(f"head statistics {name}.{key} have shape {tuple(state[name][key].shape)}, "
+                                     f"expected {tuple(value.shape)}")
+                value.copy_(state[name][key])
+
+    def remove(self) -> None:
+        """Uninstall the hooks (the sums stay readable)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+class StructureUnits:
+    """The adapter ``sparselearning.build_sparsifier(..., units=...)`` reads for ``--pruning_type structure``.
+
+    ``groups`` is computed eagerly: it is cheap, and a model that cannot be pruned by unit fails early. The score hooks
+    are installed only by ``attach_stats``.
+
+    Args:
+        model: the (possibly DDP-wrapped) timm ViT.
+        scaler: the run's GradScaler, so that head scores are unscaled.
+    """
+
+    def __init__(self, model: nn.Module, scaler: torch.amp.GradScaler | None = None) -> None:
+        self.model = model
+        self.scaler = scaler
+        self.groups = unit_groups(model)
+
+    def attach_stats(self) -> HeadStats:
+        """Install the head-score hooks and return the object they fill."""
+        return HeadStats(self.model, self.scaler)
+
+
+def structure_units(model: nn.Module, scaler: torch.amp.GradScaler | None = None) -> StructureUnits:
+    """The head and neuron layout of a timm ViT, plus on-demand score hooks, for ``build_sparsifier(units=...)``."""
+    return StructureUnits(model, scaler)

@@ -1,0 +1,646 @@
+"""Structured dynamic sparse training (S²ViTE): SViTE's prune-and-grow loop on whole attention heads and MLP neurons.
+
+Only the granularity differs from ``Masking``. A unit is a set of tensor slices: a head's q, k and v rows, or a
+neuron's fc1 row and fc2 column. Every group of units gets one score per unit. The rest is shared: the exact-count
+selection (``drop_lowest``, ``grow_highest``), the schedule, ``MaskSet`` enforcement and the checksum all-reduce.
+This package never imports the model code. The model side (``models.structure_units``) describes the units as plain
+dicts of FQNs and axes, and it supplies per-head scores collected by hooks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparselearning.config import SparsityConfig
+from sparselearning.criteria import derive_seed, drop_lowest, grow_highest, random_scores, topk_mask
+from sparselearning.dst import LogFn, check_masks_agree, collective_device, print_table
+from sparselearning.masks import MaskSet, unwrap_model
+from sparselearning.schedules import death_rate_at, is_update_step
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "sparselearning.StructuredDST/1"
+UNIT_KINDS = ("head", "neuron")
+SLICE_ROLES = ("in", "bias", "out")
+REGROWTH_STD = 0.02
+"""Std of the fresh init of a regrown unit's input rows: timm's ``trunc_normal_(std=.02)`` for ViT Linear layers."""
+
+
+@dataclass(frozen=True)
+class UnitSlice:
+    """The part of one tensor that belongs to the units of a group.
+
+    Along ``dim`` the tensor holds ``sections`` consecutive blocks of ``num_units * width`` entries, and unit u owns
+    the ``width`` entries at offset ``u * width`` of every block. For example, a head owns one block of rows in each
+    of the q, k and v sections of ``qkv.weight``: 3 sections of H heads of head_dim rows.
+
+    Args:
+        param: parameter FQN.
+        dim: the axis the units split.
+        sections: blocks along ``dim``.
+        width: entries per unit per block.
+        role: ``in`` is an input-side weight: always masked, and freshly initialised when its unit regrows.
+            ``bias`` is an input-side bias, masked unless in compat mode. ``out`` is an output-side weight (``proj``
+            columns, ``fc2`` columns): left unmasked, so a pruned unit still receives an informative gradient at its
+            output. Only compat mode masks the fc2 columns of neurons, as SViTE did.
+    """
+
+    param: str
+    dim: int
+    sections: int
+    width: int
+    role: str
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """One block's heads or one block's MLP neurons.
+
+    Args:
+        name: FQN of the owning module (``blocks.3.attn``); keys scores, records and random draws.
+        kind: ``head`` or ``neuron``.
+        num_units: heads or hidden neurons in the block.
+        slices: the tensor slices that make up the units.
+    """
+
+    name: str
+    kind: str
+    num_units: int
+    slices: tuple[UnitSlice, ...]
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> UnitGroup:
+        """Parse the plain-dict form a model adapter returns (``models.structure_units(model).groups``)."""
+        slices = tuple(UnitSlice(str(s["param"]), int(s["dim"]), int(s["sections"]), int(s["width"]), str(s["role"]))
+                       for s in spec["slices"])
+        group = cls(str(spec["name"]), str(spec["kind"]), int(spec["num_units"]), slices)
+        if group.kind not in UNIT_KINDS or group.num_units < 1:
+            raise ValueError(f"unit group {group.name}: kind must be one of {UNIT_KINDS} with at least one unit, "
+                             f"got {group.kind!r} with {group.num_units}")
+        if any(s.role not in SLICE_ROLES for s in slices) or not any(s.role == "in" for s in slices):
+            raise ValueError(f"unit group {group.name}: roles must be in {SLICE_ROLES}, with at least one 'in' slice")
+        return group
+
+    @property
+    def primary(self) -> UnitSlice:
+        """The first input-side slice; its mask says which units are active."""
+        return next(s for s in self.slices if s.role == "in")
+
+
+class HeadScores(Protocol):
+    """Per-head sums since the last reset, filled by hooks on the model (``models.HeadStats``)."""
+
+    def sums(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Group name -> ``taylor`` and ``grad_l1`` (per-head sums over samples) and ``samples`` (a 0-d count)."""
+
+    def reset(self) -> None:
+        """Start a new window."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums, for an exact resume."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``."""
+
+
+class StructureSource(Protocol):
+    """What a model adapter provides: the unit layout as plain dicts, and head-score hooks installed on demand."""
+
+    groups: Sequence[Mapping[str, Any]]
+
+    def attach_stats(self) -> HeadScores:
+        """Install the score hooks (only structured runs call this) and return the object they fill."""
+
+
+def unit_positions(spec: UnitSlice, num_units: int, units: torch.Tensor) -> torch.Tensor:
+    """Indices along ``spec.dim`` of the entries owned by ``units`` (int64 unit ids), section by section."""
+    sections = torch.arange(spec.sections)[:, None, None] * (num_units * spec.width)
+    offsets = units.reshape(1, -1, 1).cpu() * spec.width + torch.arange(spec.width)[None, None, :]
+    return (sections + offsets).reshape(-1)
+
+
+def expand_units(unit_mask: torch.Tensor, spec: UnitSlice, shape: Sequence[int]) -> torch.Tensor:
+    """The full-tensor bool mask of a slice whose units are on where ``unit_mask`` (shape [num_units]) is True."""
+    moved = [shape[spec.dim], *(size for i, size in enumerate(shape) if i != spec.dim)]
+    rest = math.prod(moved[1:])
+    full = unit_mask.reshape(1, -1, 1, 1).expand(spec.sections, unit_mask.numel(), spec.width, rest)
+    return full.reshape(moved).movedim(0, spec.dim).contiguous()
+
+
+def unit_l1(tensor: torch.Tensor, spec: UnitSlice, num_units: int) -> torch.Tensor:
+    """Per-unit L1 norm, in float32, of the entries a slice owns in ``tensor`` (shape [num_units]); a bool mask
+    gives its active entries per unit."""
+    if not tensor.is_floating_point():
+        tensor = tensor.float()
+    other = [i for i in range(tensor.dim()) if i != spec.dim]
+    if other:
+        per_entry = torch.linalg.vector_norm(tensor, ord=1, dim=other, dtype=torch.float32)
+    else:
+        per_entry = tensor.abs().float()
+    return per_entry.reshape(spec.sections, num_units, spec.width).sum(dim=(0, 2))
+
+
+def swap_units(active: torch.Tensor, death_scores: torch.Tensor, growth_scores: torch.Tensor, n: int) -> torch.Tensor:
+    """SViTE's structured update of one group: the ``n`` active units with the lowest death scores leave, then the
+    ``n`` inactive units with the highest growth scores join. Units that just left count as inactive.
+
+    Counts are exact, so the active count never changes. Ties go to the lower unit index, so the result is a pure
+    function of the inputs. The original code grew every unit whose score reached the n-th best score. When fewer than
+    n units had a nonzero score, that threshold was 0, and the whole layer became dense.
+
+    Args:
+        active: bool [num_units].
+        death_scores: importance of each unit (float, finite).
+        growth_scores: growth signal of each unit (float, finite).
+        n: units to swap, at most the active count.
+    """
+    kept = active & ~drop_lowest(death_scores, active, n)
+    return kept | grow_highest(growth_scores, ~kept, n)
+
+
+def _is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class StructuredDST:
+    """S²ViTE: dynamic sparsity of whole attention heads and MLP neurons, with a fixed count per block.
+
+    Construction picks ``int(H * atten_density)`` heads and ``int(hidden * other_density)`` neurons per block at
+    random. The draw is a pure function of (seed, block), so DDP ranks agree without a broadcast. It then masks the
+    other units and hooks ``optimizer.step()`` so they stay zero. On the schedule of ``Masking`` (every
+    ``update_frequency`` steps until ``t_end``, cosine-decayed rate), ``step(step)`` swaps ``ceil(rate * active)``
+    units per block:
+
+    * Heads die by first-order Taylor importance |Σ G·O| at the head output. They grow by the L1 norm of G, the
+      gradient at the head output, which is informative for pruned heads because ``proj`` stays dense.
+    * Neurons die by L1(fc1 row) + L1(fc2 column). They grow by the L1 norm of the gradient of their fc1 row and fc2
+      column. By default the fc2 column of a pruned neuron stays unmasked, so that gradient is informative.
+    * The head scores and the neuron gradient norms are averaged over the window since the last update (per sample
+      and per step), computed in float32 on unscaled gradients, and all-reduced across ranks at the update. The
+      neuron magnitudes are read from the current weights.
+
+    By default a pruned unit is silent: the biases of its input rows are masked too. A unit that regrows after being
+    inactive gets fresh trunc-normal(0.02) input rows and zero bias, because zero q/k rows would never receive a
+    gradient. ``compat=True`` keeps SViTE's quirks: unmasked biases, fc2 columns masked, and zero-initialised
+    regrowth.
+
+    Args:
+        model: the model (DDP or compiled wrappers are fine; FQNs are those of the wrapped module).
+        optimizer: optimizer of the model; a post-step hook is registered on it.
+        units: the model adapter, e.g. ``models.structure_units(model, scaler)``.
+        total_steps: T, optimizer steps of the whole run.
+        atten_density: fraction of each block's heads kept.
+        other_density: fraction of each block's MLP neurons kept.
+        atten_head: expected heads per block (SViTE's ``--atten_head``); None takes them from the model.
+        compat: SViTE's bias leak, fc2-column masks and zero regrowth, so original runs are reproduced exactly.
+        update_frequency: optimizer steps between topology updates.
+        growth: ``gradient`` (SViTE) or ``random`` (seeded by seed, block, step).
+        death_rate: initial fraction of each block's active units swapped per update.
+        decay_schedule: ``cosine``, ``constant`` or ``linear`` decay of the rate.
+        t_end: no updates after ``t_end * total_steps``.
+        keep_optimizer_state: do not reset the optimizer state of swapped units (SViTE's handling).
+        seed: base seed of the random draws; the same on every rank.
+        log_fn: receives a record dict at construction, after every update and on resume; by default rank 0 prints
+            it with ``format_table``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        units: StructureSource,
+        total_steps: int,
+        *,
+        atten_density: float = 0.2,
+        other_density: float = 0.2,
+        atten_head: int | None = None,
+        compat: bool = False,
+        update_frequency: int = 100,
+        growth: str = "gradient",
+        death_rate: float = 0.5,
+        decay_schedule: str = "cosine",
+        t_end: float = 0.8,
+        keep_optimizer_state: bool = False,
+        seed: int = 0,
+        log_fn: LogFn | None = None,
+    ) -> None:
+        self.config = SparsityConfig(
+            pruning_type="structure", update_frequency=update_frequency, growth=growth, death_rate=death_rate,
+            decay_schedule=decay_schedule, t_end=t_end, keep_optimizer_state=keep_optimizer_state,
+            atten_head=atten_head, atten_density=atten_density, other_density=other_density, structure_compat=compat,
+        )
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be a positive int (optimizer steps of the run), got {total_steps!r}")
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.seed = int(seed)
+        self.log_fn: LogFn = log_fn if log_fn is not None else print_table
+        self.skipped_updates: list[int] = []
+        self._step = 0
+        self._last_update_step = 0
+        self._swapped = {"head": 0, "neuron": 0}
+
+        net = unwrap_model(model)
+        self.params = dict(net.named_parameters())
+        self.total_parameters = sum(p.numel() for p in self.params.values())
+        self.groups = [UnitGroup.from_dict(spec) for spec in units.groups]
+        self._validate_groups()
+        keep = {g.name: self._keep_count(g) for g in self.groups}
+
+        self.masked = [(g, s) for g in self.groups for s in g.slices if self._is_masked(g, s)]
+        active = {g.name: topk_mask(random_scores((g.num_units,), derive_seed(self.seed, g.name, "init")),
+                                    keep[g.name]) for g in self.groups}
+        masks = {s.param: expand_units(active[g.name], s, self.params[s.param].shape) for g, s in self.masked}
+        self.mask_set = MaskSet({name: self.params[name] for name in masks}, masks)
+        self._hook = self.mask_set.attach(optimizer, mask_momentum=keep_optimizer_state)  # validates first
+        self.mask_set.apply_()
+        if not keep_optimizer_state:
+            self.mask_set.reset_optimizer_state(optimizer, {name: ~m for name, m in self.mask_set.masks.items()})
+        self.active = active
+
+        self.stats = units.attach_stats()
+        missing = [g.name for g in self.groups if g.kind == "head" and g.name not in self.stats.sums()]
+        if missing:
+            raise ValueError(f"the head-score hooks cover no statistics for {missing}")
+        self._grad_sums: dict[str, torch.Tensor] = {}
+        self._grad_steps = 0
+        if growth == "gradient":
+            for g in self.groups:
+                if g.kind == "neuron":
+                    self._grad_sums[g.name] = torch.zeros(g.num_units, dtype=torch.float64,
+                                                          device=self.params[g.primary.param].device)
+            if self._grad_sums:
+                self._grad_hook = optimizer.register_step_post_hook(self._accumulate_gradients)
+        self.check_consistency()
+        if update_frequency >= t_end * total_steps:
+            warnings.warn(
+                f"update_frequency={update_frequency} >= t_end * total_steps = {t_end * total_steps:g}: the topology "
+                "will never be updated (static structured sparsity)",
+                stacklevel=2,
+            )
+        self.log_fn(self.record("init"))
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: SparsityConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        units: StructureSource,
+        *,
+        seed: int = 0,
+        log_fn: LogFn | None = None,
+    ) -> StructuredDST:
+        """Build from a validated structured ``SparsityConfig``; a ``density`` in it is ignored with a note."""
+        if cfg.density is not None and _is_rank0():
+            logger.warning(
+                "sparsity: --density %s (and --sparse_init %s) is ignored with --pruning_type structure, as in SViTE: "
+                "the heads and neurons kept come from --atten_density/--other_density, and weight masks are not "
+                "combined with structured ones", cfg.density, cfg.sparse_init,
+            )
+        return cls(
+            model, optimizer, units, total_steps, atten_density=cfg.atten_density, other_density=cfg.other_density,
+            atten_head=cfg.atten_head, compat=cfg.structure_compat, update_frequency=cfg.update_frequency,
+            growth=cfg.growth, death_rate=cfg.death_rate, decay_schedule=cfg.decay_schedule, t_end=cfg.t_end,
+            keep_optimizer_state=cfg.keep_optimizer_state, seed=seed, log_fn=log_fn,
+        )
+
+    # ------------------------------------------------------------------------------------------------ construction
+
+    def _validate_groups(self) -> None:
+        if not self.groups:
+            raise ValueError("the model adapter reported no heads or neurons to prune")
+        seen: set[str] = set()
+        for g in self.groups:
+            for s in g.slices:
+                if s.param not in self.params:
+                    raise ValueError(f"unit group {g.name} names {s.param!r}, which is not a parameter of the model")
+                if s.param in seen:
+                    raise ValueError(f"{s.param} belongs to more than one unit group")
+                seen.add(s.param)
+                shape = self.params[s.param].shape
+                if shape[s.dim] != s.sections * g.num_units * s.width:
+                    raise ValueError(f"{s.param} has {shape[s.dim]} entries along dim {s.dim}, not "
+                                     f"{s.sections} x {g.num_units} x {s.width} as unit group {g.name} says")
+        expected = self.config.atten_head
+        if expected is not None:
+            for g in self.groups:
+                if g.kind == "head" and g.num_units != expected:
+                    raise ValueError(f"--atten_head {expected} does not match the model: {g.name} has {g.num_units} "
+                                     f"heads. Pass --atten_head {g.num_units} or leave it out (the model's count is "
+                                     "used); SViTE silently sliced the wrong rows here")
+
+    def _keep_count(self, group: UnitGroup) -> int:
+        head = group.kind == "head"
+        density = self.config.atten_density if head else self.config.other_density
+        keep = int(group.num_units * density)
+        if keep < 1:
+            flag, what = ("--atten_density", "heads") if head else ("--other_density", "MLP neurons")
+            raise ValueError(f"{flag} {density} keeps int({group.num_units} x {density}) = 0 of the {group.num_units} "
+                             f"{what} of {group.name}; every block needs at least one ({flag} >= "
+                             f"{1 / group.num_units:.4g})")
+        return keep
+
+    def _is_masked(self, group: UnitGroup, spec: UnitSlice) -> bool:
+        if spec.role == "in":
+            return True
+        if self.config.structure_compat:
+            return spec.role == "out" and group.kind == "neuron"
+        return spec.role == "bias"
+
+    # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """FQN -> live bool mask (True = active) of every masked tensor. Do not modify; use ``load_state_dict``."""
+        return self.mask_set.masks
+
+    def death_rate(self, step: int) -> float:
+        """The swap fraction the schedule gives at ``step``."""
+        cfg = self.config
+        return death_rate_at(step, self.total_steps, cfg.death_rate, cfg.decay_schedule)
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def step(self, step: int) -> bool:
+        """Call after every optimizer step with the number of optimizer steps done so far; True when units moved."""
+        self._step = step
+        cfg = self.config
+        if step == self._last_update_step or not is_update_step(step, cfg.update_frequency, self.total_steps,
+                                                                cfg.t_end):
+            return False
+        self._last_update_step = step
+        return self._update(step)
+
+    @torch.no_grad()
+    def _accumulate_gradients(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
+                              kwargs: dict[str, Any]) -> None:
+        """Add this step's per-neuron gradient L1 norms to the window (the optimizer has run, so gradients are
+        unscaled, and a GradScaler-skipped step never gets here). No host sync."""
+        for g in self.groups:
+            if g.kind != "neuron":
+                continue
+            total = self._grad_sums[g.name]
+            for s in g.slices:
+                grad = self.params[s.param].grad
+                if s.role != "bias" and grad is not None:
+                    total += unit_l1(grad, s, g.num_units)
+        self._grad_steps += 1
+
+    def _window_scores(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """Death and growth scores per group (float64 on CPU), averaged over the window and all-reduced across ranks.
+
+        Returns None, after logging and recording the skip, when the window holds no finite statistics.
+        """
+        sums = self.stats.sums()
+        heads = [g for g in self.groups if g.kind == "head"]
+        parts = [sums[g.name][key].reshape(-1) for g in heads for key in ("taylor", "grad_l1", "samples")]
+        parts += [self._grad_sums[name] for name in self._grad_sums]
+        parts.append(torch.tensor([float(self._grad_steps)]))
+        flat = torch.cat([p.detach().to("cpu", torch.float64) for p in parts])
+        if dist.is_available() and dist.is_initialized():
+            flat = flat.to(collective_device())
+            dist.all_reduce(flat)
+            flat = flat.cpu()
+        values = iter(flat.split([p.numel() for p in parts]))
+        death: dict[str, torch.Tensor] = {}
+        growth: dict[str, torch.Tensor] = {}
+        counts = []
+        for g in heads:
+            taylor, grad_l1, samples = next(values), next(values), next(values)
+            death[g.name], growth[g.name] = taylor / samples, grad_l1 / samples
+            counts.append(samples)
+        grad_sums = {name: next(values) for name in self._grad_sums}
+        grad_steps = next(values)
+        for g in self.groups:
+            if g.kind == "neuron":
+                magnitude = sum(unit_l1(self.params[s.param], s, g.num_units) for s in g.slices if s.role != "bias")
+                death[g.name] = magnitude.to("cpu", torch.float64)
+                if g.name in grad_sums:
+                    growth[g.name] = grad_sums[g.name] / grad_steps
+                    counts.append(grad_steps)
+            if self.config.growth == "random":
+                growth[g.name] = random_scores((g.num_units,), derive_seed(self.seed, g.name, step, "grow")).double()
+        scores = torch.cat([*death.values(), *growth.values()])
+        if min((float(c) for c in counts), default=1.0) <= 0 or not bool(torch.isfinite(scores).all()):
+            logger.warning("sparsity: no finite head/neuron statistics or non-finite weights at step %d; structured "
+                           "update skipped", step)
+            self.skipped_updates.append(step)
+            return None
+        return death, growth
+
+    def _reset_window(self) -> None:
+        self.stats.reset()
+        for total in self._grad_sums.values():
+            total.zero_()
+        self._grad_steps = 0
+
+    @torch.no_grad()
+    def _update(self, step: int) -> bool:
+        """One topology update: swap units in every group, re-mask, initialise regrown units, reset their optimizer
+        state, restart the score window, check agreement across ranks and log."""
+        scores = self._window_scores(step)
+        self._reset_window()
+        if scores is None:
+            return False
+        death, growth = scores
+        rate = self.death_rate(step)
+        changed: dict[str, torch.Tensor] = {}
+        fresh: dict[str, torch.Tensor] = {}
+        self._swapped = {"head": 0, "neuron": 0}
+        for g in self.groups:
+            old = self.active[g.name]
+            active = int(old.sum())
+            new = swap_units(old, death[g.name], growth[g.name], min(active, math.ceil(rate * active)))
+            changed[g.name], fresh[g.name] = old ^ new, new & ~old
+            self._swapped[g.kind] += int(fresh[g.name].sum())
+            self.active[g.name] = new
+        for g, s in self.masked:
+            mask = self.mask_set.masks[s.param]
+            mask.copy_(expand_units(self.active[g.name].to(mask.device), s, mask.shape))
+            self.mask_set.fired[s.param] |= mask
+        self.mask_set.apply_()
+        if not self.config.structure_compat:
+            self._initialise(fresh, step)
+        if not self.config.keep_optimizer_state:
+            self._reset_optimizer_state(changed)
+        self.check_consistency()
+        self.log_fn(self.record("update"))
+        return any(bool(c.any()) for c in changed.values())
+
+    def _initialise(self, fresh: dict[str, torch.Tensor], step: int) -> None:
+        """Give units that were inactive before this update fresh input rows, as a new timm Linear would get them.
+
+        Zero rows would leave a regrown head's q and k rows without any gradient (uniform attention). Its masked
+        biases are already zero. The draw is a pure function of (seed, block, step), so ranks agree.
+        """
+        for g in self.groups:
+            units = fresh[g.name].nonzero().flatten()
+            if units.numel() == 0:
+                continue
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, g.name, step, "regrow"))
+            for s in g.slices:
+                if s.role != "in":
+                    continue
+                param = self.params[s.param]
+                index = unit_positions(s, g.num_units, units)
+                shape = list(param.shape)
+                shape[s.dim] = index.numel()
+                values = nn.init.trunc_normal_(torch.empty(shape), std=REGROWTH_STD, generator=generator)
+                param.index_copy_(s.dim, index.to(param.device), values.to(param.device, param.dtype))
+
+    def _reset_optimizer_state(self, changed: dict[str, torch.Tensor]) -> None:
+        """Zero every parameter-shaped optimizer state tensor over all slices of swapped units, masked or not, so
+        units that left or joined carry no stale moments."""
+        for g in self.groups:
+            if not bool(changed[g.name].any()):
+                continue
+            for s in g.slices:
+                param = self.params[s.param]
+                keep = ~expand_units(changed[g.name].to(param.device), s, param.shape)
+                for value in self.optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value.mul_(keep)
+
+    def check_consistency(self) -> None:
+        """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed)."""
+        check_masks_agree(self.mask_set, self._step)
+
+    # ------------------------------------------------------------------------------------------------ reporting
+
+    def _unit_counts(self, group: UnitGroup) -> tuple[int, int]:
+        """(active units, units ever active) of a group."""
+        fired = unit_l1(self.mask_set.fired[group.primary.param], group.primary, group.num_units) > 0
+        return int(self.active[group.name].sum()), int(fired.sum())
+
+    def record(self, event: str = "report") -> dict[str, Any]:
+        """The current topology as a plain dict that ``format_table`` prints and JSON stores.
+
+        ``layers`` has one row per block and kind (``blocks.3.attn.heads``: shape [H], nonzero = heads kept).
+        ``density`` and ``explored_rate`` are weighted by parameters over all unit slices (masked or not).
+        ``nonzero_parameters`` is the parameter count of the compacted model. ``explored_heads`` and
+        ``explored_neurons`` are the fractions of units ever active. ``swapped_*`` counts the units that joined in
+        the last update.
+        """
+        layers: dict[str, dict[str, Any]] = {}
+        kept: dict[str, list[int]] = {"head": [], "neuron": []}
+        units = {"head": [0, 0], "neuron": [0, 0]}  # total, explored
+        unit_params = active_params = explored_params = 0
+        for g in self.groups:
+            active, explored = self._unit_counts(g)
+            per_unit = sum(self.params[s.param].numel() for s in g.slices) // g.num_units
+            unit_params += per_unit * g.num_units
+            active_params += per_unit * active
+            explored_params += per_unit * explored
+            kept[g.kind].append(active)
+            units[g.kind][0] += g.num_units
+            units[g.kind][1] += explored
+            label = f"{g.name}.{'heads' if g.kind == 'head' else 'neurons'}"
+            layers[label] = {"shape": [g.num_units], "nonzero": active, "numel": g.num_units,
+                             "density": active / g.num_units}
+        nonzero = self.total_parameters - unit_params + active_params
+        return {
+            "event": event,
+            "step": self._step,
+            "death_rate": self.death_rate(self._step),
+            "pruning_type": "structure",
+            "layers": layers,
+            "density": active_params / unit_params,
+            "density_all": nonzero / self.total_parameters,
+            "explored_rate": explored_params / unit_params,
+            "nonzero_parameters": nonzero,
+            "unit_parameters": unit_params,
+            "total_parameters": self.total_parameters,
+            "heads_kept": kept["head"],
+            "neurons_kept": kept["neuron"],
+            "explored_heads": units["head"][1] / max(units["head"][0], 1),
+            "explored_neurons": units["neuron"][1] / max(units["neuron"][0], 1),
+            "swapped_heads": self._swapped["head"],
+            "swapped_neurons": self._swapped["neuron"],
+        }
+
+    def report(self) -> dict[str, float]:
+        """Scalars for the epoch log: density, density_all, explored_rate, nonzero_parameters, death_rate, heads_kept
+        and neurons_kept (totals over blocks), explored_heads, explored_neurons."""
+        record = self.record()
+        scalars = {key: record[key] for key in ("density", "density_all", "explored_rate", "nonzero_parameters",
+                                                "death_rate", "explored_heads", "explored_neurons")}
+        scalars["heads_kept"] = sum(record["heads_kept"])
+        scalars["neurons_kept"] = sum(record["neurons_kept"])
+        return scalars
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and explored masks (CPU bool, by FQN), the open score window, step, seed and config.
+
+        Active heads and neurons are not stored separately; ``load_state_dict`` derives them from the masks, so the
+        two can never disagree (SViTE saved the masks but not its head list). Only plain tensors, numbers, strings,
+        lists and dicts, so ``torch.load(weights_only=True)`` reads it.
+        """
+        return {
+            "format": STATE_FORMAT,
+            **self.mask_set.state_dict(),
+            "head_stats": self.stats.state_dict(),
+            "grad_sums": {name: t.detach().to("cpu", copy=True) for name, t in self._grad_sums.items()},
+            "grad_steps": self._grad_steps,
+            "step": self._step,
+            "last_update_step": self._last_update_step,
+            "death_rate": self.death_rate(self._step),
+            "seed": self.seed,
+            "skipped_updates": list(self.skipped_updates),
+            "config": self.config.to_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output; load the model and optimizer first (the masks are re-applied).
+
+        Raises:
+            ValueError: for another method's state, a different compat mode, or masks that do not cover whole units.
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a StructuredDST state dict (expected format {STATE_FORMAT!r})")
+        saved_compat = bool(state["config"].get("structure_compat"))
+        if saved_compat != self.config.structure_compat:
+            raise ValueError(f"the checkpoint was trained with structure_compat={saved_compat}, which masks other "
+                             f"tensors; pass {'--structure-compat' if saved_compat else 'no --structure-compat'}")
+        self.mask_set.load_state_dict(state)
+        active = {}
+        for g in self.groups:
+            mask = self.mask_set.masks[g.primary.param]
+            counts = unit_l1(mask, g.primary, g.num_units)
+            per_unit = mask.numel() // g.num_units
+            if not bool(((counts == 0) | (counts == per_unit)).all()):
+                raise ValueError(f"the checkpoint's mask of {g.primary.param} does not cover whole units")
+            active[g.name] = (counts > 0).cpu()
+            for s in g.slices:
+                if self._is_masked(g, s) and not torch.equal(self.mask_set.masks[s.param],
+                                                            expand_units(active[g.name].to(mask.device), s,
+                                                                         self.params[s.param].shape)):
+                    raise ValueError(f"the checkpoint's masks of {g.name} disagree about which units are active")
+        self.active = active
+        self.stats.load_state_dict(state["head_stats"])
+        for name, total in self._grad_sums.items():
+            total.copy_(state["grad_sums"][name])
+        self._grad_steps = int(state["grad_steps"])
+        self._step = int(state["step"])
+        self._last_update_step = int(state["last_update_step"])
+        self.seed = int(state["seed"])
+        self.skipped_updates = [int(s) for s in state["skipped_updates"]]
+        differing = {k: (v, state["config"].get(k)) for k, v in self.config.to_dict().items()
+                     if state["config"].get(k) != v}
+        if differing:
+            logger.warning("sparsity: resuming with settings that differ from the checkpoint (now, saved): %s",
+                           differing)
+        self.check_consistency()
+        self.log_fn(self.record("resume"))
