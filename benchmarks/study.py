@@ -33,10 +33,20 @@ BASE = ("--model", "vit_digits_tiny", "--data-set", "DIGITS", "--epochs", "40", 
 SVITE = ("--sparse_init", "fixed_ERK", "--growth", "gradient", "--death", "magnitude", "--redistribution", "none",
          "--update_frequency", "25")
 
+# S²ViTE at the original's "40%" configuration: 0.7 of the heads, 0.6 of the MLP neurons.
+S2VITE = ("--pruning_type", "structure", "--atten_density", "0.7", "--other_density", "0.6", "--update_frequency", "25")
+# SViTE+: a global token selector that really drops tokens (the original only zeroed them).
+TOKENS = ("--token_selection", "--token-mode", "drop")
+
 CONFIGS: dict[str, tuple[str, ...]] = {
     "dense": (),
     "sviite_d50": (*SVITE, "--density", "0.5"),
     "sviite_d30": (*SVITE, "--density", "0.3"),
+    "s2vite_h07_m06": S2VITE,
+    "sviteplus_keep09": (*TOKENS, "--token-ratio", "0.9"),
+    "sviteplus_keep07": (*TOKENS, "--token-ratio", "0.7"),
+    "sviteplus_keep09_d50": (*TOKENS, "--token-ratio", "0.9", *SVITE, "--density", "0.5"),
+    "sviteplus_keep07_d50": (*TOKENS, "--token-ratio", "0.7", *SVITE, "--density", "0.5"),
 }
 
 

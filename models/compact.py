@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_checkpoint, save_atomic
-from models.head_stats import prunable_blocks, unwrap_model
+from models.head_stats import prunable_blocks
 from models.vit import architecture, create_model
+from models.wrappers import unwrap_model
 
 COMPACT_FORMAT = "svite.compact/1"
 

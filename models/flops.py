@@ -33,8 +33,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from models.token_selection import TokenScorer, num_tokens, unwrap
+from models.token_selection import TokenScorer, num_tokens
 from models.vit import count_parameters
+from models.wrappers import unwrap_model
 
 KINDS = ("dense", "theoretical", "executed")
 
@@ -215,7 +216,7 @@ def mac_summary(model: nn.Module, densities: Mapping[str, float] | None = None) 
 
 def weight_densities(model: nn.Module) -> dict[str, float]:
     """Measured non-zero fraction of every 2-D / 4-D weight except the token scorers (the maskable set)."""
-    return {name: p.count_nonzero().item() / p.numel() for name, p in unwrap(model).named_parameters()
+    return {name: p.count_nonzero().item() / p.numel() for name, p in unwrap_model(model).named_parameters()
             if p.dim() in (2, 4) and "gumbel" not in name}
 
 
@@ -232,7 +233,7 @@ def svite_paper_densities(depth: int, density: float) -> dict[str, float]:
 
 def expected_parameters(model: nn.Module, densities: Mapping[str, float]) -> tuple[int, int]:
     """(all parameters, non-zero parameters if each named tensor had round(density * numel) non-zeros)."""
-    params = dict(unwrap(model).named_parameters())
+    params = dict(unwrap_model(model).named_parameters())
     unknown = set(densities) - params.keys()
     if unknown:
         raise ValueError(f"densities name parameters the model does not have: {sorted(unknown)[:5]}")
@@ -242,7 +243,7 @@ def expected_parameters(model: nn.Module, densities: Mapping[str, float]) -> tup
 
 
 def _vit(model: nn.Module) -> VisionTransformer:
-    net = unwrap(model)
+    net = unwrap_model(model)
     if not isinstance(net, VisionTransformer):
         raise ValueError(f"the MAC counter reads timm VisionTransformer models, got {type(net).__name__}")
     return net

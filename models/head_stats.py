@@ -16,16 +16,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose parameter names are the canonical FQNs (strips DDP/DataParallel and ``torch.compile``)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+from models.wrappers import unwrap_model
 
 
 def prunable_blocks(model: nn.Module) -> list[tuple[str, Attention, Mlp]]:

@@ -35,6 +35,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.hooks import RemovableHandle
 
+from models.wrappers import unwrap_model
+
 logger = logging.getLogger(__name__)
 
 SELECTORS = ("global", "layerwise")
@@ -332,20 +334,9 @@ class GlobalTokenSelector(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module behind DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def token_scorers(model: nn.Module) -> dict[str, TokenScorer]:
     """Installed scorers by module name (``gumbel``, ``blocks.{i}.attn.gumbel``)."""
-    return {name: m for name, m in unwrap(model).named_modules() if isinstance(m, TokenScorer)}
+    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, TokenScorer)}
 
 
 def num_tokens(model: VisionTransformer) -> tuple[int, int]:
@@ -364,7 +355,7 @@ def apply_token_selection(model: nn.Module, cfg: TokenConfig) -> None:
         ValueError: for a model that is not a timm ``VisionTransformer``, one using timm's own patch dropout, or a
             k outside [prefix tokens, N].
     """
-    net = unwrap(model)
+    net = unwrap_model(model)
     if not isinstance(net, VisionTransformer):
         raise ValueError(f"token selection patches timm VisionTransformer models, got {type(net).__name__}")
     if not cfg.enabled:
@@ -396,7 +387,7 @@ def apply_token_selection(model: nn.Module, cfg: TokenConfig) -> None:
 
 def remove_token_selection(model: nn.Module) -> None:
     """Remove every selector and hook: the model is the unpatched timm model again (no-op if none is installed)."""
-    net = unwrap(model)
+    net = unwrap_model(model)
     for blk in getattr(net, "blocks", ()):
         scorer = getattr(blk.attn, "gumbel", None)
         if isinstance(scorer, TokenScorer):
@@ -515,7 +506,7 @@ def visualize_tokens(
     import numpy as np
     from PIL import Image
 
-    net = unwrap(model)
+    net = unwrap_model(model)
     scorer = getattr(net, "gumbel", None)
     if not isinstance(scorer, TokenScorer):
         raise ValueError("visualize_tokens needs a model with a global token selector (apply_token_selection)")
