@@ -91,3 +91,60 @@ def build_dense(
         amp_dtype=amp_dtype,
     )
     return ModeSetup(model, ctx)
+
+
+def _context(model: nn.Module, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+             sparsifier: sparselearning.Sparsifier | None = None) -> engine.StepContext:
+    return engine.StepContext(
+        optimizer=build_optimizer(model, batch_size),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        sparsifier=sparsifier or sparselearning.DenseSparsifier(),
+        amp_dtype=amp_dtype,
+    )
+
+
+@register_mode("masked50")
+def build_masked(
+    name: str, *, img_size: int, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None
+) -> ModeSetup:
+    """SViTE unstructured at density 0.5 (ERK), timed between topology updates: the mask-enforcing hook only."""
+    torch.manual_seed(0)
+    model = models.create_model(name, img_size=img_size).to(device)
+    optimizer = build_optimizer(model, batch_size)
+    # ΔT far beyond the timed steps: this mode measures the per-step cost; benchmarks/sparse_costs.py times updates.
+    masking = sparselearning.Masking(model, optimizer, density=0.5, total_steps=10**9, update_frequency=10**8,
+                                     log_fn=lambda record: None)
+    ctx = engine.StepContext(optimizer=optimizer, scaler=torch.amp.GradScaler(device.type,
+                             enabled=amp_dtype == torch.float16), sparsifier=masking, amp_dtype=amp_dtype)
+    return ModeSetup(model, ctx)
+
+
+@register_mode("compact")
+def build_compact(
+    name: str, *, img_size: int, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None
+) -> ModeSetup:
+    """S²ViTE at the original's "40%" setting (0.7 of the heads, 0.6 of the MLP neurons), physically compacted."""
+    torch.manual_seed(0)
+    model = models.random_compact_model(name, 0.7, 0.6).to(device)
+    return ModeSetup(model, _context(model, batch_size, device, amp_dtype))
+
+
+def _token_drop_mode(ratio: float, mode: str, compact: bool) -> ModeBuilder:
+    def build(name: str, *, img_size: int, batch_size: int, device: torch.device,
+              amp_dtype: torch.dtype | None) -> ModeSetup:
+        torch.manual_seed(0)
+        model = (models.random_compact_model(name, 0.7, 0.6) if compact
+                 else models.create_model(name, img_size=img_size))
+        models.apply_token_selection(model, models.TokenConfig(enabled=True, ratio=ratio, mode=mode))
+        model.to(device)
+        return ModeSetup(model, _context(model, batch_size, device, amp_dtype))
+
+    build.__doc__ = (f"SViTE+ global selector keeping {ratio:.0%} of the tokens, {mode} mode"
+                     + (", on the compacted S²ViTE model" if compact else ""))
+    return build
+
+
+for _ratio in (0.5, 0.7, 0.9):
+    register_mode(f"drop{int(_ratio * 100)}")(_token_drop_mode(_ratio, "drop", compact=False))
+register_mode("zero70")(_token_drop_mode(0.7, "zero", compact=False))
+register_mode("compact+drop70")(_token_drop_mode(0.7, "drop", compact=True))

@@ -21,7 +21,7 @@ COLUMNS = (
     *(f"{phase}_{key}" for phase in PHASES for key in (
         "samples_per_sec", "samples_per_sec_min", "samples_per_sec_max", "step_time", "batch_size", "img_size",
         "ratio", "ratio_min", "ratio_max")),
-    "repeats", "clock", "param_count", "attn", "device", "threads", "torch", "timm", "python", "date",
+    "repeats", "clock", "param_count", "infer_gmacs", "mac_ratio", "attn", "device", "threads", "torch", "timm", "python", "date",
 )
 
 Row = dict[str, Any]
@@ -46,6 +46,13 @@ def phase_columns(phase: str, timing: Timing, reference: Timing, img_size: int) 
 def param_count(model: nn.Module) -> float:
     """Parameters in millions, rounded as timm's benchmark rounds them."""
     return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+
+def gmacs(model: nn.Module) -> float:
+    """MACs per image of what the model really executes (timm's `infer_gmacs` convention: MACs, not 2×MACs)."""
+    import models
+
+    return round(models.count_macs(model, "executed").total / 1e9, 4)
 
 
 def attention_path(model: nn.Module) -> str:
@@ -82,13 +89,14 @@ def markdown(rows: list[Row]) -> str:
     lines = ["- " + ", ".join(f"{c} {v}" for c, v in zip(env_columns, e)) for e in envs]
     lines += ["", "samples/s: median over repeats (min-max); ms: median ms/step; ratio: samples/s over the `timm` "
               "reference measured interleaved in the same run, median (min-max) of the per-repeat ratios.", ""]
-    header = ["model", "mode", "precision", "compile", "batch", "img", "params (M)", "attn",
-              "infer samples/s", "infer ms", "infer ratio", "train samples/s", "train ms", "train ratio"]
+    header = ["model", "mode", "precision", "compile", "batch", "img", "params (M)", "GMACs", "MAC ratio", "attn",
+              "infer samples/s", "infer ms", "infer ratio", "train samples/s", "train ms", "train ratio",
+              "infer ratio / MAC ratio"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["model"], r["mode"], r["precision"], r["compile"],
                  r["infer_batch_size"] or r["train_batch_size"], r["infer_img_size"] or r["train_img_size"],
-                 r["param_count"], r["attn"]]
+                 r["param_count"], r.get("infer_gmacs", ""), r.get("mac_ratio", ""), r["attn"]]
         for phase in PHASES:
             if r[f"{phase}_samples_per_sec"] in ("", None):
                 cells += ["-", "-", "-"]
@@ -98,5 +106,7 @@ def markdown(rows: list[Row]) -> str:
                       f"{float(r[f'{phase}_step_time']):.1f}",
                       f"{float(r[f'{phase}_ratio']):.3f} ({float(r[f'{phase}_ratio_min']):.3f}-"
                       f"{float(r[f'{phase}_ratio_max']):.3f})"]
+        measured, ideal = r["infer_ratio"], r.get("mac_ratio", "")
+        cells.append(f"{float(measured) / float(ideal):.3f}" if measured not in ("", None) and ideal else "-")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

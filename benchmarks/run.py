@@ -75,7 +75,10 @@ def bench_one(args: argparse.Namespace, device: torch.device, batch_size: int, p
     label = f"{args.model} batch {batch_size} {precision}{' compiled' if compiled else ''}"
     rows = {m: {"model": args.model, "mode": m, "precision": precision, "compile": compiled,
                 "repeats": args.repeats, "clock": args.clock, "param_count": report.param_count(s.model),
+                "infer_gmacs": report.gmacs(s.model),
                 "attn": report.attention_path(s.model), **env.environment(device)} for m, s in setups.items()}
+    for row in rows.values():  # the speedup a perfect kernel would give, to set the measured ratio against
+        row["mac_ratio"] = round(rows[REFERENCE_MODE]["infer_gmacs"] / row["infer_gmacs"], 4)
     phases = ("infer", "train") if args.bench == "both" else (args.bench,)
     for phase in phases:
         if phase == "infer":

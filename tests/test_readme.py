@@ -16,3 +16,11 @@ def test_readme_names_every_flag() -> None:
 def test_readme_starts_with_the_two_setup_commands() -> None:
     head = (ROOT / "README.md").read_text()[:600]
     assert "bash cmd/quickstart.sh" in head and "bash cmd/test.sh" in head
+
+
+def test_readme_results_section_is_the_generated_one() -> None:
+    from benchmarks import readme_results
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(readme_results.START):readme.index(readme_results.END) + len(readme_results.END)]
+    assert section == readme_results.render(), "run `python benchmarks/readme_results.py` after new results"
