@@ -9,6 +9,7 @@ argparse lives here only. Components receive typed configs or explicit arguments
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -101,6 +102,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", action="store_true", help="evaluate and exit")
     g.add_argument("--compact", action="store_true",
                    help="with --eval on a structured checkpoint: write the physically pruned model as compact.pth")
+
+    g = parser.add_argument_group("checkpoint inspection (with --resume FILE; no data needed unless --eval is given)")
+    g.add_argument("--report", action="store_true",
+                   help="print what the checkpoint holds: detected selector / sparsity / compact shapes, a per-layer "
+                        "table of stored mask density against the zeros in the weights, and warnings")
+    g.add_argument("--flops", action="store_true",
+                   help="print params (dense, non-zero) and MACs per image (dense, SViTE-theoretical, executed); "
+                        "without --resume, of --model with the given sparsity and token flags")
+    g.add_argument("--export", default="", metavar="DIR",
+                   help="write model.safetensors + config.json (timm-loadable where possible) and a compressed "
+                        "sparse model.sparse.safetensors into DIR")
     g.add_argument("--dist_url", default="env://", help="torch.distributed init method; torchrun sets env://")
     g.add_argument("--print-freq", default=50, type=int, help="steps between progress lines")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <output_dir>/tensorboard")
@@ -135,7 +147,6 @@ def seed_everything(seed: int) -> None:
 def build_loaders(args: argparse.Namespace, data_cfg: datasets.DataConfig, rank: int, world: int):
     """Train loader (repeated-augmentation or plain shuffling sampler) and a padding-free sharded val loader."""
     train_set, num_classes = datasets.build_dataset(True, data_cfg)
-    val_set, _ = datasets.build_dataset(False, data_cfg)
     if args.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
 
@@ -149,10 +160,17 @@ def build_loaders(args: argparse.Namespace, data_cfg: datasets.DataConfig, rank:
     if len(train_loader) == 0:
         raise ValueError(f"each process gets {len(sampler)} training images per epoch, fewer than one batch of "
                          f"{args.batch_size}; lower --batch-size")
+    val_loader, _ = build_val_loader(args, data_cfg, rank, world)
+    return train_loader, val_loader, num_classes
+
+
+def build_val_loader(args: argparse.Namespace, data_cfg: datasets.DataConfig, rank: int, world: int):
+    """Each rank takes every world-th validation image, without padding, so every image counts exactly once."""
+    val_set, num_classes = datasets.build_dataset(False, data_cfg)
     val_loader = torch.utils.data.DataLoader(
         val_set, sampler=list(range(rank, len(val_set), world)), batch_size=int(1.5 * args.batch_size),
         num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False)
-    return train_loader, val_loader, num_classes
+    return val_loader, num_classes
 
 
 def build_criterion(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
@@ -175,9 +193,13 @@ def validate_args(args: argparse.Namespace, mixup_active: bool) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run training (or evaluation with --eval) and return the last epoch's log record."""
+    """Run training (or evaluation / inspection of a checkpoint) and return the last epoch's log record."""
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     validate_args(args, mixup_active)
+    if args.eval or args.report or args.flops or args.export:
+        return evaluate_checkpoint(args)
+    if args.compact:
+        raise ValueError("--compact converts a trained checkpoint: use it with --eval --resume CHECKPOINT")
     rank, world, device = init_distributed(args)
     is_main = rank == 0
     seed_everything(args.seed + rank)
@@ -191,10 +213,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     train_loader, val_loader, num_classes = build_loaders(args, data_cfg, rank, world)
     amp_enabled = args.amp if args.amp is not None else device.type == "cuda"
     amp_dtype = getattr(torch, args.amp_dtype) if amp_enabled else None
-    if args.eval:
-        return evaluate_checkpoint(args, token_cfg, val_loader, num_classes, device, amp_dtype, is_main)
-    if args.compact:
-        raise ValueError("--compact converts a trained checkpoint: use it with --eval --resume CHECKPOINT")
     model = models.create_model(args.model, num_classes=num_classes, img_size=args.input_size,
                                 drop_rate=args.drop, drop_path_rate=args.drop_path)
     models.apply_token_selection(model, token_cfg)  # before the optimizer, EMA and DDP see the parameters
@@ -240,7 +258,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start_epoch, global_step, best_acc1 = args.start_epoch, args.start_epoch * steps_per_epoch, 0.0
     if args.resume:
         ckpt = load_checkpoint(args.resume, map_location="cpu")
-        load_model_weights(model, ckpt.get("model", ckpt), args.resume)
+        models.load_weights(model, ckpt.get("model", ckpt), args.resume, args.model)
         if "optimizer" not in ckpt:
             raise ValueError(f"{args.resume} holds weights only (no optimizer state) and cannot be resumed; "
                              "evaluate it with --eval")
@@ -325,41 +343,120 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def evaluate_checkpoint(args: argparse.Namespace, token_cfg: models.TokenConfig, val_loader, num_classes: int,
-                        device: torch.device, amp_dtype: torch.dtype | None, is_main: bool) -> dict[str, Any]:
-    """--eval: evaluate --resume (ours, a bare state_dict or a compact model) and its EMA; with --compact, also
-    write and evaluate the physically pruned model."""
-    ckpt = load_checkpoint(args.resume, map_location="cpu") if args.resume else {}
-    if models.is_compact_checkpoint(ckpt):
-        model = models.load_compact(args.resume)
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """--eval / --report / --flops / --export: load any checkpoint safely, say what is really inside it, and
+    evaluate, count or export it accordingly. Only --eval touches the data (and the process group)."""
+    if args.compact and not args.eval:
+        raise ValueError("--compact evaluates the compacted model: use it with --eval --resume CHECKPOINT")
+    rank, world, device = init_distributed(args) if args.eval else (0, 1, torch.device(args.device))
+    say = print if rank == 0 else (lambda *a, **k: None)
+    cli_tokens = models.TokenConfig.from_args(args)
+    contents = None
+    if args.resume:
+        contents, detection, tokens, model = load_for_evaluation(args, cli_tokens, say)
+        model_name = contents.architecture["model"] if contents.architecture else args.model
+        if args.input_size not in (None, detection.img_size):
+            raise ValueError(f"{args.resume} was trained at {detection.img_size} px (its position embedding); pass "
+                             f"--input-size {detection.img_size} or leave it out")
+        args.input_size = detection.img_size
+        reference = None
+        if detection.compact:
+            with torch.device("meta"):
+                reference = models.create_model(model_name.removesuffix("_data"), num_classes=detection.num_classes,
+                                                img_size=detection.img_size)
+        macs = models.mac_report(model, reference=reference)
     else:
-        model = models.create_model(args.model, num_classes=num_classes, img_size=args.input_size)
-        models.apply_token_selection(model, token_cfg)
-        if args.resume:
-            load_model_weights(model, ckpt.get("model", ckpt), args.resume)
-        elif is_main:
-            print("warning: --eval without --resume evaluates randomly initialised weights")
-    model.to(device)
-    stats = {f"test_{k}": v for k, v in engine.evaluate(model, val_loader, device, amp_dtype).items()}
-    if ckpt.get("model_ema") is not None:
-        ema = models.create_model(args.model, num_classes=num_classes, img_size=args.input_size)
-        models.apply_token_selection(ema, token_cfg)
-        load_model_weights(ema, ckpt["model_ema"], f"{args.resume} (model_ema)")
+        if args.report or args.export or args.compact:
+            raise ValueError("--report, --export and --compact read a checkpoint: pass --resume FILE")
+        model_name, tokens = args.model, cli_tokens
+        model, densities, reference = planned_model(args, tokens)
+        macs = models.mac_report(model, densities, reference)
+        if args.eval:
+            say("warning: --eval without --resume evaluates randomly initialised weights")
+    if args.flops or args.report or args.eval:
+        say("\n".join(macs))
+    if args.export and rank == 0:
+        paths = models.export_model(model, model_name, tokens, args.export)
+        say(f"exported {', '.join(str(p) for p in paths.values())}")
+    if not args.eval:
+        return {}
+
+    data_cfg = datasets.DataConfig.from_args(args)
+    val_loader, num_classes = build_val_loader(args, data_cfg, rank, world)
+    if contents is not None and num_classes != detection.num_classes:
+        raise ValueError(f"{args.resume} classifies {detection.num_classes} classes but --data-set {args.data_set} "
+                         f"has {num_classes}; evaluate it on the dataset it was trained for")
+    amp_enabled = args.amp if args.amp is not None else device.type == "cuda"
+    amp_dtype = getattr(torch, args.amp_dtype) if amp_enabled else None
+    stats = {f"test_{k}": v for k, v in engine.evaluate(model.to(device), val_loader, device, amp_dtype).items()}
+    if contents is not None and contents.ema is not None:
+        ema = models.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection, args.model, tokens)
         stats.update({f"ema_test_{k}": v for k, v in engine.evaluate(ema.to(device), val_loader, device,
                                                                      amp_dtype).items()})
-    if is_main:
-        print(f"Accuracy of {args.resume or args.model} on {stats['test_images']} images: top-1 "
-              f"{stats['test_acc1']:.2f}% top-5 {stats['test_acc5']:.2f}% loss {stats['test_loss']:.4f}")
+    say(f"Accuracy of {args.resume or args.model} on {stats['test_images']} images: top-1 "
+        f"{stats['test_acc1']:.2f}% top-5 {stats['test_acc5']:.2f}% loss {stats['test_loss']:.4f}"
+        + (f" (EMA top-1 {stats['ema_test_acc1']:.2f}%)" if "ema_test_acc1" in stats else ""))
     if args.compact:
-        masks = ckpt.get("sparsifier", {}).get("masks")  # structured masks; the zero pattern is the fallback
-        compact = models.compact_model(model, masks)
+        if not detection.structured:
+            raise ValueError(f"--compact removes pruned heads and neurons, but {args.resume} has none "
+                             "(it is not structured-sparse)")
+        compact = models.compact_model(model, contents.masks or None)  # the zero pattern when no masks are stored
         compact_stats = engine.evaluate(compact.to(device), val_loader, device, amp_dtype)
         stats.update({f"compact_test_{k}": v for k, v in compact_stats.items()})
-        if is_main:
+        if rank == 0:
             target = Path(args.output_dir or Path(args.resume).parent) / "compact.pth"
-            print_compaction(model, compact, models.save_compact(compact, args.model, target))
+            print_compaction(model, compact, models.save_compact(compact, model_name, target))
             print(f"compact model: top-1 {compact_stats['acc1']:.2f}% (masked model {stats['test_acc1']:.2f}%)")
     return stats
+
+
+def load_for_evaluation(args: argparse.Namespace, cli_tokens: models.TokenConfig, say):
+    """Read --resume, detect what it is, print the findings (and with --report the per-layer table), and build it.
+
+    Returns (contents, detection, token config, model).
+    """
+    contents = models.read_checkpoint(args.resume)
+    model_name = contents.architecture["model"] if contents.architecture else args.model
+    if contents.architecture is None:
+        models.check_fits(contents.state_dict, args.model)
+    detection = models.detect(contents.state_dict, model_name)
+    tokens = models.resolve_tokens(contents, detection, cli_tokens)
+    model = models.build_model(contents, detection, model_name, tokens)
+    rows = models.audit_layers(contents)
+    say("\n".join(models.describe(contents) + [f"found {line}" for line in detection.lines()]
+                  + [models.token_summary(tokens, model)]))
+    if args.report:
+        say(models.format_audit(rows))
+    for warning in models.audit_warnings(contents, detection, rows):
+        say(f"WARNING: {warning}")
+    return contents, detection, tokens, model
+
+
+def planned_model(args: argparse.Namespace, tokens: models.TokenConfig
+                  ) -> tuple[nn.Module, dict[str, float] | None, nn.Module | None]:
+    """--flops without a checkpoint: --model as the sparsity and token flags would make it.
+
+    Returns (model, per-weight densities, full-size reference) for ``models.mac_report``. Unstructured flags give
+    the initial layer densities (ERK, uniform, ...); structured flags give the compact model with
+    int(heads * atten_density) heads and int(hidden * other_density) neurons per block.
+    """
+    num_classes = {"IMNET": 1000, "DIGITS": datasets.DIGITS_NUM_CLASSES,
+                   **{name: n for name, (_, n) in datasets.CIFAR_CLASSES.items()}}.get(args.data_set, 1000)
+    model = models.create_model(args.model, num_classes=num_classes, img_size=args.input_size)
+    models.apply_token_selection(model, tokens)
+    sparse = sparselearning.SparsityConfig.from_args(args)
+    if sparse.structured:
+        full = model
+        model = models.compact_model(full, models.random_unit_masks(full, sparse.atten_density,
+                                                                    sparse.other_density, args.seed))
+        return model, None, full
+    densities = None
+    if sparse.density is not None and sparse.density < 1:
+        shapes = {name: tuple(p.shape) for name, p in
+                  sparselearning.select_parameters(model, sparse.sparse_include, sparse.sparse_exclude).items()}
+        densities = sparselearning.layer_densities(shapes, sparse.density, sparse.sparse_init,
+                                                   erk_power=sparse.erk_power)
+    return model, densities, None
 
 
 def print_compaction(model: nn.Module, compact: nn.Module, path: Path) -> None:
@@ -385,20 +482,6 @@ def sparsity_logger(output_dir: Path | None):
             sparselearning.plot_densities(record, output_dir / "layer_density.png")
 
     return log
-
-
-def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load whose error lists the first mismatching keys with both shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        problems = [f"shape mismatch {w}" for w in wrong[:5]] + [f"missing key {k}" for k in missing[:5]]
-        problems += [f"unexpected key {k}" for k in unexpected[:5]]
-        raise ValueError(f"{source} does not fit this --model: " + "; ".join(problems))
-    model.load_state_dict(state_dict)
 
 
 def gather_rng_states(world: int) -> list[dict[str, Any]]:

@@ -91,3 +91,34 @@ __all__ += [
     "save_compact",
     "structure_units",
 ]
+
+# Reading any checkpoint (this project's, the original SViTE's, timm's), what is really in it, and export.
+from models.audit import LayerAudit, audit_layers, audit_warnings, format_audit  # noqa: E402
+from models.checkpoint_contents import CheckpointContents, read_checkpoint  # noqa: E402
+from models.detect import Detection, check_fits, detect  # noqa: E402
+from models.export import export_model, load_export, load_sparse, save_sparse  # noqa: E402
+from models.flops import mac_report, mac_views  # noqa: E402
+from models.restore import build_model, describe, load_weights, resolve_tokens, token_summary  # noqa: E402
+
+__all__ += [
+    "CheckpointContents",
+    "Detection",
+    "LayerAudit",
+    "audit_layers",
+    "audit_warnings",
+    "build_model",
+    "check_fits",
+    "describe",
+    "detect",
+    "export_model",
+    "format_audit",
+    "load_export",
+    "load_sparse",
+    "load_weights",
+    "mac_report",
+    "mac_views",
+    "read_checkpoint",
+    "resolve_tokens",
+    "save_sparse",
+    "token_summary",
+]

@@ -2,12 +2,17 @@
 
 A checkpoint from the internet is untrusted input, so files are only ever read with
 `torch.load(weights_only=True)`; a crash or kill during a write never damages the previous file.
+The only class beyond tensors and plain containers that a file may pickle is `argparse.Namespace`, because the
+original SViTE checkpoints store their flags as one; it carries data, never code.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import random
+import re
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -34,22 +39,60 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely; every failure names the file and what is wrong with it."""
+    """Load a PyTorch checkpoint (zip or legacy pickle) or a safetensors file safely.
+
+    Every failure names the file and what is wrong with it: missing, not a checkpoint at all, truncated or corrupt,
+    pickling a forbidden object (refused before any of its code can run), or holding something other than a dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (check --resume)")
+    kind = file_kind(path)
+    if kind == "safetensors":
+        return _load_safetensors(path, map_location)
+    if kind is None:
+        raise ValueError(f"{path} is not a checkpoint: it is neither a PyTorch file (zip or pickle) nor a "
+                         "safetensors file; pass the .pth / .safetensors file written by training or by timm")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        forbidden = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = (f"it pickles {forbidden.group(1)}, and unpickling that could run arbitrary code" if forbidden
+                  else "it uses pickle features the safe unpickler does not accept: "
+                  + str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0])
         raise ValueError(
-            f"refusing to load {path}: it pickles objects other than tensors and plain containers, and "
-            f"unpickling them could run code. Details: {e}"
+            f"refusing to load {path}: {reason}. Only tensors, plain containers and argparse.Namespace are accepted; "
+            "if you trust the file, re-save its state_dict with torch.save from the code that wrote it."
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
     return obj
+
+
+def file_kind(path: Path) -> str | None:
+    """``zip`` (torch.save since 1.6), ``pickle`` (legacy torch.save), ``safetensors``, or None, from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" or head[:1] == b"\x8a":  # pickle PROTO opcode, or the legacy torch magic number (a long)
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+        return "safetensors"
+    return None
+
+
+def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
 def rng_state() -> dict[str, Any]:

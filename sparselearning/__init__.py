@@ -3,6 +3,7 @@ from sparselearning.base import DenseSparsifier, Sparsifier
 from sparselearning.config import SparsityConfig, add_sparse_args
 from sparselearning.distributions import layer_counts, layer_densities
 from sparselearning.dst import Masking, build_sparsifier
+from sparselearning.masks import select_parameters
 from sparselearning.metrics import density_record, format_table, plot_densities
 from sparselearning.structured import StructuredDST, swap_units
 
@@ -19,5 +20,6 @@ __all__ = [
     "layer_counts",
     "layer_densities",
     "plot_densities",
+    "select_parameters",
     "swap_units",
 ]
