@@ -330,7 +330,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         writer.close()
     if is_main and output_dir is not None and sparse_cfg.structured:
         compact = models.compact_model(model, getattr(sparsifier, "masks", None))
-        path = models.save_compact(compact, args.model, output_dir / "compact.pth")
+        path = models.save_compact(compact, args.model, output_dir / "compact.pth", vars(args))
         print_compaction(model, compact, path)
     if is_main and output_dir is not None and token_cfg.visualize:
         images = torch.stack([val_loader.dataset[i][0] for i in range(token_cfg.visualize)]).to(device)
@@ -405,7 +405,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         stats.update({f"compact_test_{k}": v for k, v in compact_stats.items()})
         if rank == 0:
             target = Path(args.output_dir or Path(args.resume).parent) / "compact.pth"
-            print_compaction(model, compact, models.save_compact(compact, model_name, target))
+            run_args = {**contents.args, **tokens.as_flags()}  # the selection it was evaluated with
+            print_compaction(model, compact, models.save_compact(compact, model_name, target, run_args))
             print(f"compact model: top-1 {compact_stats['acc1']:.2f}% (masked model {stats['test_acc1']:.2f}%)")
     return stats
 
@@ -465,7 +466,7 @@ def print_compaction(model: nn.Module, compact: nn.Module, path: Path) -> None:
     arch = models.architecture(compact)
     print(f"compact model written to {path}: heads per block {arch['block_heads']}, "
           f"MLP widths {arch['block_mlp_hidden']}\n"
-          f"  params {small['params']:,} vs dense {dense['params']:,} ({small['params'] / dense['params']:.3f}x); "
+          f"  params {small['params']:,.0f} vs dense {dense['params']:,.0f} ({small['params'] / dense['params']:.3f}x); "
           f"GMACs {small['gmacs_executed']:.4f} vs dense {dense['gmacs_dense']:.4f} "
           f"({small['gmacs_executed'] / dense['gmacs_dense']:.3f}x)")
 

@@ -67,7 +67,8 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     path = Path(path)
     raw = load_checkpoint(path, map_location="cpu")
     if is_compact_checkpoint(raw):
-        return CheckpointContents(path, "compact", _strip_prefix(raw["model"]), architecture=dict(raw["architecture"]))
+        return CheckpointContents(path, "compact", _strip_prefix(raw["model"]), args=_plain_args(raw.get("args")),
+                                  architecture=dict(raw["architecture"]))
     weights = _find_weights(raw, path)
     args = _plain_args(raw.get("args"))
     epoch = raw.get("epoch") if isinstance(raw.get("epoch"), int) else None

@@ -161,10 +161,10 @@ def compact_architecture(model: nn.Module, model_name: str) -> dict[str, Any]:
     return {"model": model_name, **architecture(unwrap_model(model))}
 
 
-def save_compact(model: nn.Module, model_name: str, path: str | Path) -> Path:
+def save_compact(model: nn.Module, model_name: str, path: str | Path, args: Mapping[str, Any] | None = None) -> Path:
     """Save a compact model as ``path`` (``compact.pth``) plus a JSON copy of its architecture beside it.
 
-    The checkpoint is ``{"format", "model": state_dict, "architecture"}``, readable with
+    The checkpoint is ``{"format", "model": state_dict, "architecture", "args"}``, readable with
     ``torch.load(weights_only=True)``. The architecture holds the base model name, img_size, num_classes, head_dim and
     the per-block head counts and MLP widths.
 
@@ -172,10 +172,12 @@ def save_compact(model: nn.Module, model_name: str, path: str | Path) -> Path:
         model: the compact model (``compact_model`` output).
         model_name: the ``--model`` it was trained as, e.g. ``deit_small_patch16_224``.
         path: the ``.pth`` file; the config goes to the same path with suffix ``.json``.
+        args: the run's flags as plain values (the token selection among them, so the file evaluates on its own).
     """
     path = Path(path)
     arch = compact_architecture(model, model_name)
-    save_atomic({"format": COMPACT_FORMAT, "model": unwrap_model(model).state_dict(), "architecture": arch}, path)
+    save_atomic({"format": COMPACT_FORMAT, "model": unwrap_model(model).state_dict(), "architecture": arch,
+                 "args": dict(args or {})}, path)
     path.with_suffix(".json").write_text(json.dumps(arch, indent=2) + "\n")
     return path
 

@@ -201,6 +201,11 @@ class TokenConfig:
         """Plain values, for config.json and checkpoints."""
         return dataclasses.asdict(self)
 
+    def as_flags(self) -> dict[str, Any]:
+        """The ``add_token_args`` values that give this config back (how checkpoints record it in ``args``)."""
+        return {"token_selection": self.enabled, "token_number": self.num_keep, "token_ratio": self.ratio,
+                "token_selector": self.selector, "token_mode": self.mode, "tau_schedule": self.tau_schedule}
+
     def keep_count(self, num_tokens: int, num_prefix: int = 1) -> int:
         """k for a sequence of ``num_tokens`` tokens (prefix included); all tokens when neither k nor ratio is set.
 

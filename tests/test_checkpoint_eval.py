@@ -411,3 +411,15 @@ def test_flops_flag_prints_every_view(capsys) -> None:
         assert label in out
     executed = float(re.search(r"executed \(.*\): ([\d.e-]+) \(saving ([-\d.]+)%\)", out).group(2))
     assert executed > 30  # drop mode really saves
+
+
+def test_compact_file_of_a_token_selecting_run_evaluates_on_its_own(tmp_path: Path, capsys) -> None:
+    tokens = models.TokenConfig(enabled=True, ratio=0.7, mode="drop")
+    model = micro_model()
+    models.apply_token_selection(model, tokens)
+    compact = models.compact_model(model, models.random_unit_masks(model, 0.5, 0.5, seed=2)).eval()
+    models.save_compact(compact, MICRO, tmp_path / "compact.pth", {"model": MICRO, **tokens.as_flags()})
+    stats, out = run(capsys, "--eval", "--resume", str(tmp_path / "compact.pth"))
+    assert "a compact (physically pruned) model" in out and "k = 12 of 17 tokens, drop mode" in out
+    loader = main.build_val_loader(parse(), main.datasets.DataConfig.from_args(parse("--input-size", "16")), 0, 1)[0]
+    assert stats["test_acc1"] == pytest.approx(main.engine.evaluate(compact, loader, torch.device("cpu"), None)["acc1"])
