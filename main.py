@@ -192,6 +192,56 @@ def validate_args(args: argparse.Namespace, mixup_active: bool) -> None:
         raise ValueError("--device cuda was asked for but no CUDA device is available; pass --device cpu")
 
 
+def build_optimization(args: argparse.Namespace, model: nn.Module, world: int):
+    """timm's AdamW (DeiT's no-decay rules) at lr x global batch / 512, and its per-epoch lr schedule."""
+    lr = args.lr * args.batch_size * world / 512.0
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, eps=args.opt_eps,
+                                    **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}))
+    lr_scheduler = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_milestones=[int(args.decay_epochs * k) for k in range(1, 1 + int(args.epochs // args.decay_epochs))],
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        noise=args.lr_noise, noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)[0]
+    return optimizer, lr_scheduler
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Everything a training checkpoint saves and a resume restores, so the two cannot drift apart."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler
+    sparsifier: sparselearning.Sparsifier
+    model_ema: ModelEmaV3 | None
+
+    def checkpoint(self, epoch: int, step: int, best_acc1: float, rng: list[dict[str, Any]],
+                   args: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "model_ema": self.model_ema.module.state_dict() if self.model_ema is not None else None,
+                "sparsifier": self.sparsifier.state_dict(), "epoch": epoch, "step": step, "best_acc1": best_acc1,
+                "rng": rng, "args": args}
+
+    def resume(self, path: str, model_name: str, rank: int) -> tuple[int, int, float]:
+        """Restore a ``checkpoint`` file; returns (first epoch to run, optimizer steps done, best top-1)."""
+        ckpt = load_checkpoint(path, map_location="cpu")
+        models.load_weights(self.model, ckpt.get("model", ckpt), path, model_name)
+        if "optimizer" not in ckpt:
+            raise ValueError(f"{path} holds weights only (no optimizer state) and cannot be resumed; "
+                             "evaluate it with --eval")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.sparsifier.load_state_dict(ckpt["sparsifier"])
+        if self.model_ema is not None:
+            self.model_ema.module.load_state_dict(ckpt["model_ema"])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        return ckpt["epoch"] + 1, ckpt["step"], ckpt.get("best_acc1", 0.0)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run training (or evaluation / inspection of a checkpoint) and return the last epoch's log record."""
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
@@ -230,15 +280,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                                         else None)
 
     steps_per_epoch = len(train_loader)
-    lr = args.lr * args.batch_size * world / 512.0
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, eps=args.opt_eps,
-                                    **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}))
-    lr_scheduler = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_milestones=[int(args.decay_epochs * k) for k in range(1, 1 + int(args.epochs // args.decay_epochs))],
-        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        noise=args.lr_noise, noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)[0]
+    optimizer, lr_scheduler = build_optimization(args, model, world)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     log_fn = sparsity_logger(output_dir) if is_main else (lambda record: None)
     total_steps = steps_per_epoch * args.epochs
@@ -255,22 +297,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                          label_smoothing=args.smoothing, num_classes=num_classes)
     criterion = build_criterion(args, mixup_active)
 
+    state = TrainingState(model, optimizer, lr_scheduler, scaler, sparsifier, model_ema)
     start_epoch, global_step, best_acc1 = args.start_epoch, args.start_epoch * steps_per_epoch, 0.0
     if args.resume:
-        ckpt = load_checkpoint(args.resume, map_location="cpu")
-        models.load_weights(model, ckpt.get("model", ckpt), args.resume, args.model)
-        if "optimizer" not in ckpt:
-            raise ValueError(f"{args.resume} holds weights only (no optimizer state) and cannot be resumed; "
-                             "evaluate it with --eval")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        sparsifier.load_state_dict(ckpt["sparsifier"])
-        if model_ema is not None:
-            model_ema.module.load_state_dict(ckpt["model_ema"])
-        start_epoch, global_step = ckpt["epoch"] + 1, ckpt["step"]
-        best_acc1 = ckpt.get("best_acc1", 0.0)
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        start_epoch, global_step, best_acc1 = state.resume(args.resume, args.model, rank)
         if is_main:
             print(f"resumed from {args.resume} at epoch {start_epoch}")
 
@@ -308,15 +338,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         is_best = test_stats["acc1"] > best_acc1
         best_acc1 = max(best_acc1, test_stats["acc1"])
         if output_dir is not None:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-                     "sparsifier": sparsifier.state_dict(), "epoch": epoch, "step": global_step,
-                     "best_acc1": best_acc1, "rng": gather_rng_states(world), "args": vars(args)}
+            checkpoint = state.checkpoint(epoch, global_step, best_acc1, gather_rng_states(world), vars(args))
             if is_main:
-                save_atomic(state, output_dir / "checkpoint.pth")
+                save_atomic(checkpoint, output_dir / "checkpoint.pth")
                 if is_best:
-                    save_atomic(state, output_dir / "best.pth")
+                    save_atomic(checkpoint, output_dir / "best.pth")
                 with open(output_dir / "log.txt", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if writer is not None:
@@ -329,7 +355,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     if is_main and output_dir is not None and sparse_cfg.structured:
-        compact = models.compact_model(model, getattr(sparsifier, "masks", None))
+        compact = models.compact_model(model, getattr(weight_sparsifier, "masks", None))
         path = models.save_compact(compact, args.model, output_dir / "compact.pth", vars(args))
         print_compaction(model, compact, path)
     if is_main and output_dir is not None and token_cfg.visualize:
