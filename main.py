@@ -381,6 +381,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume:
         contents, detection, tokens, model = load_for_evaluation(args, cli_tokens, say)
         model_name = contents.architecture["model"] if contents.architecture else args.model
+        if args.compact and not detection.structured:
+            raise ValueError(f"--compact removes pruned heads and neurons, but {args.resume} has none "
+                             "(it is not structured-sparse)")
         if args.input_size not in (None, detection.img_size):
             raise ValueError(f"{args.resume} was trained at {detection.img_size} px (its position embedding); pass "
                              f"--input-size {detection.img_size} or leave it out")
@@ -416,16 +419,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     amp_dtype = getattr(torch, args.amp_dtype) if amp_enabled else None
     stats = {f"test_{k}": v for k, v in engine.evaluate(model.to(device), val_loader, device, amp_dtype).items()}
     if contents is not None and contents.ema is not None:
-        ema = models.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection, args.model, tokens)
+        ema = models.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection, model_name,
+                                  tokens)
         stats.update({f"ema_test_{k}": v for k, v in engine.evaluate(ema.to(device), val_loader, device,
                                                                      amp_dtype).items()})
     say(f"Accuracy of {args.resume or args.model} on {stats['test_images']} images: top-1 "
         f"{stats['test_acc1']:.2f}% top-5 {stats['test_acc5']:.2f}% loss {stats['test_loss']:.4f}"
         + (f" (EMA top-1 {stats['ema_test_acc1']:.2f}%)" if "ema_test_acc1" in stats else ""))
     if args.compact:
-        if not detection.structured:
-            raise ValueError(f"--compact removes pruned heads and neurons, but {args.resume} has none "
-                             "(it is not structured-sparse)")
         compact = models.compact_model(model, contents.masks or None)  # the zero pattern when no masks are stored
         compact_stats = engine.evaluate(compact.to(device), val_loader, device, amp_dtype)
         stats.update({f"compact_test_{k}": v for k, v in compact_stats.items()})

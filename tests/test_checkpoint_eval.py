@@ -423,3 +423,9 @@ def test_compact_file_of_a_token_selecting_run_evaluates_on_its_own(tmp_path: Pa
     assert "a compact (physically pruned) model" in out and "k = 12 of 17 tokens, drop mode" in out
     loader = main.build_val_loader(parse(), main.datasets.DataConfig.from_args(parse("--input-size", "16")), 0, 1)[0]
     assert stats["test_acc1"] == pytest.approx(main.engine.evaluate(compact, loader, torch.device("cpu"), None)["acc1"])
+
+
+def test_compact_of_an_unstructured_checkpoint_is_refused_before_evaluating(tmp_path: Path) -> None:
+    path = original_unstructured(micro_model(), tmp_path / "u.pth")
+    with pytest.raises(ValueError, match="--compact removes pruned heads and neurons, but .* is not structured-sparse"):
+        main.main(parse("--eval", "--compact", "--resume", str(path)))
