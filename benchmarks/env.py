@@ -1,17 +1,22 @@
 """What the benchmark ran on, and what that device can run (AMP dtypes, torch.compile)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import os
 import platform
 import re
 import shutil
+from typing import Iterator
 
 import timm
 import torch
 
-PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+# name -> autocast dtype. "float32" is strict IEEE float32 (TF32 off); "tf32" is float32 storage with TF32 tensor-core
+# matmuls and convolutions, a CUDA-only mode that the protocol asks to report separately.
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "tf32": None, "amp_bf16": torch.bfloat16,
+                                             "amp_fp16": torch.float16}
 
 
 def device_name(device: torch.device) -> str:
@@ -55,6 +60,33 @@ def amp_unsupported_reason(device: torch.device, amp_dtype: torch.dtype | None) 
     if not torch.amp.is_autocast_available(device.type):
         return f"torch has no autocast for {device.type}"
     return None
+
+
+def precision_unsupported_reason(device: torch.device, precision: str) -> str | None:
+    """Why `precision` (a `PRECISIONS` name) is not worth measuring on `device`; None when it is."""
+    if precision == "tf32":
+        if device.type != "cuda":
+            return "TF32 is a CUDA tensor-core mode"
+        major, _ = torch.cuda.get_device_capability(device)
+        return None if major >= 8 else f"{device_name(device)} has no TF32 tensor cores (compute capability < 8.0)"
+    return amp_unsupported_reason(device, PRECISIONS[precision])
+
+
+@contextlib.contextmanager
+def float32_matmul(device: torch.device, precision: str) -> Iterator[None]:
+    """TF32 on for the "tf32" precision and off for every other one, restored afterwards.
+
+    Explicit both ways, so a "float32" row never silently uses TF32 (cuDNN convolutions default to it).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def compile_unsupported_reason(device: torch.device) -> str | None:

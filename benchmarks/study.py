@@ -3,8 +3,14 @@
     python benchmarks/study.py                      # every configuration, 3 seeds, 2 runs at a time
     python benchmarks/study.py --configs dense sviite_d50 --seeds 0 1
 
-Writes `<out>/study.csv` (one row per run), `<out>/study.md` (mean ± std per configuration) and
-`<out>/study.png` (accuracy against MACs). Runs are separate processes, so they cannot leak state.
+Each run is a separate main.py process (runs cannot leak state into each other). Afterwards every trained model is
+rebuilt as it would be deployed (the compacted model for S²ViTE, the masked or token-selecting model otherwise),
+its parameters and MACs are counted with `models.mac_summary`, and the inference throughput of all of them is
+measured interleaved in one protocol (benchmarks/timing.py). Writes to `--out`:
+
+* `study.csv`: one row per run (top-1, parameters, MACs, samples/s);
+* `study.md`: mean ± std per configuration, with the date, machine, command and wall time;
+* `study.png`: top-1 (mean ± std) against MACs, theoretical (the paper's count) and executed (what runs).
 """
 from __future__ import annotations
 
@@ -13,18 +19,30 @@ import csv
 import datetime
 import json
 import os
-import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python benchmarks/study.py` puts benchmarks/, not the repo root, on the path
 
-# The DIGITS recipe of cmd/quickstart.sh, shortened to 40 epochs (920 optimizer steps).
-BASE = ("--model", "vit_digits_tiny", "--data-set", "DIGITS", "--epochs", "40", "--batch-size", "64", "--lr", "1e-2",
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import models  # noqa: E402
+from benchmarks import env, steps  # noqa: E402
+from benchmarks.timing import measure  # noqa: E402
+from models.checkpoint import load_checkpoint  # noqa: E402
+
+# The DIGITS recipe of cmd/quickstart.sh, shortened to EPOCHS epochs (40: 920 optimizer steps).
+EPOCHS = 40
+BASE = ("--model", "vit_digits_tiny", "--data-set", "DIGITS", "--batch-size", "64", "--lr", "1e-2",
         "--warmup-epochs", "3", "--drop-path", "0", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none",
         "--color-jitter", "0", "--hflip", "0", "--no-repeated-aug", "--no-model-ema", "--num_workers", "0",
         "--no-pin-mem", "--print-freq", "100000")
@@ -32,7 +50,6 @@ BASE = ("--model", "vit_digits_tiny", "--data-set", "DIGITS", "--epochs", "40", 
 # with ΔT = 25 steps: about 29 topology updates, in the range of the paper's ImageNet runs (48–100).
 SVITE = ("--sparse_init", "fixed_ERK", "--growth", "gradient", "--death", "magnitude", "--redistribution", "none",
          "--update_frequency", "25")
-
 # S²ViTE at the original's "40%" configuration: 0.7 of the heads, 0.6 of the MLP neurons.
 S2VITE = ("--pruning_type", "structure", "--atten_density", "0.7", "--other_density", "0.6", "--update_frequency", "25")
 # SViTE+: a global token selector that really drops tokens (the original only zeroed them).
@@ -43,76 +60,164 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "sviite_d50": (*SVITE, "--density", "0.5"),
     "sviite_d30": (*SVITE, "--density", "0.3"),
     "s2vite_h07_m06": S2VITE,
-    "sviteplus_keep09": (*TOKENS, "--token-ratio", "0.9"),
     "sviteplus_keep07": (*TOKENS, "--token-ratio", "0.7"),
-    "sviteplus_keep09_d50": (*TOKENS, "--token-ratio", "0.9", *SVITE, "--density", "0.5"),
     "sviteplus_keep07_d50": (*TOKENS, "--token-ratio", "0.7", *SVITE, "--density", "0.5"),
 }
 
+# Inference protocol for the trained models: DIGITS-sized random input, one thread on the process CPU clock (the
+# runs share the machine), every model timed interleaved with the others, median of the repeats.
+THROUGHPUT = dict(batch_size=256, num_warm_iter=5, num_bench_iter=5, min_bench_seconds=0.5, repeats=3)
 
-def run_one(config: str, seed: int, out: Path) -> dict:
+
+def run_one(config: str, seed: int, out: Path, epochs: int = EPOCHS) -> dict[str, Any]:
     """Train one (configuration, seed) in its own process and return its final-epoch record."""
     run_dir = out / "runs" / f"{config}_seed{seed}"
-    cmd = [sys.executable, str(ROOT / "main.py"), *BASE, *CONFIGS[config], "--seed", str(seed),
-           "--output_dir", str(run_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "main.py"), *BASE, "--epochs", str(epochs), *CONFIGS[config], "--seed",
+           str(seed), "--output_dir", str(run_dir)]
+    env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_vars, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed:\n{proc.stderr[-2000:]}")
     epochs = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines() if '"epoch"' in line]
     last = epochs[-1]
-    return {"config": config, "seed": seed, "test_acc1": last["test_acc1"], "n_parameters": last["n_parameters"],
-            "n_nonzero_parameters": last["n_nonzero_parameters"], "density": last.get("density", 1.0),
-            "train_seconds": round(time.perf_counter() - start, 1)}
+    print(f"{config} seed {seed}: top-1 {last['test_acc1']:.2f} in {time.perf_counter() - start:.0f} s", flush=True)
+    return {"config": config, "seed": seed, "test_acc1": last["test_acc1"], "density": last.get("density", 1.0),
+            "train_seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir)}
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean ± std of top-1 per configuration, in CONFIGS order, with the gap to dense."""
+def deployed_model(run_dir: Path) -> nn.Module:
+    """The model a run ships, in eval mode: `compact.pth` (physically pruned) for structured runs, else the final
+    checkpoint's weights in the architecture its flags describe (token selectors included, masked weights zero)."""
+    if (run_dir / "compact.pth").exists():
+        return models.load_compact(run_dir / "compact.pth").eval()
+    ckpt = load_checkpoint(run_dir / "checkpoint.pth")
+    args = argparse.Namespace(**ckpt["args"])
+    model = models.create_model(args.model, num_classes=ckpt["model"]["head.weight"].shape[0], img_size=args.input_size)
+    models.apply_token_selection(model, models.TokenConfig.from_args(args))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def measure_models(rows: list[dict[str, Any]]) -> None:
+    """Add parameter counts, MACs (millions per image) and inference samples/s to every run's row, in place."""
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    nets = {row["run_dir"]: deployed_model(Path(row["run_dir"])) for row in rows}
+    for row in rows:
+        macs = models.mac_summary(nets[row["run_dir"]])
+        row.update(params=int(macs["params"]), params_nonzero=int(macs["params_nonzero"]),
+                   mmacs_theoretical=round(macs["gmacs_theoretical"] * 1e3, 4),
+                   mmacs_executed=round(macs["gmacs_executed"] * 1e3, 4))
+    net = next(iter(nets.values()))
+    img_size = net.patch_embed.img_size[0]
+    images = steps.random_batch(THROUGHPUT["batch_size"], img_size, 1, device)[0]
+    runs = {key: steps.inference_run(model, images, device, None) for key, model in nets.items()}
+    timings = measure(runs, clock=time.process_time, **THROUGHPUT)
+    for row in rows:
+        row["samples_per_sec"] = round(timings[row["run_dir"]].samples_per_sec, 1)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration, in CONFIGS order: mean ± std top-1, gap to dense, mean counts, median samples/s."""
     summary = []
     for config in CONFIGS:
-        accs = [r["test_acc1"] for r in rows if r["config"] == config]
-        if not accs:
+        runs = [r for r in rows if r["config"] == config]
+        if not runs:
             continue
-        first = next(r for r in rows if r["config"] == config)
-        summary.append({"config": config, "flags": " ".join(CONFIGS[config]) or "(dense)", "seeds": len(accs),
-                        "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                        "n_nonzero_parameters": first["n_nonzero_parameters"], "n_parameters": first["n_parameters"]})
-    dense = next((s["mean"] for s in summary if s["config"] == "dense"), None)
+        accs = [float(r["test_acc1"]) for r in runs]
+        s = {"config": config, "flags": " ".join(CONFIGS[config]) or "(dense)", "seeds": len(runs),
+             "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+        for key in ("params", "params_nonzero", "mmacs_theoretical", "mmacs_executed"):
+            s[key] = statistics.fmean(float(r[key]) for r in runs)
+        s["samples_per_sec"] = statistics.median(float(r["samples_per_sec"]) for r in runs)
+        summary.append(s)
+    dense = next((s for s in summary if s["config"] == "dense"), None)
     for s in summary:
-        s["gap_to_dense"] = None if dense is None else dense - s["mean"]
+        s["gap_to_dense"] = None if dense is None else dense["mean"] - s["mean"]
+        s["speedup"] = None if dense is None else s["samples_per_sec"] / dense["samples_per_sec"]
+        s["mac_ratio"] = None if dense is None else dense["mmacs_executed"] / s["mmacs_executed"]
     return summary
 
 
-def write_outputs(rows: list[dict], out: Path, command: str) -> None:
+def table(summary: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of a summary."""
+    lines = ["| configuration | seeds | top-1 (mean ± std) | gap to dense | params (non-zero / all) | MMACs theoretical "
+             "| MMACs executed | samples/s (batch 256) | speedup vs dense (/ MAC ratio) | flags |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        gap = "" if s["gap_to_dense"] is None else f"{s['gap_to_dense']:+.2f}"
+        speed = "" if s["speedup"] is None else f"{s['speedup']:.2f}× ({s['speedup'] / s['mac_ratio']:.2f})"
+        lines.append(f"| {s['config']} | {s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f} | {gap} | "
+                     f"{s['params_nonzero']:,.0f} / {s['params']:,.0f} | {s['mmacs_theoretical']:.3f} | "
+                     f"{s['mmacs_executed']:.3f} | {s['samples_per_sec']:,.0f} | {speed} | `{s['flags']}` |")
+    return lines
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """Top-1 (mean ± std over seeds) against MACs per image: theoretical (left) and executed (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on the project's machines
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, title in ((axes[0], "mmacs_theoretical", "theoretical MACs (the paper's count)"),
+                           (axes[1], "mmacs_executed", "executed MACs (what the code computes)")):
+        for s, marker in zip(summary, "os^DvP*X"):  # masked runs share dense's executed MACs: shapes tell them apart
+            ax.errorbar(s[key], s["mean"], yerr=s["std"], fmt=marker, markersize=8, capsize=4, alpha=0.85,
+                        label=s["config"])
+        ax.set_xlabel(f"{title}, millions per image")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("DIGITS top-1 (%), mean ± std over seeds")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("DIGITS, vit_digits_tiny: accuracy against MACs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path, command: str, wall_seconds: float, load: str) -> None:
+    """study.csv, study.md and study.png from measured rows (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)
+    fields = [k for k in rows[0] if k != "run_dir"]
     with open(out / "study.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"DIGITS accuracy study, {datetime.date.today()}, CPU ({platform.processor() or platform.machine()}), "
-             f"command `{command}`", "",
-             "| configuration | seeds | top-1 (mean ± std) | gap to dense | non-zero params | flags |",
-             "|---|---|---|---|---|---|"]
-    for s in summarize(rows):
-        gap = "" if s["gap_to_dense"] is None else f"{s['gap_to_dense']:+.2f}"
-        lines.append(f"| {s['config']} | {s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f} | {gap} | "
-                     f"{s['n_nonzero_parameters']:,} / {s['n_parameters']:,} | `{s['flags']}` |")
+    info = env.environment(torch.device("cpu"))
+    summary = summarize(rows)
+    lines = [f"- command: `{command}`",
+             f"- device {info['device']} ({os.cpu_count()} cores), torch {info['torch']}, timm {info['timm']}, "
+             f"python {info['python']}, date {info['date']}",
+             f"- wall time {wall_seconds / 60:.1f} min for {len(rows)} runs; load average (1/5/15 min) {load}",
+             f"- throughput: random {THROUGHPUT['batch_size']}-image batches at the DIGITS resolution, eval mode, "
+             "one thread, process CPU clock, all models interleaved, median of "
+             f"{THROUGHPUT['repeats']} repeats (median over seeds); MAC ratio: dense executed MACs / executed MACs",
+             "", *table(summary)]
     (out / "study.md").write_text("\n".join(lines) + "\n")
+    plot(summary, out / "study.png")
     print("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per run (fewer only for a smoke run)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "study")
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    load_before = "{:.2f}/{:.2f}/{:.2f}".format(*os.getloadavg())
     jobs = [(c, s) for c in args.configs for s in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(lambda job: run_one(*job, args.out), jobs))
-    write_outputs(rows, args.out, "python benchmarks/study.py " + " ".join(sys.argv[1:]))
+        rows = list(pool.map(lambda job: run_one(*job, args.out, args.epochs), jobs))
+    measure_models(rows)
+    load = "{} at the start, {:.2f}/{:.2f}/{:.2f} at the end".format(load_before, *os.getloadavg())
+    write_outputs(rows, args.out, shlex.join(["python", "benchmarks/study.py", *argv]),
+                  time.perf_counter() - start, load)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ are taken within one repeat before the median is formed.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ def measure(
     num_bench_iter: int,
     repeats: int,
     warm_seconds: float = 0.0,
+    min_bench_seconds: float = 0.0,
     sync: Callable[[], None] = _no_sync,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
@@ -81,15 +83,20 @@ def measure(
         num_bench_iter: timed steps per run and repeat.
         repeats: timed rounds; the protocol asks for at least 3 so the median means something.
         warm_seconds: after `num_warm_iter`, keep warming one step at a time until this much time has passed.
+        min_bench_seconds: time each run for more than `num_bench_iter` steps where needed, so that one timed loop
+            lasts about this long (the step time is taken from one extra synchronized warm-up step). One setting
+            then fits batch 1 and a large batch: a fixed count is noise at batch 1 or minutes at batch 256.
         sync: waits for queued device work; called at both ends of every timed loop.
         clock: seconds; perf_counter (wall) or process_time (this process's CPU time); a fake one in tests.
     """
     if not runs:
         raise ValueError("nothing to measure: runs is empty")
-    if batch_size < 1 or num_bench_iter < 1 or repeats < 1 or num_warm_iter < 0 or warm_seconds < 0:
-        raise ValueError(f"need batch_size, num_bench_iter, repeats >= 1 and non-negative warm-up; got "
-                         f"{batch_size}, {num_bench_iter}, {repeats}, {num_warm_iter}, {warm_seconds}")
-    for run in runs.values():
+    if batch_size < 1 or num_bench_iter < 1 or repeats < 1 or min(num_warm_iter, warm_seconds, min_bench_seconds) < 0:
+        raise ValueError(f"need batch_size, num_bench_iter, repeats >= 1 and non-negative warm-up and time floor; got "
+                         f"{batch_size}, {num_bench_iter}, {repeats}, {num_warm_iter}, {warm_seconds}, "
+                         f"{min_bench_seconds}")
+    iters = dict.fromkeys(runs, num_bench_iter)
+    for name, run in runs.items():
         start = clock()
         if num_warm_iter:
             run(num_warm_iter)
@@ -97,6 +104,12 @@ def measure(
         while clock() - start < warm_seconds:
             run(1)
             sync()
+        if min_bench_seconds:
+            t0 = clock()
+            run(1)
+            sync()
+            step = clock() - t0
+            iters[name] = max(num_bench_iter, math.ceil(min_bench_seconds / step) if step > 0 else num_bench_iter)
     names = list(runs)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
@@ -104,7 +117,7 @@ def measure(
         for name in names[k:] + names[:k]:
             sync()
             t0 = clock()
-            runs[name](num_bench_iter)
+            runs[name](iters[name])
             sync()
             seconds[name].append(clock() - t0)
-    return {name: Timing(batch_size, num_bench_iter, tuple(s)) for name, s in seconds.items()}
+    return {name: Timing(batch_size, iters[name], tuple(s)) for name, s in seconds.items()}

@@ -1,4 +1,5 @@
-"""Benchmark harness: the timing protocol's arithmetic on a fake clock, and a tiny smoke run of every mode.
+"""Benchmark harness, suite, study and README section: the timing protocol's arithmetic on a fake clock, a tiny
+smoke run of every mode and of the suite, the study's tables and plot from fake runs.
 
 No timing assertions: benchmarks are measurements, not tests.
 """
@@ -12,8 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import report, run
+import main
+import models
+from benchmarks import env, readme_results, report, run, study
 from benchmarks.modes import MODES, REFERENCE_MODE
 from benchmarks.timing import Run, measure, median_ratio, paired_ratios
 from conftest import ROOT
@@ -23,7 +27,8 @@ TINY = ("--model", "vit_digits_micro", "--batch-size", "2", "--num-warm-iter", "
 
 TIMM_COLUMNS = ("model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size", "infer_img_size",
                 "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size", "param_count")
-OUR_COLUMNS = ("mode", "precision", "compile", "device", "torch", "timm", "python", "threads", "date", "clock")
+OUR_COLUMNS = ("mode", "precision", "compile", "reference", "mac_ratio", "theoretical_gmacs", "theoretical_mac_ratio",
+               "device", "torch", "timm", "python", "threads", "date", "clock")
 
 
 class FakeClock:
@@ -69,7 +74,18 @@ def test_warm_up_runs_the_iterations_then_continues_until_the_time_floor() -> No
     assert clock.calls == [("a", 2), ("a", 1), ("a", 1), ("a", 1)]  # 6 s, then 9 s, then 12 s >= 10 s; timed
 
 
-@pytest.mark.parametrize("kwargs", [dict(repeats=0), dict(num_bench_iter=0), dict(num_warm_iter=-1)])
+def test_time_floor_sets_each_runs_iterations_from_one_calibration_step() -> None:
+    clock = FakeClock()
+    runs = {"slow": clock.run("slow", [2.0] * 10), "fast": clock.run("fast", [0.25] * 10)}
+    timings = measure(runs, batch_size=1, num_warm_iter=1, num_bench_iter=2, repeats=2, min_bench_seconds=3.0,
+                      clock=clock)
+    assert timings["slow"].num_iter == 2 and timings["fast"].num_iter == 12  # max(2, ceil(3 / step))
+    assert clock.calls[:4] == [("slow", 1), ("slow", 1), ("fast", 1), ("fast", 1)]  # warm-up, calibration
+    assert timings["fast"].seconds == (3.0, 3.0) and timings["fast"].rates == (4.0, 4.0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(repeats=0), dict(num_bench_iter=0), dict(num_warm_iter=-1),
+                                    dict(min_bench_seconds=-1.0)])
 def test_measure_rejects_empty_protocols(kwargs: dict[str, int]) -> None:
     args = dict(batch_size=1, num_warm_iter=0, num_bench_iter=1, repeats=1) | kwargs
     with pytest.raises(ValueError):
@@ -102,6 +118,7 @@ def test_every_mode_runs_and_writes_timm_columns(mode: str, tmp_path: Path) -> N
         assert_measured(row, "train")
         assert 0 < float(row["param_count"]) < 1 and row["attn"] == "fused"
         assert row["precision"] == "float32" and row["compile"] == "False" and int(row["threads"]) >= 1
+        assert row["reference"] == REFERENCE_MODE and float(row["theoretical_mac_ratio"]) >= 1
     assert mode in csv_path.with_suffix(".md").read_text()
 
 
@@ -120,3 +137,105 @@ def test_entry_point_runs_from_the_repo_root_and_appends(tmp_path: Path) -> None
         assert_measured(row, "train")
     table = csv_path.with_suffix(".md").read_text()
     assert table.count("| vit_digits_micro |") == 4
+
+
+SUITE_TINY = ("--suite", "--model", "vit_digits_micro", "--num-warm-iter", "1", "--num-bench-iter", "1",
+              "--min-bench-seconds", "0", "--repeats", "2", "--device", "cpu")
+
+
+def test_suite_measures_every_kind_at_two_batches_and_tabulates_speedups_against_dense(tmp_path: Path) -> None:
+    csv_path = run.main([*SUITE_TINY, "--batch-size", "1", "2", "--no-compile", "--csv", str(tmp_path / "s.csv")])
+    rows = read_rows(csv_path)
+    precisions = [p for p in env.PRECISIONS if env.precision_unsupported_reason(torch.device("cpu"), p) is None]
+    assert {(r["infer_batch_size"], r["precision"]) for r in rows} == {(b, p) for b in ("1", "2") for p in precisions}
+    for row in rows:
+        assert row["reference"] == "dense" and row["clock"] == "cpu" and row["threads"] == "1"  # the CPU suite's
+        assert row["train_samples_per_sec"] == ""  # inference only
+        assert math.isfinite(float(row["infer_ratio"])) and float(row["mac_ratio"]) >= 1
+    by_mode = {r["mode"]: r for r in rows}
+    assert list(by_mode) == run.SUITE_MODES
+    assert float(by_mode["dense"]["infer_ratio"]) == 1.0
+    assert float(by_mode["compact+drop70"]["mac_ratio"]) > float(by_mode["compact"]["mac_ratio"]) > 1
+    assert float(by_mode["masked50"]["mac_ratio"]) == 1.0 < float(by_mode["masked50"]["theoretical_mac_ratio"])
+    table = csv_path.with_suffix(".md").read_text()
+    assert "- command: `python benchmarks/run.py --suite --model vit_digits_micro" in table
+    assert "torch " + torch.__version__ in table and "speedup (/ MAC ratio)" in table
+    assert table.count("| vit_digits_micro |") == len(rows)
+
+
+def test_suite_compiles_where_the_device_can(tmp_path: Path) -> None:
+    if env.compile_unsupported_reason(torch.device("cpu")):
+        pytest.skip(env.compile_unsupported_reason(torch.device("cpu")))
+    csv_path = run.main([*SUITE_TINY, "--modes", "compact+drop70", "--batch-size", "2", "--precision", "float32",
+                         "--csv", str(tmp_path / "s.csv")])
+    rows = read_rows(csv_path)
+    assert [(r["mode"], r["compile"]) for r in rows] == [(m, c) for c in ("False", "True")
+                                                         for m in ("dense", "compact+drop70")]
+    for row in rows:
+        assert float(row["infer_samples_per_sec"]) > 0
+
+
+def test_explicit_options_override_the_suite_defaults() -> None:
+    args = run.resolve(run.get_args_parser().parse_args(["--suite", "--batch-size", "8", "--no-compile"]),
+                       torch.device("cpu"))
+    assert args.batch_size == [8] and args.compile is False and args.modes == run.SUITE_MODES
+    gpu = run.suite_defaults(torch.device("cuda"))
+    assert gpu["batch_size"] == [1, 256] and gpu["num_bench_iter"] >= 50 and gpu["clock"] == "wall"
+
+
+def fake_study_rows() -> list[dict[str, object]]:
+    rows = []
+    for config, acc, mmacs, rate in (("dense", 90.0, 3.5, 1000.0), ("sviite_d50", 88.0, 3.5, 1000.0),
+                                     ("s2vite_h07_m06", 86.0, 2.0, 1500.0)):
+        for seed, delta in enumerate((-1.0, 0.0, 1.0)):
+            rows.append({"config": config, "seed": seed, "test_acc1": acc + delta, "density": 1.0,
+                         "train_seconds": 1.0, "run_dir": f"runs/{config}_seed{seed}", "params": 200, "params_nonzero": 100,
+                         "mmacs_theoretical": mmacs / 2, "mmacs_executed": mmacs, "samples_per_sec": rate + seed})
+    return rows
+
+
+def test_study_writes_the_table_and_the_plot(tmp_path: Path) -> None:
+    study.write_outputs(fake_study_rows(), tmp_path, "python benchmarks/study.py", 90.0, "0.1/0.2/0.3")
+    with open(tmp_path / "study.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 and "run_dir" not in rows[0] and "mmacs_executed" in rows[0]
+    table = (tmp_path / "study.md").read_text()
+    assert "- command: `python benchmarks/study.py`" in table and "wall time 1.5 min for 9 runs" in table
+    assert "| dense | 3 | 90.00 ± 1.00 | +0.00 |" in table
+    assert "| s2vite_h07_m06 | 3 | 86.00 ± 1.00 | +4.00 | 100 / 200 | 1.000 | 2.000 | 1,501 | 1.50× (0.86) |" in table
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_default_configs_are_the_issue_list() -> None:
+    assert list(study.CONFIGS) == ["dense", "sviite_d50", "sviite_d30", "s2vite_h07_m06", "sviteplus_keep07",
+                                   "sviteplus_keep07_d50"]
+
+
+def test_study_rebuilds_the_deployed_model_from_a_run_directory(tmp_path: Path) -> None:
+    flags = main.get_args_parser().parse_args(["--model", "vit_digits_micro", "--token_selection", "--token-mode", "drop",
+                               "--token-ratio", "0.5", "--input-size", "16"])
+    model = models.create_model("vit_digits_micro", num_classes=10)
+    models.apply_token_selection(model, models.TokenConfig.from_args(flags))
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    torch.save({"model": model.state_dict(), "args": vars(flags)}, tokens / "checkpoint.pth")  # as main.py saves
+    rebuilt = study.deployed_model(tokens)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(rebuilt(x), model.eval()(x))
+    assert models.mac_summary(rebuilt)["gmacs_executed"] < models.mac_summary(rebuilt)["gmacs_dense"]
+    compact = tmp_path / "compact"
+    small = models.random_compact_model("vit_digits_micro", 0.5, 0.5, num_classes=10)
+    models.save_compact(small, "vit_digits_micro", compact / "compact.pth")
+    assert study.deployed_model(compact).blocks[0].mlp.fc1.out_features < 128
+
+
+def test_readme_section_shows_every_suite_and_the_study_with_their_commands() -> None:
+    text = readme_results.render()
+    assert text.startswith(readme_results.START) and text.endswith(readme_results.END)
+    assert "### What could not be measured here" in text
+    for path in readme_results.suite_files():
+        assert f"[{path.with_suffix('.md').name}]" in text and "- command: `python benchmarks/run.py --suite" in text
+    if (readme_results.STUDY / "study.md").exists():
+        assert "![DIGITS top-1 against MACs](benchmarks/results/study/study.png)" in text
+        assert "- command: `python benchmarks/study.py" in text

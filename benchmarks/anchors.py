@@ -1,0 +1,60 @@
+"""The paper's numbers that our measurements are set beside, with where each comes from.
+
+These are quotations, not measurements: each value is copied from `shared/reference/anchors.md` (tags: V verified in
+a public source, D digitized from the SViTE README figure, C computed with the MAC formula, R recalled from the
+paper). They live here, as data, so that the README's results section can be generated without typing a number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DENSE_SMALL_TOP1 = 79.90  # DeiT-Small, the SViTE paper's baseline (anchors.md §2.3) [V]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """One ImageNet-1k result of the paper (DeiT-Small family unless the setting says otherwise).
+
+    Args:
+        setting: the paper's name for it.
+        top1: ImageNet top-1 (%).
+        flops_saving: FLOP saving against dense, as a fraction (None: not reported).
+        time_saving: running-time saving against dense, as a fraction (None: not reported; 0: none expected).
+        source: the anchors.md section and tags the numbers carry.
+    """
+
+    setting: str
+    top1: float
+    flops_saving: float | None
+    time_saving: float | None
+    source: str
+
+    @property
+    def mac_ratio(self) -> float | None:
+        """Dense MACs over the method's: 1 / (1 - saving), comparable with our MAC ratio."""
+        return None if self.flops_saving is None else 1.0 / (1.0 - self.flops_saving)
+
+    @property
+    def speedup(self) -> float | None:
+        """Dense time over the method's: 1 / (1 - time saving), comparable with our measured speedup."""
+        return None if self.time_saving is None else 1.0 / (1.0 - self.time_saving)
+
+
+PAPER: dict[str, Anchor] = {
+    "dense": Anchor("DeiT-Small dense", DENSE_SMALL_TOP1, 0.0, 0.0, "§2.3 [V]"),
+    "sviite_d50": Anchor("SViTE-Small, 50% sparsity", 79.76, 0.455, 0.0,
+                         "§2.3: top-1 [D], FLOPs [C]; no speed-up with masked dense kernels"),
+    "sviite_d30": Anchor("SViTE-Small, 70% sparsity", 78.0, 0.637, 0.0,
+                         "§2.3: top-1 ≈ [D], FLOPs [C]; no speed-up with masked dense kernels"),
+    "s2vite_h07_m06": Anchor("S²ViTE-Small, 40% structured", 79.22, 0.3163, 0.2265,
+                             "§2.3: top-1 [V], FLOPs and time [R]"),
+    "sviteplus_keep07_d50": Anchor("SViTE+ Small, 5% data and 50% weight sparsity", 80.18, 0.4932, 0.044,
+                                   "§2.3 [V]; the paper keeps 95% of the tokens, we keep 70%"),
+}
+
+# Which paper setting each benchmark-suite mode stands for (masked50 is SViTE's unstructured 50%, compact S²ViTE's
+# 0.7/0.6 structure). The token modes have none: SViTE+ zeroes tokens on an unstructured model, so it saves no time.
+SUITE_TO_PAPER = {"masked50": "sviite_d50", "compact": "s2vite_h07_m06"}
+
+# Measured token-reduction speed-ups on DeiT-Small by other methods (V100), for scale (anchors.md §9.1).
+COMPARATORS = "ToMe 1.67× at −0.44 top-1, EViT ≈1.5× at −0.3, DynamicViT ≈1.4–1.5× at −0.5 (DeiT-Small, V100)"
