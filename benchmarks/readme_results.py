@@ -47,7 +47,7 @@ EARLIER = (
      "python benchmarks/run.py --model deit_base_patch16_224 --modes dense compact --bench infer --batch-size 64 "
      "--threads 2 --num-warm-iter 1 --warm-seconds 0 --num-bench-iter 2 --repeats 3 --csv "
      "benchmarks/results/cpu-base-infer.csv",
-     "anchor: the paper reports a 24.7% running-time saving (1.33×) for S²ViTE-Base on GPU"),
+     "anchor: the paper reports a 24.7% running-time saving for S²ViTE-Base on GPU"),
 )
 
 
@@ -176,9 +176,10 @@ def study_section() -> list[str]:
     table = STUDY / "study.md"
     if not table.exists():
         return ["### DIGITS accuracy study", "", "Not measured yet: run `python benchmarks/study.py`.", ""]
-    return ["### DIGITS accuracy study: every configuration, 3 seeds", "",
+    return ["### DIGITS accuracy study: every configuration, several seeds", "",
             "The stand-in for the paper's ImageNet table: vit_digits_tiny trained from scratch on the embedded DIGITS "
-            "set (8×8 digits at 16 px), 40 epochs, each configuration with three seeds.", "",
+            "set with the recipe in `benchmarks/study.py` (BASE, CONFIGS), each configuration with the seeds counted "
+            "in the table.", "",
             table.read_text().strip(), "",
             "![DIGITS top-1 against MACs](benchmarks/results/study/study.png)", "",
             "Beside the paper (different data set and scale: compare the gaps to dense, not the accuracies):", "",

@@ -170,7 +170,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel(f"{title}, millions per image")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("DIGITS top-1 (%), mean ± std over seeds")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle("DIGITS, vit_digits_tiny: accuracy against MACs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
