@@ -12,11 +12,8 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import random
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any

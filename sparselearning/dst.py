@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from sparselearning.base import DenseSparsifier, Sparsifier
@@ -22,54 +20,16 @@ from sparselearning.criteria import (
 )
 from sparselearning.distributions import layer_counts, layer_densities, redistribute
 from sparselearning.masks import MaskSet, momentum_of, select_parameters, unwrap_model
-from sparselearning.metrics import density_record, format_table
-from sparselearning.schedules import death_rate_at, is_update_step
+from sparselearning.metrics import density_record
+from sparselearning.scheduled import LogFn, ScheduledMasks
 
 if TYPE_CHECKING:
     from sparselearning.structured import StructureSource
 
 logger = logging.getLogger(__name__)
 
-LogFn = Callable[[dict[str, Any]], None]
-STATE_FORMAT = "sparselearning.Masking/1"
 
-
-def print_table(record: dict[str, Any]) -> None:
-    """Default ``log_fn``: print the per-layer table, on rank 0 only under torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        print(format_table(record), flush=True)
-
-
-def collective_device() -> torch.device:
-    """Where tensors must live for a torch.distributed collective: the current GPU under NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def check_masks_agree(mask_set: MaskSet, step: int) -> None:
-    """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed).
-
-    One small all-reduce of per-layer float64 checksums: the element-wise MAX over ranks of [c, -c] gives the maximum
-    and minimum at once, and they must agree.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    local = mask_set.checksum()
-    both = torch.cat([local, -local]).to(collective_device())
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    high, low = both[: local.numel()].cpu(), -both[local.numel():].cpu()
-    if not torch.equal(high, low):
-        names = list(mask_set.masks)
-        differing = sorted({names[int(i) // 3] for i in (high != low).nonzero().flatten()})
-        raise RuntimeError(
-            f"sparsity masks differ across ranks at step {step} in {differing}. Masks are functions of "
-            "(seed, layer name, step) and of the all-reduced gradients, so every rank must pass the same seed "
-            "(not seed + rank) and train the same replicated model"
-        )
-
-
-class Masking:
+class Masking(ScheduledMasks):
     """SViTE's unstructured dynamic sparse training as a drop-in for any PyTorch training loop.
 
     Construction picks the masked tensors, draws masks with exact per-layer counts, zeroes the masked weights and
@@ -122,6 +82,8 @@ class Masking:
             prints a table on rank 0.
     """
 
+    STATE_FORMAT = "sparselearning.Masking/1"
+
     def __init__(
         self,
         model: nn.Module,
@@ -152,33 +114,14 @@ class Masking:
             sparse_exclude=sparse_exclude, sparse_include=sparse_include,
             keep_optimizer_state=keep_optimizer_state, erk_power=erk_power,
         )
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"total_steps must be a positive int (optimizer steps of the run), got {total_steps!r}")
-        self.optimizer = optimizer
-        self.total_steps = total_steps
-        self.seed = int(seed)
-        self.log_fn: LogFn = log_fn if log_fn is not None else print_table
-        self.skipped_updates: list[int] = []
-        self._step = 0
-        self._last_update_step = 0
-
+        self._start_schedule(optimizer, total_steps, seed, log_fn)
         params = select_parameters(model, sparse_include, sparse_exclude)
         self.total_parameters = sum(p.numel() for p in unwrap_model(model).parameters())
         self.shapes = {name: tuple(p.shape) for name, p in params.items()}
         densities = layer_densities(self.shapes, density, sparse_init, erk_power=erk_power)
-        self.mask_set = MaskSet.random(params, layer_counts(densities, self.shapes), self.seed)
-        self._hook = self.mask_set.attach(optimizer, mask_momentum=keep_optimizer_state)  # validates first
-        self.mask_set.apply_()
-        if not keep_optimizer_state:
-            self.mask_set.reset_optimizer_state(optimizer, {name: ~m for name, m in self.mask_set.masks.items()})
+        self._enforce(MaskSet.random(params, layer_counts(densities, self.shapes), self.seed), "sparse training")
         self._refresh_counts()
         self.check_consistency()
-        if update_frequency >= t_end * total_steps:
-            warnings.warn(
-                f"update_frequency={update_frequency} >= t_end * total_steps = {t_end * total_steps:g}: the topology "
-                "will never be updated (static sparse training)",
-                stacklevel=2,
-            )
         self.log_fn(self.record("init"))
 
     @classmethod
@@ -202,33 +145,9 @@ class Masking:
         )
 
     @property
-    def masks(self) -> dict[str, torch.Tensor]:
-        """FQN -> live bool mask (True = active). Do not modify; use ``load_state_dict``."""
-        return self.mask_set.masks
-
-    @property
     def fired_masks(self) -> dict[str, torch.Tensor]:
         """FQN -> bool mask of weights that have ever been active (for the ITOP explored rate)."""
         return self.mask_set.fired
-
-    def death_rate(self, step: int) -> float:
-        """The death fraction the schedule gives at ``step``."""
-        cfg = self.config
-        return death_rate_at(step, self.total_steps, cfg.death_rate, cfg.decay_schedule)
-
-    def step(self, step: int) -> bool:
-        """Call after every optimizer step with the number of optimizer steps done so far.
-
-        Masks are already enforced by the optimizer hook, so between updates this is a cheap schedule check.
-        Returns True when the topology changed.
-        """
-        self._step = step
-        cfg = self.config
-        if step == self._last_update_step or not is_update_step(step, cfg.update_frequency, self.total_steps,
-                                                                cfg.t_end):
-            return False
-        self._last_update_step = step
-        return self._update(step)
 
     def _growth_signal(self, name: str, param: torch.Tensor) -> torch.Tensor:
         if self.config.growth == "gradient":
@@ -321,10 +240,6 @@ class Masking:
         self._active = self.mask_set.counts()
         self._explored = self.mask_set.fired_count()
 
-    def check_consistency(self) -> None:
-        """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed)."""
-        check_masks_agree(self.mask_set, self._step)
-
     def record(self, event: str = "report") -> dict[str, Any]:
         """A ``density_record`` of the current topology (per-layer densities, global densities, explored rate)."""
         return density_record(
@@ -344,35 +259,16 @@ class Masking:
 
         Only plain tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
         """
-        return {
-            "format": STATE_FORMAT,
-            **self.mask_set.state_dict(),
-            "step": self._step,
-            "last_update_step": self._last_update_step,
-            "death_rate": self.death_rate(self._step),
-            "seed": self.seed,
-            "skipped_updates": list(self.skipped_updates),
-            "config": self.config.to_dict(),
-        }
+        return self._schedule_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` output: masks (re-applied to the weights), explored masks, step and seed.
 
-        Load the model and optimizer first; the masks are then enforced on the loaded weights. The checkpoint's
-        seed replaces the constructor's so that random draws continue the saved run.
+        Load the model and optimizer first; the masks are then enforced on the loaded weights.
         """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a Masking state dict (expected format {STATE_FORMAT!r})")
+        self._check_state_format(state)
         self.mask_set.load_state_dict(state)
-        self._step = int(state["step"])
-        self._last_update_step = int(state["last_update_step"])
-        self.seed = int(state["seed"])
-        self.skipped_updates = [int(s) for s in state["skipped_updates"]]
-        differing = {k: (v, state["config"].get(k)) for k, v in self.config.to_dict().items()
-                     if state["config"].get(k) != v}
-        if differing:
-            logger.warning("sparsity: resuming with settings that differ from the checkpoint (now, saved): %s",
-                           differing)
+        self._load_schedule_state(state)
         self._refresh_counts()
         self.check_consistency()
         self.log_fn(self.record("resume"))

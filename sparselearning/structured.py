@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,13 +20,11 @@ from torch import nn
 
 from sparselearning.config import SparsityConfig
 from sparselearning.criteria import derive_seed, drop_lowest, grow_highest, random_scores, topk_mask
-from sparselearning.dst import LogFn, check_masks_agree, collective_device, print_table
 from sparselearning.masks import MaskSet, unwrap_model
-from sparselearning.schedules import death_rate_at, is_update_step
+from sparselearning.scheduled import LogFn, ScheduledMasks, collective_device
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "sparselearning.StructuredDST/1"
 UNIT_KINDS = ("head", "neuron")
 SLICE_ROLES = ("in", "bias", "out")
 REGROWTH_STD = 0.02
@@ -170,7 +167,7 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class StructuredDST:
+class StructuredDST(ScheduledMasks):
     """S²ViTE: dynamic sparsity of whole attention heads and MLP neurons, with a fixed count per block.
 
     Construction picks ``int(H * atten_density)`` heads and ``int(hidden * other_density)`` neurons per block at
@@ -212,6 +209,8 @@ class StructuredDST:
             it with ``format_table``.
     """
 
+    STATE_FORMAT = "sparselearning.StructuredDST/1"
+
     def __init__(
         self,
         model: nn.Module,
@@ -237,15 +236,7 @@ class StructuredDST:
             decay_schedule=decay_schedule, t_end=t_end, keep_optimizer_state=keep_optimizer_state,
             atten_head=atten_head, atten_density=atten_density, other_density=other_density, structure_compat=compat,
         )
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"total_steps must be a positive int (optimizer steps of the run), got {total_steps!r}")
-        self.optimizer = optimizer
-        self.total_steps = total_steps
-        self.seed = int(seed)
-        self.log_fn: LogFn = log_fn if log_fn is not None else print_table
-        self.skipped_updates: list[int] = []
-        self._step = 0
-        self._last_update_step = 0
+        self._start_schedule(optimizer, total_steps, seed, log_fn)
         self._swapped = {"head": 0, "neuron": 0}
 
         net = unwrap_model(model)
@@ -259,11 +250,7 @@ class StructuredDST:
         active = {g.name: topk_mask(random_scores((g.num_units,), derive_seed(self.seed, g.name, "init")),
                                     keep[g.name]) for g in self.groups}
         masks = {s.param: expand_units(active[g.name], s, self.params[s.param].shape) for g, s in self.masked}
-        self.mask_set = MaskSet({name: self.params[name] for name in masks}, masks)
-        self._hook = self.mask_set.attach(optimizer, mask_momentum=keep_optimizer_state)  # validates first
-        self.mask_set.apply_()
-        if not keep_optimizer_state:
-            self.mask_set.reset_optimizer_state(optimizer, {name: ~m for name, m in self.mask_set.masks.items()})
+        self._enforce(MaskSet({name: self.params[name] for name in masks}, masks), "structured sparsity")
         self.active = active
 
         self.stats = units.attach_stats()
@@ -280,12 +267,6 @@ class StructuredDST:
             if self._grad_sums:
                 self._grad_hook = optimizer.register_step_post_hook(self._accumulate_gradients)
         self.check_consistency()
-        if update_frequency >= t_end * total_steps:
-            warnings.warn(
-                f"update_frequency={update_frequency} >= t_end * total_steps = {t_end * total_steps:g}: the topology "
-                "will never be updated (static structured sparsity)",
-                stacklevel=2,
-            )
         self.log_fn(self.record("init"))
 
     @classmethod
@@ -357,29 +338,7 @@ class StructuredDST:
             return spec.role == "out" and group.kind == "neuron"
         return spec.role == "bias"
 
-    # ------------------------------------------------------------------------------------------------ properties
-
-    @property
-    def masks(self) -> dict[str, torch.Tensor]:
-        """FQN -> live bool mask (True = active) of every masked tensor. Do not modify; use ``load_state_dict``."""
-        return self.mask_set.masks
-
-    def death_rate(self, step: int) -> float:
-        """The swap fraction the schedule gives at ``step``."""
-        cfg = self.config
-        return death_rate_at(step, self.total_steps, cfg.death_rate, cfg.decay_schedule)
-
     # ------------------------------------------------------------------------------------------------ training
-
-    def step(self, step: int) -> bool:
-        """Call after every optimizer step with the number of optimizer steps done so far; True when units moved."""
-        self._step = step
-        cfg = self.config
-        if step == self._last_update_step or not is_update_step(step, cfg.update_frequency, self.total_steps,
-                                                                cfg.t_end):
-            return False
-        self._last_update_step = step
-        return self._update(step)
 
     @torch.no_grad()
     def _accumulate_gradients(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
@@ -511,10 +470,6 @@ class StructuredDST:
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
                         value.mul_(keep)
 
-    def check_consistency(self) -> None:
-        """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed)."""
-        check_masks_agree(self.mask_set, self._step)
-
     # ------------------------------------------------------------------------------------------------ reporting
 
     def _unit_counts(self, group: UnitGroup) -> tuple[int, int]:
@@ -588,17 +543,10 @@ class StructuredDST:
         lists and dicts, so ``torch.load(weights_only=True)`` reads it.
         """
         return {
-            "format": STATE_FORMAT,
-            **self.mask_set.state_dict(),
+            **self._schedule_state(),
             "head_stats": self.stats.state_dict(),
             "grad_sums": {name: t.detach().to("cpu", copy=True) for name, t in self._grad_sums.items()},
             "grad_steps": self._grad_steps,
-            "step": self._step,
-            "last_update_step": self._last_update_step,
-            "death_rate": self.death_rate(self._step),
-            "seed": self.seed,
-            "skipped_updates": list(self.skipped_updates),
-            "config": self.config.to_dict(),
         }
 
     @torch.no_grad()
@@ -608,8 +556,7 @@ class StructuredDST:
         Raises:
             ValueError: for another method's state, a different compat mode, or masks that do not cover whole units.
         """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a StructuredDST state dict (expected format {STATE_FORMAT!r})")
+        self._check_state_format(state)
         saved_compat = bool(state["config"].get("structure_compat"))
         if saved_compat != self.config.structure_compat:
             raise ValueError(f"the checkpoint was trained with structure_compat={saved_compat}, which masks other "
@@ -633,14 +580,6 @@ class StructuredDST:
         for name, total in self._grad_sums.items():
             total.copy_(state["grad_sums"][name])
         self._grad_steps = int(state["grad_steps"])
-        self._step = int(state["step"])
-        self._last_update_step = int(state["last_update_step"])
-        self.seed = int(state["seed"])
-        self.skipped_updates = [int(s) for s in state["skipped_updates"]]
-        differing = {k: (v, state["config"].get(k)) for k, v in self.config.to_dict().items()
-                     if state["config"].get(k) != v}
-        if differing:
-            logger.warning("sparsity: resuming with settings that differ from the checkpoint (now, saved): %s",
-                           differing)
+        self._load_schedule_state(state)
         self.check_consistency()
         self.log_fn(self.record("resume"))

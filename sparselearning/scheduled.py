@@ -1,0 +1,166 @@
+"""What unstructured and structured dynamic sparse training share: SViTE's update schedule and its saved state.
+
+``Masking`` (weights) and ``StructuredDST`` (heads and neurons) differ only in what a unit is and how it is scored.
+Both hold a ``MaskSet`` that the optimizer hook enforces, update the topology every ΔT steps until ``t_end`` with a
+decaying rate, check that DDP ranks agree, and checkpoint the same schedule fields; that part lives here once.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sparselearning.config import SparsityConfig
+from sparselearning.masks import MaskSet
+from sparselearning.metrics import format_table
+from sparselearning.schedules import death_rate_at, is_update_step
+
+logger = logging.getLogger(__name__)
+
+LogFn = Callable[[dict[str, Any]], None]
+
+
+def print_table(record: dict[str, Any]) -> None:
+    """Default ``log_fn``: print the per-layer table, on rank 0 only under torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(format_table(record), flush=True)
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for a torch.distributed collective: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_masks_agree(mask_set: MaskSet, step: int) -> None:
+    """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed).
+
+    One small all-reduce of per-layer float64 checksums: the element-wise MAX over ranks of [c, -c] gives the maximum
+    and minimum at once, and they must agree.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    local = mask_set.checksum()
+    both = torch.cat([local, -local]).to(collective_device())
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    high, low = both[: local.numel()].cpu(), -both[local.numel():].cpu()
+    if not torch.equal(high, low):
+        names = list(mask_set.masks)
+        differing = sorted({names[int(i) // 3] for i in (high != low).nonzero().flatten()})
+        raise RuntimeError(
+            f"sparsity masks differ across ranks at step {step} in {differing}. Masks are functions of "
+            "(seed, layer name, step) and of the all-reduced gradients, so every rank must pass the same seed "
+            "(not seed + rank) and train the same replicated model"
+        )
+
+
+class ScheduledMasks(ABC):
+    """Base of the dynamic sparse training methods: the schedule, mask enforcement and the schedule's state.
+
+    A subclass calls ``_start_schedule`` first in its constructor and ``_enforce`` once it has its masks, and
+    implements ``_update`` and ``record``.
+    """
+
+    STATE_FORMAT = ""
+    config: SparsityConfig
+    mask_set: MaskSet
+
+    def _start_schedule(self, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
+                        log_fn: LogFn | None) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be a positive int (optimizer steps of the run), got {total_steps!r}")
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.seed = int(seed)
+        self.log_fn: LogFn = log_fn if log_fn is not None else print_table
+        self.skipped_updates: list[int] = []
+        self._step = 0
+        self._last_update_step = 0
+
+    def _enforce(self, mask_set: MaskSet, what: str) -> None:
+        """Hook the optimizer so masked entries stay zero, zero them now, and (by default) clear their optimizer
+        state; warn when the schedule leaves no room for a single update of ``what``."""
+        cfg = self.config
+        self.mask_set = mask_set
+        self._hook = mask_set.attach(self.optimizer, mask_momentum=cfg.keep_optimizer_state)  # validates first
+        mask_set.apply_()
+        if not cfg.keep_optimizer_state:
+            mask_set.reset_optimizer_state(self.optimizer, {name: ~m for name, m in mask_set.masks.items()})
+        if cfg.update_frequency >= cfg.t_end * self.total_steps:
+            warnings.warn(
+                f"update_frequency={cfg.update_frequency} >= t_end * total_steps = {cfg.t_end * self.total_steps:g}: "
+                f"the topology will never be updated (static {what})",
+                stacklevel=3,
+            )
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """FQN -> live bool mask (True = active) of every masked tensor. Do not modify; use ``load_state_dict``."""
+        return self.mask_set.masks
+
+    def death_rate(self, step: int) -> float:
+        """The fraction of active units (weights, heads, neurons) that the schedule replaces at ``step``."""
+        cfg = self.config
+        return death_rate_at(step, self.total_steps, cfg.death_rate, cfg.decay_schedule)
+
+    def step(self, step: int) -> bool:
+        """Call after every optimizer step with the number of optimizer steps done so far.
+
+        Masks are already enforced by the optimizer hook, so between updates this is a cheap schedule check.
+        Returns True when the topology changed.
+        """
+        self._step = step
+        cfg = self.config
+        if step == self._last_update_step or not is_update_step(step, cfg.update_frequency, self.total_steps,
+                                                                cfg.t_end):
+            return False
+        self._last_update_step = step
+        return self._update(step)
+
+    @abstractmethod
+    def _update(self, step: int) -> bool:
+        """One topology update at ``step``; True when the topology changed."""
+
+    @abstractmethod
+    def record(self, event: str = "report") -> dict[str, Any]:
+        """The method's per-unit density record (for ``log_fn`` and ``report``)."""
+
+    def check_consistency(self) -> None:
+        """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed)."""
+        check_masks_agree(self.mask_set, self._step)
+
+    def _schedule_state(self) -> dict[str, Any]:
+        """Masks, explored masks, step, death-rate state, seed and config: plain values ``weights_only`` reads."""
+        return {
+            "format": self.STATE_FORMAT,
+            **self.mask_set.state_dict(),
+            "step": self._step,
+            "last_update_step": self._last_update_step,
+            "death_rate": self.death_rate(self._step),
+            "seed": self.seed,
+            "skipped_updates": list(self.skipped_updates),
+            "config": self.config.to_dict(),
+        }
+
+    def _check_state_format(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format") != self.STATE_FORMAT:
+            raise ValueError(f"not a {type(self).__name__} state dict (expected format {self.STATE_FORMAT!r})")
+
+    def _load_schedule_state(self, state: dict[str, Any]) -> None:
+        """Restore the schedule fields; the checkpoint's seed replaces the constructor's so random draws continue
+        the saved run. Settings that differ from the checkpoint's are allowed, and logged."""
+        self._step = int(state["step"])
+        self._last_update_step = int(state["last_update_step"])
+        self.seed = int(state["seed"])
+        self.skipped_updates = [int(s) for s in state["skipped_updates"]]
+        differing = {k: (v, state["config"].get(k)) for k, v in self.config.to_dict().items()
+                     if state["config"].get(k) != v}
+        if differing:
+            logger.warning("sparsity: resuming with settings that differ from the checkpoint (now, saved): %s",
+                           differing)
