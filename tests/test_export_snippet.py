@@ -54,7 +54,8 @@ def test_printed_snippets_load_the_exported_models_with_equal_logits(tmp_path: P
     compact = models.compact_model(digits, models.random_unit_masks(digits, 0.5, 0.6, seed=1)).eval()
     models.apply_token_selection(compact, models.TokenConfig(enabled=True, num_keep=9))
     compact.eval()
-    timm_header, project_header = "load it with timm alone (copy and paste into Python):", "(copy and paste into Python):"
+    timm_header = "load it with timm alone (copy and paste into Python):"
+    project_header = "(copy and paste into Python):"
 
     out_deit = export(capsys, deit, "deit_tiny_patch16_224", tmp_path, "deit", "--input-size", "32")
     out_digits = export(capsys, digits, MICRO, tmp_path, "digits")
