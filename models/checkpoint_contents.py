@@ -23,7 +23,7 @@ import torch
 
 from models.checkpoint import file_kind, load_checkpoint
 from models.compact import is_compact_checkpoint
-from models.export import export_args, is_sparse_file, load_sparse
+from models.export import export_args, is_sparse_file
 
 ORIGINAL_MASK_ENTRIES = ("mask", "atten_mask", "other_mask")
 _MASK_SUFFIX = re.compile(r"_(\d+|mask)$")
@@ -71,8 +71,6 @@ class CheckpointContents:
 def read_checkpoint(path: str | Path) -> CheckpointContents:
     """Load ``path`` safely (``weights_only``) and normalise it; a file holding no model weights is an error."""
     path = Path(path)
-    if path.is_file() and file_kind(path) == "safetensors" and is_sparse_file(path):
-        return CheckpointContents(path, "sparse", load_sparse(path), args=export_args(path))
     raw = load_checkpoint(path, map_location="cpu")
     if is_compact_checkpoint(raw):
         return CheckpointContents(path, "compact", _strip_prefix(raw["model"]), args=_plain_args(raw.get("args")),
@@ -87,7 +85,8 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     if any(key in raw for key in ORIGINAL_MASK_ENTRIES) or isinstance(raw.get("args"), argparse.Namespace):
         masks, notes = original_masks(raw, weights)
         return CheckpointContents(path, "svite", weights, masks, args, ema, notes=notes, epoch=epoch)
-    return CheckpointContents(path, "weights", weights, args=args or export_args(path), ema=ema, epoch=epoch)
+    layout = "sparse" if file_kind(path) == "safetensors" and is_sparse_file(path) else "weights"
+    return CheckpointContents(path, layout, weights, args=args or export_args(path), ema=ema, epoch=epoch)
 
 
 def mask_parameter_name(key: str) -> str:

@@ -97,3 +97,10 @@ def test_resume_accepts_an_export_with_the_flags_its_config_records(tmp_path: Pa
     loader = main.build_val_loader(parse(), main.datasets.DataConfig.from_args(parse("--input-size", "16")), 0, 1)[0]
     reference = main.engine.evaluate(model, loader, torch.device("cpu"), None)
     assert stats["test_acc1"] == pytest.approx(reference["acc1"]) and stats["test_images"] == 360
+
+
+def test_training_resume_from_a_sparse_export_says_it_holds_weights_only(tmp_path: Path) -> None:
+    model = sparsify(models.create_model(MICRO, num_classes=10))
+    paths = models.export_model(model, MICRO, models.TokenConfig(), tmp_path)
+    with pytest.raises(ValueError, match="holds weights only .* evaluate it with --eval"):
+        main.main(parse("--epochs", "1", "--resume", str(paths["sparse"])))
