@@ -77,8 +77,8 @@ def audit_warnings(contents: CheckpointContents, detection: Detection, rows: lis
         if detection.selector and masked_blocks and all(r.weight_density > 1 - TOLERANCE for r in masked_blocks):
             warnings.append("the transformer blocks are dense despite their masks: this is the original code's "
                             "mask-index bug, which left token-selection runs made before 2021-08-14 dense "
-                            "(docs/original-sviite.md#the-mask-index-bug-before-2021-08-14); the accuracy is that of a dense model with a token selector, not of a "
-                            "sparse one")
+                            "(docs/original-sviite.md#the-mask-index-bug-before-2021-08-14); the accuracy is that "
+                            "of a dense model with a token selector, not of a sparse one")
     warnings += _flag_claims(contents, detection)
     warnings += _name_claims(contents, detection)
     return warnings

@@ -120,7 +120,8 @@ def original_masks(raw: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) 
         notes.append(f"{len(shifted)} mask keys carry an index that is not their parameter's position (e.g. {key} "
                      f"for parameter #{position}). The original code named masks this way in token-selection runs "
                      "until its fix of 2021-08-14 (commit d16756e), and never applied them to the transformer "
-                     "weights: the mask-index bug, docs/original-sviite.md#the-mask-index-bug-before-2021-08-14. The masks were matched to parameters by name")
+                     "weights: the mask-index bug, docs/original-sviite.md#the-mask-index-bug-before-2021-08-14. "
+                     "The masks were matched to parameters by name")
     if unknown:
         notes.append(f"{len(unknown)} mask keys name no parameter of the model or have another shape, and were "
                      f"ignored (e.g. {unknown[0]})")

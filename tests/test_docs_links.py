@@ -81,11 +81,23 @@ def test_the_checks_catch_a_missing_file_and_a_missing_heading(tmp_path: Path) -
     assert links(text) == ["README.md#no-such-heading"]
 
 
+def source_files() -> list[Path]:
+    return [p for p in ROOT.rglob("*") if p.suffix in (".py", ".sh", ".md") and p != Path(__file__)
+            and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+
+
 def test_no_source_file_points_outside_the_repository() -> None:
     """Runtime messages and comments cite docs/, never the notes this project was built from."""
     pattern = re.compile(r"sviite-behaviour\.md|shared/reference|(?<!docs/)\banchors\.md")
-    offenders = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
-                 if p.suffix in (".py", ".sh", ".md") and p != Path(__file__)
-                 and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
-                 and pattern.search(p.read_text())]
+    offenders = [p.relative_to(ROOT).as_posix() for p in source_files() if pattern.search(p.read_text())]
     assert not offenders, offenders
+
+
+def test_docs_cited_by_code_exist_with_their_headings() -> None:
+    """A message or comment citing docs/PAGE.md#heading names a page and a heading that exist."""
+    cited = {m for p in source_files() if p.suffix != ".md"
+             for m in re.findall(r"docs/[\w.-]+\.md(?:#[\w-]+)?", p.read_text())}
+    assert "docs/original-sviite.md#the-mask-index-bug-before-2021-08-14" in cited
+    broken = [c for c in cited if not (ROOT / c.split("#")[0]).exists()
+              or ("#" in c and c.split("#")[1] not in anchors(ROOT / c.split("#")[0]))]
+    assert not broken, broken
