@@ -403,7 +403,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         say("\n".join(macs))
     if args.export and rank == 0:
         paths = models.export_model(model, model_name, tokens, args.export)
-        say(f"exported {', '.join(str(p) for p in paths.values())}")
+        say(models.export_message(paths))
     if not args.eval:
         return {}
 

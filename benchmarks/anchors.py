@@ -1,14 +1,15 @@
 """The paper's numbers that our measurements are set beside, with where each comes from.
 
-These are quotations, not measurements: each value is copied from `shared/reference/anchors.md` (tags: V verified in
-a public source, D digitized from the SViTE README figure, C computed with the MAC formula, R recalled from the
-paper). They live here, as data, so that the README's results section can be generated without typing a number.
+These are quotations, not measurements. docs/anchors.md gives the source of each and the meaning of the tags (V
+verified in a public source, D digitized from the SViTE README figure, C computed with the MAC formula, R recalled
+from the paper and unconfirmed). They live here, as data, so that the README's results section can be generated
+without typing a number.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-DENSE_SMALL_TOP1 = 79.90  # DeiT-Small, the SViTE paper's baseline (anchors.md §2.3) [V]
+DENSE_SMALL_TOP1 = 79.90  # DeiT-Small, the SViTE paper's baseline (docs/anchors.md) [V]
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class Anchor:
         top1: ImageNet top-1 (%).
         flops_saving: FLOP saving against dense, as a fraction (None: not reported).
         time_saving: running-time saving against dense, as a fraction (None: not reported; 0: none expected).
-        source: the anchors.md section and tags the numbers carry.
+        source: where the numbers come from, with their tags (docs/anchors.md).
     """
 
     setting: str
@@ -41,20 +42,21 @@ class Anchor:
 
 
 PAPER: dict[str, Anchor] = {
-    "dense": Anchor("DeiT-Small dense", DENSE_SMALL_TOP1, 0.0, 0.0, "§2.3 [V]"),
+    "dense": Anchor("DeiT-Small dense", DENSE_SMALL_TOP1, 0.0, 0.0, "SViTE paper baseline = DeiT README [V]"),
     "sviite_d50": Anchor("SViTE-Small, 50% sparsity", 79.76, 0.455, 0.0,
-                         "§2.3: top-1 [D], FLOPs [C]; no speed-up with masked dense kernels"),
+                         "top-1: SViTE README figure [D]; FLOPs [C]; no speed-up with masked dense kernels"),
     "sviite_d30": Anchor("SViTE-Small, 70% sparsity", 78.0, 0.637, 0.0,
-                         "§2.3: top-1 ≈ [D], FLOPs [C]; no speed-up with masked dense kernels"),
+                         "top-1: SViTE README figure, ≈ [D]; FLOPs [C]; no speed-up with masked dense kernels"),
     "s2vite_h07_m06": Anchor("S²ViTE-Small, 40% structured", 79.22, 0.3163, 0.2265,
-                             "§2.3: top-1 [V], FLOPs and time [R]"),
+                             "top-1: SPViT paper via gmlwns2000/sttabt [V]; FLOPs and time [R]"),
     "sviteplus_keep07_d50": Anchor("SViTE+ Small, 5% data and 50% weight sparsity (this row keeps 70% of the tokens)",
-                                   80.18, 0.4932, 0.044, "§2.3 [V]; the paper keeps 95% of the tokens, we keep 70%"),
+                                   80.18, 0.4932, 0.044, "SViTE abstract and released checkpoint name [V]; the "
+                                   "paper keeps 95% of the tokens, we keep 70%"),
 }
 
 # Which paper setting each benchmark-suite mode stands for (masked50 is SViTE's unstructured 50%, compact S²ViTE's
 # 0.7/0.6 structure). The token modes have none: SViTE+ zeroes tokens on an unstructured model, so it saves no time.
 SUITE_TO_PAPER = {"masked50": "sviite_d50", "compact": "s2vite_h07_m06"}
 
-# Measured token-reduction speed-ups on DeiT-Small by other methods (V100), for scale (anchors.md §9.1).
+# Measured token-reduction speed-ups on DeiT-Small by other methods (V100), for scale (docs/anchors.md).
 COMPARATORS = "ToMe 1.67× at −0.44 top-1, EViT ≈1.5× at −0.3, DynamicViT ≈1.4–1.5× at −0.5 (DeiT-Small, V100)"

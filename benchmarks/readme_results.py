@@ -152,9 +152,11 @@ def suite_section(path: Path) -> list[str]:
 
 
 def study_anchor_table(rows: list[dict[str, str]]) -> list[str]:
-    """Our DIGITS gaps and MAC savings beside the paper's ImageNet results for the matching setting."""
+    """Our DIGITS differences to dense (configuration − dense) and MAC savings beside the paper's ImageNet results
+    for the matching setting."""
     lines = ["| configuration | paper setting (ImageNet, DeiT-Small, 600 epochs) | paper top-1 (Δ vs dense) | "
-             "paper FLOP saving | our DIGITS top-1 Δ vs dense | our theoretical MAC saving | our executed MAC saving |",
+             f"paper FLOP saving | our DIGITS {report.DELTA_VS_DENSE} | our theoretical MAC saving | "
+             "our executed MAC saving |",
              "|---|---|---|---|---|---|---|"]
     means = {c: statistics.fmean(float(r["test_acc1"]) for r in rows if r["config"] == c)
              for c in dict.fromkeys(r["config"] for r in rows)}
@@ -182,7 +184,8 @@ def study_section() -> list[str]:
             "in the table.", "",
             table.read_text().strip(), "",
             "![DIGITS top-1 against MACs](benchmarks/results/study/study.png)", "",
-            "Beside the paper (different data set and scale: compare the gaps to dense, not the accuracies):", "",
+            "Beside the paper (different data set and scale: compare the differences to dense, not the accuracies; "
+            "every Δ is configuration − dense, so negative means below dense):", "",
             *study_anchor_table(read_csv(STUDY / "study.csv")), ""]
 
 
@@ -225,8 +228,8 @@ def earlier_section() -> list[str]:
 def render() -> str:
     lines = [START, "", "Every number in this section is read from a results file by `python "
              "benchmarks/readme_results.py`; each table names the date, device and command that produced it. "
-             "The paper's numbers are quotations (`benchmarks/anchors.py`, from the reference notes), set beside "
-             "ours.", ""]
+             "The paper's numbers are quotations (`benchmarks/anchors.py`; sources in "
+             "[docs/anchors.md](docs/anchors.md)), set beside ours.", ""]
     lines += not_measured()
     for path in suite_files():
         lines += suite_section(path)

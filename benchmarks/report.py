@@ -18,6 +18,10 @@ from benchmarks.timing import Timing, median_ratio, paired_ratios
 
 PHASES = ("infer", "train")
 
+# One sign convention for accuracy differences in every generated table: configuration minus dense, in points, so a
+# negative value is a configuration less accurate than dense (the convention of the papers we quote).
+DELTA_VS_DENSE = "top-1 Δ vs dense (config − dense)"
+
 COLUMNS = (
     "model", "mode", "precision", "compile",
     *(f"{phase}_{key}" for phase in PHASES for key in (

@@ -11,6 +11,11 @@ measured interleaved in one protocol (benchmarks/timing.py). Writes to `--out`:
 * `study.csv`: one row per run (top-1, parameters, MACs, samples/s);
 * `study.md`: mean ± std per configuration, with the date, machine, command and wall time;
 * `study.png`: top-1 (mean ± std) against MACs, theoretical (the paper's count) and executed (what runs).
+
+    python benchmarks/study.py --from-csv           # rewrite study.md and study.png from the recorded study.csv
+
+`--from-csv` trains nothing: it re-renders the tables and the plot of the recorded runs (after a change to how they
+are presented), keeping the command, machine and wall time that study.md recorded.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import models  # noqa: E402
-from benchmarks import env, steps  # noqa: E402
+from benchmarks import env, report, steps  # noqa: E402
 from benchmarks.timing import measure  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 
@@ -118,7 +123,8 @@ def measure_models(rows: list[dict[str, Any]]) -> None:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per configuration, in CONFIGS order: mean ± std top-1, gap to dense, mean counts, median samples/s."""
+    """Per configuration, in CONFIGS order: mean ± std top-1, its difference to dense (configuration − dense), mean
+    counts, median samples/s."""
     summary = []
     for config in CONFIGS:
         runs = [r for r in rows if r["config"] == config]
@@ -133,7 +139,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         summary.append(s)
     dense = next((s for s in summary if s["config"] == "dense"), None)
     for s in summary:
-        s["gap_to_dense"] = None if dense is None else dense["mean"] - s["mean"]
+        s["delta_vs_dense"] = None if dense is None else s["mean"] - dense["mean"]
         s["speedup"] = None if dense is None else s["samples_per_sec"] / dense["samples_per_sec"]
         s["mac_ratio"] = None if dense is None else dense["mmacs_executed"] / s["mmacs_executed"]
     return summary
@@ -141,13 +147,13 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(summary: list[dict[str, Any]]) -> list[str]:
     """The markdown table of a summary."""
-    lines = ["| configuration | seeds | top-1 (mean ± std) | gap to dense | params (non-zero / all) | MMACs theoretical "
-             "| MMACs executed | samples/s (batch 256) | speedup vs dense (/ MAC ratio) | flags |",
+    lines = [f"| configuration | seeds | top-1 (mean ± std) | {report.DELTA_VS_DENSE} | params (non-zero / all) | "
+             "MMACs theoretical | MMACs executed | samples/s (batch 256) | speedup vs dense (/ MAC ratio) | flags |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        gap = "" if s["gap_to_dense"] is None else f"{s['gap_to_dense']:+.2f}"
+        delta = "" if s["delta_vs_dense"] is None else f"{s['delta_vs_dense']:+.2f}"
         speed = "" if s["speedup"] is None else f"{s['speedup']:.2f}× ({s['speedup'] / s['mac_ratio']:.2f})"
-        lines.append(f"| {s['config']} | {s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f} | {gap} | "
+        lines.append(f"| {s['config']} | {s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f} | {delta} | "
                      f"{s['params_nonzero']:,.0f} / {s['params']:,.0f} | {s['mmacs_theoretical']:.3f} | "
                      f"{s['mmacs_executed']:.3f} | {s['samples_per_sec']:,.0f} | {speed} | `{s['flags']}` |")
     return lines
@@ -185,18 +191,32 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, command: str, wall_seco
         writer.writeheader()
         writer.writerows(rows)
     info = env.environment(torch.device("cpu"))
+    header = [f"- command: `{command}`",
+              f"- device {info['device']} ({os.cpu_count()} cores), torch {info['torch']}, timm {info['timm']}, "
+              f"python {info['python']}, date {info['date']}",
+              f"- wall time {wall_seconds / 60:.1f} min for {len(rows)} runs; load average (1/5/15 min) {load}",
+              f"- throughput: random {THROUGHPUT['batch_size']}-image batches at the DIGITS resolution, eval mode, "
+              "one thread, process CPU clock, all models interleaved, median of "
+              f"{THROUGHPUT['repeats']} repeats (median over seeds); MAC ratio: dense executed MACs / executed MACs"]
+    render(rows, header, out)
+
+
+def render(rows: list[dict[str, Any]], header: list[str], out: Path) -> None:
+    """study.md (``header`` lines, then the summary table) and study.png from the runs' rows."""
     summary = summarize(rows)
-    lines = [f"- command: `{command}`",
-             f"- device {info['device']} ({os.cpu_count()} cores), torch {info['torch']}, timm {info['timm']}, "
-             f"python {info['python']}, date {info['date']}",
-             f"- wall time {wall_seconds / 60:.1f} min for {len(rows)} runs; load average (1/5/15 min) {load}",
-             f"- throughput: random {THROUGHPUT['batch_size']}-image batches at the DIGITS resolution, eval mode, "
-             "one thread, process CPU clock, all models interleaved, median of "
-             f"{THROUGHPUT['repeats']} repeats (median over seeds); MAC ratio: dense executed MACs / executed MACs",
-             "", *table(summary)]
+    lines = [*header, "", *table(summary)]
     (out / "study.md").write_text("\n".join(lines) + "\n")
     plot(summary, out / "study.png")
     print("\n".join(lines))
+
+
+def rerender(out: Path) -> None:
+    """Rewrite study.md and study.png from the recorded study.csv, keeping study.md's header lines (command,
+    machine, wall time, protocol)."""
+    with open(out / "study.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    header = [line for line in (out / "study.md").read_text().splitlines() if line.startswith("- ")]
+    render(rows, header, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,8 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per run (fewer only for a smoke run)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "study")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="train nothing: rewrite study.md and study.png from the study.csv in --out")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.from_csv:
+        rerender(args.out)
+        return
     start = time.perf_counter()
     load_before = "{:.2f}/{:.2f}/{:.2f}".format(*os.getloadavg())
     jobs = [(c, s) for c in args.configs for s in args.seeds]

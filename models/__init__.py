@@ -96,7 +96,7 @@ __all__ += [
 from models.audit import LayerAudit, audit_layers, audit_warnings, format_audit  # noqa: E402
 from models.checkpoint_contents import CheckpointContents, read_checkpoint  # noqa: E402
 from models.detect import Detection, check_fits, detect  # noqa: E402
-from models.export import export_model, load_export, load_sparse, save_sparse  # noqa: E402
+from models.export import export_message, export_model, load_export, load_sparse, save_sparse  # noqa: E402
 from models.flops import mac_report, mac_views  # noqa: E402
 from models.restore import build_model, describe, load_weights, resolve_tokens, token_summary  # noqa: E402
 
@@ -110,6 +110,7 @@ __all__ += [
     "check_fits",
     "describe",
     "detect",
+    "export_message",
     "export_model",
     "format_audit",
     "load_export",

@@ -1,9 +1,9 @@
 """Is the sparsity a checkpoint claims really in its weights?
 
 Three witnesses are compared with the weights: the masks stored beside them, the training flags recorded in the file,
-and the file name (the released SViTE files encode their sparsity in it). The original's token-selection runs before
-August 2021 stored 50% masks while every block stayed dense (sviite-behaviour.md 4.7); this is how such a file is
-caught.
+and the file name (the released SViTE files encode their sparsity in it). The original code's token-selection runs
+before 2021-08-14 stored 50% masks while every block stayed dense (the mask-index bug, docs/original-sviite.md); this
+is how such a file is caught.
 """
 from __future__ import annotations
 
@@ -75,8 +75,9 @@ def audit_warnings(contents: CheckpointContents, detection: Detection, rows: lis
             f"{r.weight_density:.4f}, {r.outside_mask:,} non-zeros where the mask is 0). The weights are what runs.")
         masked_blocks = [r for r in bad if r.name.startswith("blocks.")]
         if detection.selector and masked_blocks and all(r.weight_density > 1 - TOLERANCE for r in masked_blocks):
-            warnings.append("the transformer blocks are dense despite their masks: this is the original's "
-                            "token-selection bug before August 2021 (sviite-behaviour.md 4.7); the accuracy is that "
+            warnings.append("the transformer blocks are dense despite their masks: this is the original code's "
+                            "mask-index bug, which left token-selection runs made before 2021-08-14 dense "
+                            "(docs/original-sviite.md#the-mask-index-bug-before-2021-08-14); the accuracy is that "
                             "of a dense model with a token selector, not of a sparse one")
     warnings += _flag_claims(contents, detection)
     warnings += _name_claims(contents, detection)

@@ -86,10 +86,15 @@ def file_kind(path: Path) -> str | None:
 
 
 def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """A safetensors state_dict; this project's compressed sparse export (``model.sparse.safetensors``) decoded."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from models.export import is_sparse_file, load_sparse  # export builds models; imported only when needed
+
     try:
+        if is_sparse_file(path):
+            return {k: v.to(map_location) for k, v in load_sparse(path).items()}
         return load_file(path, device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e

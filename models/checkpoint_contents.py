@@ -3,9 +3,12 @@
 Accepted: this project's training checkpoints and compact models, the original SViTE training checkpoints
 (``model``, ``mask``, ``atten_mask``, ``other_mask``, ``fired_mask``, ``args`` as an ``argparse.Namespace``, ...),
 checkpoints trimmed to ``{"model": ...}`` or ``{"state_dict": ...}``, bare state_dicts and timm's weights
-(``.pth`` or ``.safetensors``). Mask keys of the original carry a ``module.`` prefix and an ``_<index>`` or ``_mask``
-suffix; they are matched to parameters by name only, because the index depends on the code version (the pre-d16756e
-indices are shifted by the token scorer's two parameters).
+(``.pth`` or ``.safetensors``), and this project's exports (``model.safetensors`` and the compressed
+``model.sparse.safetensors``, with the flags their ``config.json`` records). Mask keys of the original carry a
+``module.`` prefix and an ``_<index>`` or ``_mask`` suffix; they are matched to parameters by name only, because the
+index depends on the code version: in files written by the original code before its fix of 2021-08-14 (commit
+d16756e) the indices of token-selection runs are shifted by the token scorer's two parameters
+(docs/original-sviite.md).
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import file_kind, load_checkpoint
 from models.compact import is_compact_checkpoint
+from models.export import export_args, is_sparse_file
 
 ORIGINAL_MASK_ENTRIES = ("mask", "atten_mask", "other_mask")
 _MASK_SUFFIX = re.compile(r"_(\d+|mask)$")
@@ -32,8 +36,9 @@ class CheckpointContents:
     Attributes:
         path: the file.
         layout: ``project`` (training checkpoint of this project), ``compact`` (this project's compact model),
-            ``svite`` (original SViTE training checkpoint), ``weights`` (a state_dict, bare or under ``model`` /
-            ``state_dict``: timm's files, trimmed checkpoints).
+            ``svite`` (original SViTE training checkpoint), ``sparse`` (this project's compressed sparse export),
+            ``weights`` (a state_dict, bare or under ``model`` / ``state_dict``: timm's files, trimmed checkpoints,
+            this project's ``model.safetensors``).
         state_dict: the model's tensors, ``module.`` prefixes removed.
         masks: parameter name -> bool mask, as stored in the file (empty when it stores none).
         args: the training flags the file records, as a plain dict (empty when none).
@@ -58,6 +63,7 @@ class CheckpointContents:
             "project": "a training checkpoint of this project",
             "compact": "a compact (physically pruned) model of this project",
             "svite": "an original SViTE training checkpoint",
+            "sparse": "a compressed sparse export of this project (non-zero bit masks and values)",
             "weights": "model weights (a state_dict: timm's files, trimmed checkpoints)",
         }[self.layout]
 
@@ -79,7 +85,8 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     if any(key in raw for key in ORIGINAL_MASK_ENTRIES) or isinstance(raw.get("args"), argparse.Namespace):
         masks, notes = original_masks(raw, weights)
         return CheckpointContents(path, "svite", weights, masks, args, ema, notes=notes, epoch=epoch)
-    return CheckpointContents(path, "weights", weights, args=args, ema=ema, epoch=epoch)
+    layout = "sparse" if file_kind(path) == "safetensors" and is_sparse_file(path) else "weights"
+    return CheckpointContents(path, layout, weights, args=args or export_args(path), ema=ema, epoch=epoch)
 
 
 def mask_parameter_name(key: str) -> str:
@@ -111,8 +118,10 @@ def original_masks(raw: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) 
     if shifted:
         key, position = shifted[0]
         notes.append(f"{len(shifted)} mask keys carry an index that is not their parameter's position (e.g. {key} "
-                     f"for parameter #{position}): the pre-d16756e naming, under which SViTE never applied these "
-                     "masks to the transformer weights (sviite-behaviour.md 4.7); masks were matched by name")
+                     f"for parameter #{position}). The original code named masks this way in token-selection runs "
+                     "until its fix of 2021-08-14 (commit d16756e), and never applied them to the transformer "
+                     "weights: the mask-index bug, docs/original-sviite.md#the-mask-index-bug-before-2021-08-14. "
+                     "The masks were matched to parameters by name")
     if unknown:
         notes.append(f"{len(unknown)} mask keys name no parameter of the model or have another shape, and were "
                      f"ignored (e.g. {unknown[0]})")

@@ -1,17 +1,19 @@
 """Export a model to take elsewhere: safetensors weights plus a JSON config, and a compressed sparse checkpoint.
 
-``model.safetensors`` holds the state_dict with timm's key names. A dense or unstructured model of a timm DeiT name
-without token selectors loads straight into timm::
-
-    timm.create_model(name, pretrained=True, num_classes=C,
-                      pretrained_cfg_overlay=dict(file="model.safetensors", num_classes=C))
+``model.safetensors`` holds the state_dict with timm's key names. A dense or unstructured model without token
+selectors and with the same head count and MLP width in every block is a plain timm ``VisionTransformer``:
+``export_model`` records (in ``config.json``) and ``export_message`` prints the complete Python that rebuilds it with
+timm and loads the weights strictly, with the absolute path and every architecture argument that differs from the
+timm default (``img_size``, ``num_classes``, ...). A strict load matters: timm's ``pretrained=True`` route resizes a
+position embedding of another resolution without a word, so a snippet missing ``img_size`` would load a different
+model silently.
 
 Every export (compact and token-selecting models too) loads with ``load_export(dir)``, which rebuilds the model
 through ``models.create_model`` from ``config.json``.
 
 ``model.sparse.safetensors`` stores each mostly-zero tensor as a bit mask of its non-zero entries plus those
-entries' values, so a 50%-dense model takes about 0.53x the dense size; ``load_sparse`` restores it bit for bit.
-Both files are safetensors: reading them never unpickles anything.
+entries' values, so a 50%-dense model takes about 0.53x the dense size; ``load_sparse`` restores it bit for bit, and
+``--resume`` accepts it like any checkpoint. Both files are safetensors: reading them never unpickles anything.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from models.token_selection import TokenConfig, apply_token_selection, token_scorers
-from models.vit import DEIT_MODELS, architecture, count_parameters, create_model
+from models.vit import DEIT_MODELS, SMALL_MODELS, architecture, count_parameters, create_model
 
 EXPORT_FORMAT = "svite.export/1"
 SPARSE_FORMAT = "svite.sparse/1"
@@ -53,7 +55,7 @@ def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig,
     with torch.device("meta"):
         full = architecture(create_model(base, num_classes=arch["num_classes"], img_size=arch["img_size"]))
     compact = arch["block_heads"] != full["block_heads"] or arch["block_mlp_hidden"] != full["block_mlp_hidden"]
-    timm_loadable = base in DEIT_MODELS and not compact and not token_scorers(model)
+    timm_loadable = (base in DEIT_MODELS or base in SMALL_MODELS) and not compact and not token_scorers(model)
     total, nonzero = count_parameters(model)
     config: dict[str, Any] = {
         "format": EXPORT_FORMAT, "model": base, "architecture": arch, "compact": compact,
@@ -61,15 +63,62 @@ def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig,
         "params": total, "params_nonzero": nonzero, "weights": WEIGHTS, "sparse_weights": SPARSE_WEIGHTS,
         "timm_loadable": timm_loadable,
     }
-    if timm_loadable:
-        config["timm_usage"] = (f"timm.create_model({base!r}, pretrained=True, num_classes={arch['num_classes']}, "
-                                f"img_size={arch['img_size']}, pretrained_cfg_overlay=dict(file='{WEIGHTS}', "
-                                f"num_classes={arch['num_classes']}))")
     paths = {"weights": out / WEIGHTS, "sparse": out / SPARSE_WEIGHTS, "config": out / CONFIG}
+    config["load_with_timm"] = timm_snippet(base, arch, paths["weights"].resolve()) if timm_loadable else None
+    config["load_with_this_project"] = project_snippet(out.resolve())
     _atomic(paths["weights"], lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     save_sparse(state, paths["sparse"])
     _atomic(paths["config"], lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return paths
+
+
+def timm_snippet(model_name: str, arch: dict[str, Any], weights: Path) -> str:
+    """Python that rebuilds ``model_name`` with timm alone and loads ``weights`` strictly, in eval mode.
+
+    DeiT names go through ``timm.create_model`` with the resolution and class count spelled out; the DIGITS
+    configurations are not registered with timm, so they are built as ``VisionTransformer`` with every argument of
+    their architecture.
+    """
+    size = arch["img_size"]
+    if model_name in DEIT_MODELS:
+        imports = "import timm"
+        build = f"timm.create_model({model_name!r}, num_classes={arch['num_classes']}, img_size={size})"
+    else:
+        imports = "from timm.models.vision_transformer import VisionTransformer"
+        kwargs = {**SMALL_MODELS[model_name], "img_size": size, "num_classes": arch["num_classes"]}
+        build = "VisionTransformer(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+    return "\n".join([
+        imports,
+        "from safetensors.torch import load_file",
+        f"model = {build}",
+        f"model.load_state_dict(load_file({str(weights)!r}))",
+        f"model.eval()  # input: (N, 3, {size}, {size}) images normalised with ImageNet mean/std, as in training",
+    ])
+
+
+def project_snippet(out_dir: Path) -> str:
+    """Python that rebuilds any export (compact, token-selecting) through this checkout's ``models`` package."""
+    return "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})  # this checkout",
+        "from models import load_export",
+        f"model = load_export({str(out_dir)!r})",
+    ])
+
+
+def export_message(paths: dict[str, Path]) -> str:
+    """What ``--export`` prints at the end: the files written and the complete code that loads them."""
+    config = json.loads(paths["config"].read_text())
+    lines = [f"exported to {paths['config'].parent.resolve()}: "
+             + ", ".join(f"{p.name} ({p.stat().st_size:,} bytes)" for p in paths.values())]
+    if config["load_with_timm"]:
+        lines += ["", "load it with timm alone (copy and paste into Python):", "", config["load_with_timm"], "",
+                  "or with this checkout:", "", config["load_with_this_project"]]
+    else:
+        why = "per-block head counts or MLP widths" if config["compact"] else "a token selector"
+        lines += ["", f"timm's VisionTransformer cannot express {why}; load it with this checkout "
+                      "(copy and paste into Python):", "", config["load_with_this_project"]]
+    return "\n".join(lines)
 
 
 def load_export(out_dir: str | Path) -> VisionTransformer:
@@ -86,6 +135,32 @@ def load_export(out_dir: str | Path) -> VisionTransformer:
         apply_token_selection(model, TokenConfig(**config["token_selection"]))
     model.load_state_dict(load_file(out / config["weights"]))
     return model.eval()
+
+
+def is_sparse_file(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file that ``save_sparse`` wrote (its metadata says so)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == SPARSE_FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False  # not readable as safetensors: the checkpoint reader names the problem
+
+
+def export_args(path: str | Path) -> dict[str, Any]:
+    """The flags recorded for an exported weights file by the ``config.json`` beside it (``model`` and the token
+    selection), so that ``--resume`` on an export needs no flags the export already knows; {} for any other file."""
+    path = Path(path)
+    try:
+        config = json.loads((path.parent / CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT \
+            or path.name not in (config.get("weights"), config.get("sparse_weights")):
+        return {}
+    tokens = config.get("token_selection")
+    return {"model": config["model"], **(TokenConfig(**tokens).as_flags() if tokens else {})}
 
 
 def save_sparse(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:

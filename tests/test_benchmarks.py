@@ -202,8 +202,11 @@ def test_study_writes_the_table_and_the_plot(tmp_path: Path) -> None:
     table = (tmp_path / "study.md").read_text()
     assert "- command: `python benchmarks/study.py`" in table and "wall time 1.5 min for 9 runs" in table
     assert "| dense | 3 | 90.00 ± 1.00 | +0.00 |" in table
-    assert "| s2vite_h07_m06 | 3 | 86.00 ± 1.00 | +4.00 | 100 / 200 | 1.000 | 2.000 | 1,501 | 1.50× (0.86) |" in table
+    assert "| s2vite_h07_m06 | 3 | 86.00 ± 1.00 | -4.00 | 100 / 200 | 1.000 | 2.000 | 1,501 | 1.50× (0.86) |" in table
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "study.png").unlink()
+    study.main(["--from-csv", "--out", str(tmp_path)])  # re-rendered from study.csv alone: the same table and plot
+    assert (tmp_path / "study.md").read_text() == table and (tmp_path / "study.png").exists()
 
 
 def test_study_default_configs_are_the_issue_list() -> None:

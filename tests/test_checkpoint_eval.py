@@ -1,7 +1,7 @@
 """Evaluating any checkpoint: original SViTE files, timm weights, bare state_dicts, compact models, ours.
 
-Original-format fixtures are built here from the layout of sviite-behaviour.md section 5: the model state_dict in
-SViTE's parameter order (the global scorer right after the patch embedding), float32 masks keyed
+Original-format fixtures are built here from the layout in docs/original-sviite.md ("Original checkpoints"): the
+model state_dict in SViTE's parameter order (the global scorer right after the patch embedding), float32 masks keyed
 ``module.<param>_<index>`` (unstructured) or ``module.<param>_mask`` (structured), and ``args`` as an
 ``argparse.Namespace``.
 """
@@ -60,8 +60,8 @@ def micro_model(seed: int = 0, tokens: int | None = None, layerwise: bool = Fals
 
 def original_unstructured(model: torch.nn.Module, path: Path, *, prefix_bug: bool = False, token_number: int = 17,
                           density: float = 0.5) -> Path:
-    """An original unstructured checkpoint; with ``prefix_bug`` the pre-d16756e file: indices skip the scorer and
-    only the patch embedding was ever masked."""
+    """An original unstructured checkpoint; with ``prefix_bug`` a file of the original code before its mask-index
+    fix of 2021-08-14 (commit d16756e): indices skip the scorer and only the patch embedding was ever masked."""
     state = svite_order({k: v.clone() for k, v in model.state_dict().items()})
     masks, index = {}, 0
     generator = torch.Generator().manual_seed(1)
@@ -134,19 +134,20 @@ def test_original_checkpoint_with_global_selector_uses_its_token_count(tmp_path:
     _, out = run(capsys, "--report", "--resume", str(path))
     assert "token selector: global" in out
     assert "token selection: global, k = 9 of 17 tokens, zero mode" in out
-    assert "WARNING" not in out and "pre-d16756e" not in out
+    assert "WARNING" not in out and "mask-index bug" not in out
 
 
 def test_pre_fix_index_checkpoint_is_flagged_dense(tmp_path: Path, capsys) -> None:
     path = original_unstructured(micro_model(tokens=9), tmp_path / "deit_small_unstructure_50_sparseinput_0.95.pth",
                                  prefix_bug=True, token_number=9)
     _, out = run(capsys, "--report", "--resume", str(path))
-    assert "pre-d16756e" in out  # the shifted indices are noticed, and masks are still matched by name
+    assert "until its fix of 2021-08-14 (commit d16756e)" in out  # shifted indices noticed, masks matched by name
     table = [line for line in out.splitlines() if line.startswith("blocks.0.attn.qkv.weight")]
     assert table and "<-- disagrees" in table[0]
     warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
     assert any("disagree with the weights in 9 of 10" in w for w in warnings), warnings
-    assert any("4.7" in w and "dense" in w for w in warnings)
+    doc = "docs/original-sviite.md#the-mask-index-bug-before-2021-08-14"
+    assert any(doc in w and "dense" in w for w in warnings)
     assert any("file name claims 50% unstructured sparsity" in w for w in warnings)
     assert any("recorded flags claim density 0.5" in w for w in warnings)
 

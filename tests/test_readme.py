@@ -24,3 +24,51 @@ def test_readme_results_section_is_the_generated_one() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index(readme_results.START):readme.index(readme_results.END) + len(readme_results.END)]
     assert section == readme_results.render(), "run `python benchmarks/readme_results.py` after new results"
+
+
+def markdown_table(text: str, header_start: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the first markdown table whose header row starts with ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_readme_model_table_is_models_model_names_with_their_shapes() -> None:
+    import torch
+
+    import models
+
+    rows = markdown_table((ROOT / "README.md").read_text(), "| `--model` |")
+    names = [row[0].strip("`") for row in rows]
+    assert sorted(names) == sorted(models.MODEL_NAMES), "the table must list exactly the models --help offers"
+    for row in rows:
+        with torch.device("meta"):
+            model = models.create_model(row[0].strip("`"))
+        arch = models.architecture(model)
+        shape = f"{arch['embed_dim']} / {arch['depth']} / {arch['block_heads'][0]} / {arch['block_mlp_hidden'][0]}"
+        assert row[1] == shape and row[2] == f"{model.patch_embed.patch_size[0]} / {arch['img_size']}", row
+
+
+def test_every_difference_to_dense_is_configuration_minus_dense() -> None:
+    """One sign convention in both generated tables: Δ = configuration − dense, negative when below dense."""
+    from benchmarks import report, study
+
+    fake = [{"config": c, "test_acc1": acc, "params": 1, "params_nonzero": 1, "mmacs_theoretical": 1,
+             "mmacs_executed": 1, "samples_per_sec": 1} for c, acc in (("dense", 90.0), ("sviite_d50", 80.0))]
+    assert [s["delta_vs_dense"] for s in study.summarize(fake)] == [0.0, -10.0]
+
+    readme = (ROOT / "README.md").read_text()
+    header = "| configuration | seeds | top-1 (mean ± std) | " + report.DELTA_VS_DENSE
+    assert header in readme and report.DELTA_VS_DENSE.endswith("(config − dense)")
+    ours = {row[0]: (float(row[2].split(" ± ")[0]), float(row[3])) for row in markdown_table(readme, header)}
+    beside = {row[0]: float(row[4]) for row in markdown_table(readme, "| configuration | paper setting")}
+    dense = ours["dense"][0]
+    assert len(ours) > 2 and beside.keys() == ours.keys()
+    for config, (mean, delta) in ours.items():
+        assert delta == beside[config], config  # the same number, with the same sign, in both tables
+        assert abs(delta - (mean - dense)) <= 0.011, config  # rounding of the printed means only

@@ -23,7 +23,7 @@ def deit_shapes(dim: int, depth: int = 12) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# sviite-behaviour.md §2.3: model width, density -> patch_embed, qkv, attn.proj, fc1 (= fc2), head
+# docs/original-sviite.md, "ERK densities": model width, density -> patch_embed, qkv, attn.proj, fc1 (= fc2), head
 ERK_ORACLE = [
     (192, 0.5, 0.1136, 0.5123, 0.7684, 0.4802, 0.4580),
     (192, 0.7, 0.1605, 0.7241, 1.0, 0.6788, 0.6473),

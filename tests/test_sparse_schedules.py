@@ -17,7 +17,7 @@ def test_update_steps_with_t_end_one():
 
 
 def test_sviite_imagenet_schedule_counts_80_updates():
-    # sviite-behaviour.md §2.5: bs 64 x 8 GPUs, ΔT 15000, 2502 iterations/epoch, 600 epochs
+    # docs/original-sviite.md, "Topology-update schedule on ImageNet": bs 64 x 8 GPUs, ΔT 15000, 2502 steps/epoch
     total = 2502 * 600
     updates = [s for s in range(15000, total, 15000) if is_update_step(s, 15000, total, 0.8)]
     assert len(updates) == 80

@@ -205,7 +205,7 @@ def test_original_unstructured_flag_lines_parse_and_build_masks() -> None:
     masking = sparselearning.build_sparsifier(cfg, model, optimizer, 2502 * 600, log_fn=lambda record: None)
     densities = {name: float(m.float().mean()) for name, m in masking.masks.items()}
     assert len(densities) == 50
-    assert densities["blocks.3.attn.qkv.weight"] == pytest.approx(0.4029, abs=1e-4)  # SViTE's ERK table, §2.3
+    assert densities["blocks.3.attn.qkv.weight"] == pytest.approx(0.4029, abs=1e-4)  # ERK: docs/original-sviite.md
     assert densities["head.weight"] == pytest.approx(0.4182, abs=1e-4)
 
 
