@@ -140,13 +140,14 @@ def expand_units(unit_mask: torch.Tensor, spec: UnitSlice, shape: Sequence[int])
 
 
 def unit_l1(tensor: torch.Tensor, spec: UnitSlice, num_units: int) -> torch.Tensor:
-    """Per-unit L1 norm, in float32, of the entries a slice owns in ``tensor`` (shape [num_units]); a bool mask
-    gives its active entries per unit."""
+    """Per-unit L1 norm, in float32 (float64 for a float64 tensor), of the entries a slice owns in ``tensor`` (shape
+    [num_units]); a bool mask gives its active entries per unit."""
     if not tensor.is_floating_point():
         tensor = tensor.float()
     other = [i for i in range(tensor.dim()) if i != spec.dim]
     if other:
-        per_entry = torch.linalg.vector_norm(tensor, ord=1, dim=other, dtype=torch.float32)
+        per_entry = torch.linalg.vector_norm(tensor, ord=1, dim=other,
+                                             dtype=torch.promote_types(tensor.dtype, torch.float32))
     else:
         per_entry = tensor.abs().float()
     return per_entry.reshape(spec.sections, num_units, spec.width).sum(dim=(0, 2))
