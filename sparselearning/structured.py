@@ -363,13 +363,15 @@ class StructuredDST(ScheduledMasks):
             self._accumulate_gradients(found_inf)
 
     def _accumulate_gradients(self, found_inf: torch.Tensor | None) -> None:
+        """Per-neuron gradient L1 norms of this step into the window; the whole step is left out if any norm is not
+        finite or ``found_inf`` is set."""
         norms = {}
         for g in self.groups:
             if g.name in self._grad_sums:
                 per_slice = [unit_l1(grad, s, g.num_units) for s in g.slices
                              if s.role != "bias" and (grad := self.params[s.param].grad) is not None]
                 if per_slice:
-                    norms[g.name] = torch.stack(per_slice).sum(0).double()
+                    norms[g.name] = torch.stack(per_slice).double().sum(0)
         if not norms:
             return
         device = next(iter(norms.values())).device
