@@ -3,8 +3,8 @@
 ``structure_units(model, scaler)`` describes a timm ViT's units as plain dicts (FQNs, axes, widths). So
 ``sparselearning`` can prune heads and neurons without importing this package, and this package never imports
 ``sparselearning``. Head scores come from hooks that leave the attention math untouched. A forward pre-hook on
-``attn.proj`` sees the merged head outputs O, exactly the input of ``proj``. A tensor hook on that input then sees
-G = dLoss/dO in backward. Nothing is installed until the structured sparsifier asks for it
+``attn.proj`` passes the merged head outputs O, exactly the input of ``proj``, through an identity autograd function
+whose backward sees G = dLoss/dO. Nothing is installed until the structured sparsifier asks for it
 (``StructureUnits.attach_stats``), so dense and unstructured runs pay nothing.
 """
 from __future__ import annotations
@@ -70,8 +70,33 @@ def unit_groups(model: nn.Module) -> list[dict[str, Any]]:
     return groups
 
 
+class _HeadScoreTap(torch.autograd.Function):
+    """Identity on O whose backward also returns the batch's per-head sums as the gradient of a probe tensor.
+
+    The sums then accumulate in ``probe.grad`` like any gradient: no tensor hook is registered during forward and no
+    Python state is mutated during backward, so ``torch.compile`` traces a hooked model in one graph.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, probe: torch.Tensor, num_heads: int) -> torch.Tensor:
+        ctx.save_for_backward(out)  # proj saves the same tensor for its weight gradient: no extra memory
+        ctx.num_heads = num_heads
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        (out,) = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            b, n, width = grad.shape
+            g = grad.float().reshape(b, n, ctx.num_heads, width // ctx.num_heads)
+            o = out.float().reshape(b, n, ctx.num_heads, width // ctx.num_heads)
+            taylor = torch.einsum("bnhd,bnhd->bh", g, o).abs().sum(0)
+            grad_l1 = g.abs().sum(dim=(0, 1, 3))
+            return grad, torch.stack([taylor, grad_l1, torch.full_like(taylor, b)]), None
+
+
 class HeadStats:
-    """Per-head importance sums over the training samples since the last ``reset``, filled by hooks.
+    """Per-head importance sums over the training samples of the optimizer steps since the last ``reset``.
 
     For each block and sample b, with O the merged head outputs (B x N x H*d) and G = dLoss/dO:
     ``taylor[h]`` adds |Σ_{n,l} G[b,n,h,l] * O[b,n,h,l]|, SViTE's first-order Taylor death score. ``grad_l1[h]`` adds
@@ -79,10 +104,13 @@ class HeadStats:
     on the model's device, without a host sync. Dividing by ``samples`` gives SViTE's per-sample batch mean,
     averaged over the whole window.
 
-    Under a float16 ``GradScaler`` the captured G is scaled. Each batch's sums are divided by the scale that was
-    applied to that batch's loss, read as a device tensor (``GradScaler._get_scale_async``, no sync). A batch whose
-    sums are not finite (an overflow step, which the scaler skips too) is left out of the window entirely. Passes
-    without gradient (evaluation, EMA) are not counted.
+    A step's sums first collect in per-block probes and reach the window only through ``commit``, which the
+    sparsifier calls from its optimizer post-step hook. So a step that the optimizer skipped never counts: a fused
+    optimizer under GradScaler is stepped with ``found_inf`` set (``commit`` then adds nothing, decided on the
+    device), and a non-fused one is not stepped at all (the next training forward discards the probes). Under a
+    float16 ``GradScaler`` the captured G is scaled; ``commit`` divides by the scale of that step's loss, read as a
+    device tensor before ``scaler.update()``. Non-finite sums are left out too. Passes without gradient (evaluation,
+    EMA) are not counted. One training forward per optimizer step is assumed (no gradient accumulation).
 
     Args:
         model: the (possibly DDP-wrapped) timm ViT.
@@ -92,6 +120,7 @@ class HeadStats:
     def __init__(self, model: nn.Module, scaler: torch.amp.GradScaler | None = None) -> None:
         self.scaler = scaler
         self.sums_: dict[str, dict[str, torch.Tensor]] = {}
+        self.probes: dict[str, torch.Tensor] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         for name, attn, _ in prunable_blocks(model):
             device = attn.proj.weight.device
@@ -100,37 +129,58 @@ class HeadStats:
                 "grad_l1": torch.zeros(attn.num_heads, dtype=torch.float64, device=device),
                 "samples": torch.zeros((), dtype=torch.float64, device=device),
             }
-            self.handles.append(attn.proj.register_forward_pre_hook(self._capture(f"{name}.attn", attn.num_heads)))
+            self.probes[f"{name}.attn"] = self._new_probe(attn.num_heads, device)
+            self.handles.append(attn.proj.register_forward_pre_hook(self._tap(f"{name}.attn", attn.num_heads)))
+        self.handles.append(unwrap_model(model).register_forward_pre_hook(self._discard_pending))
 
-    def _capture(self, name: str, num_heads: int):
-        """The forward pre-hook of one ``proj``: keeps O and registers the backward hook that will see G."""
+    @staticmethod
+    def _new_probe(num_heads: int, device: torch.device) -> torch.Tensor:
+        """Rows taylor, grad_l1 and samples of the step being computed, filled as the probe's gradient."""
+        return torch.zeros(3, num_heads, device=device, requires_grad=True)
 
-        def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    def _tap(self, name: str, num_heads: int):
+        """The forward pre-hook of one ``proj``: routes O through ``_HeadScoreTap`` when a gradient will follow."""
+
+        def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
             x = args[0]
-            if torch.is_grad_enabled() and x.requires_grad:
-                out = x.detach()
-                x.register_hook(lambda grad: self._accumulate(name, num_heads, out, grad))
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return None
+            probe = self.probes[name]
+            if probe.device != x.device:  # the model moved: the probe follows
+                probe = self.probes[name] = self._new_probe(num_heads, x.device)
+            return (_HeadScoreTap.apply(x, probe, num_heads), *args[1:])
 
         return pre_hook
 
+    def _discard_pending(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook of the model: a new training step starts, so sums of an uncommitted (skipped) step go."""
+        if torch.is_grad_enabled():
+            for probe in self.probes.values():
+                probe.grad = None
+
     @torch.no_grad()
-    def _accumulate(self, name: str, num_heads: int, out: torch.Tensor, grad: torch.Tensor) -> None:
-        with torch.autocast(grad.device.type, enabled=False):
-            b, n, width = grad.shape
-            g = grad.float().reshape(b, n, num_heads, width // num_heads)
-            o = out.float().reshape(b, n, num_heads, width // num_heads)
-            taylor = torch.einsum("bnhd,bnhd->bh", g, o).abs().sum(0)
-            grad_l1 = g.abs().sum(dim=(0, 1, 3))
-            if self.scaler is not None and self.scaler.is_enabled():
-                scale = self.scaler._get_scale_async()
-                if scale is not None:
-                    scale = scale.to(device=taylor.device, dtype=torch.float32)
-                    taylor, grad_l1 = taylor / scale, grad_l1 / scale
-            finite = torch.isfinite(taylor).all() & torch.isfinite(grad_l1).all()
-            sums = self.sums_[name]
-            sums["taylor"] += torch.where(finite, taylor, 0.0)
-            sums["grad_l1"] += torch.where(finite, grad_l1, 0.0)
-            sums["samples"] += finite * float(b)
+    def commit(self, found_inf: torch.Tensor | None = None) -> None:
+        """Add the sums of the step just taken to the window, unless ``found_inf`` (GradScaler's flag, on the
+        device) is nonzero or the sums are not finite. Call after the optimizer step, before ``scaler.update()``."""
+        scale = self.scaler._get_scale_async() if self.scaler is not None and self.scaler.is_enabled() else None
+        for name, probe in self.probes.items():
+            pending = probe.grad
+            if pending is None:
+                continue
+            probe.grad = None
+            window = self.sums_[name]
+            if window["taylor"].device != pending.device:
+                window.update({key: value.to(pending.device) for key, value in window.items()})
+            values = pending.double()
+            if scale is not None:
+                values[:2] /= scale.to(values.device, torch.float64)
+            keep = torch.isfinite(values).all()
+            if found_inf is not None:
+                keep &= found_inf.to(values.device) == 0
+            values = torch.where(keep, values, 0.0)
+            window["taylor"] += values[0]
+            window["grad_l1"] += values[1]
+            window["samples"] += values[2, 0]
 
     def sums(self) -> dict[str, dict[str, torch.Tensor]]:
         """Attention FQN (``blocks.3.attn``) -> ``taylor`` [H], ``grad_l1`` [H], ``samples`` (0-d); live tensors."""
@@ -160,7 +210,7 @@ class HeadStats:
                 value.copy_(state[name][key])
 
     def remove(self) -> None:
-        """Uninstall the hooks (the sums stay readable)."""
+        """Uninstall the hooks (the window sums stay readable)."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()

@@ -119,7 +119,8 @@ class Masking(ScheduledMasks):
         self.total_parameters = sum(p.numel() for p in unwrap_model(model).parameters())
         self.shapes = {name: tuple(p.shape) for name, p in params.items()}
         densities = layer_densities(self.shapes, density, sparse_init, erk_power=erk_power)
-        self._enforce(MaskSet.random(params, layer_counts(densities, self.shapes), self.seed), "sparse training")
+        self._enforce(MaskSet.random(params, layer_counts(densities, self.shapes), self.seed), "sparse training",
+                      model)
         self._refresh_counts()
         self.check_consistency()
         self.log_fn(self.record("init"))

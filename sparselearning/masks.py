@@ -2,14 +2,16 @@
 
 Masks live here, not in the model, so the model's ``state_dict`` keys stay timm-compatible. Gradients stay dense
 (growth needs them) and the weights are re-masked after every optimizer step, which also undoes weight decay and
-Adam updates at masked positions.
+Adam updates at masked positions. Re-masking is idempotent, so it is also right on a step that GradScaler skipped.
 """
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -96,7 +98,9 @@ def momentum_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.
 class MaskSet:
     """Bool masks (True = active) for named parameters, the explored ("fired") masks, and their enforcement.
 
-    Masks are updated in place, so the tensors captured by the optimizer hook stay valid.
+    Masks are updated in place by the sparsity methods. They follow their parameter: ``model.to(device)`` moves them
+    at the next enforcement, and a parameter that was replaced in the model (``load_state_dict(assign=True)``) is an
+    error naming it, because the optimizer and the masks still hold the old tensor.
 
     Args:
         params: FQN -> parameter to mask.
@@ -112,7 +116,9 @@ class MaskSet:
             if self.masks[name].shape != p.shape:
                 raise ValueError(f"mask of {name} has shape {tuple(masks[name].shape)}, parameter {tuple(p.shape)}")
         self.fired = {name: m.clone() for name, m in self.masks.items()}
-        self._pairs = [(self.params[name], self.masks[name]) for name in self.params]
+        self._owners: dict[str, tuple[dict[str, Any], str]] = {}
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._refresh_slots()
 
     @classmethod
     def random(cls, params: Mapping[str, nn.Parameter], counts: Mapping[str, int], seed: int) -> MaskSet:
@@ -120,27 +126,60 @@ class MaskSet:
         masks = {name: exact_mask(p.shape, counts[name], derive_seed(seed, name, "init")) for name, p in params.items()}
         return cls(params, masks)
 
+    def _refresh_slots(self) -> None:
+        """(name, parameter, a zero on its device, the parameter dict of its owner module, attribute) per masked
+        tensor: what the hot path reads."""
+        self._slots = [(name, p, torch.zeros((), dtype=p.dtype, device=p.device), *self._owners.get(name, (None, "")))
+                       for name, p in self.params.items()]
+
+    def _follow(self, name: str, param: nn.Parameter) -> None:
+        """Move ``name``'s masks to its parameter's new device (after ``model.to``), or raise if the model holds
+        another tensor under that name now."""
+        owner, attr = self._owners.get(name, (None, ""))
+        if owner is not None and owner.get(attr) is not param:
+            raise RuntimeError(
+                f"masked parameter {name!r} was replaced in the model (e.g. by load_state_dict(assign=True) or a "
+                "module swap) after the sparsifier was built; the optimizer and the masks still hold the old tensor. "
+                "Load weights in place (load_state_dict without assign=True), or build the optimizer and the "
+                "sparsifier after replacing parameters"
+            )
+        self.masks[name] = self.masks[name].to(param.device)
+        self.fired[name] = self.fired[name].to(param.device)
+        self._refresh_slots()
+
     @torch.no_grad()
     def apply_(self) -> None:
-        """Zero every masked weight in place (the post-step hook: no host sync, no allocation on GPU)."""
-        for param, mask in self._pairs:
-            param.mul_(mask)
+        """Zero every masked weight in place, NaN and Inf included (the post-step hook: no host sync, no allocation).
+
+        ``torch.where(mask, w, 0, out=w)`` writes exact zeros, where ``w.mul_(mask)`` would keep NaN * 0 = NaN, with
+        the same memory traffic. The checks that the parameter is still the model's and on the mask's device are a
+        few attribute reads per tensor.
+        """
+        masks = self.masks
+        for name, param, zero, owner, attr in self._slots:
+            mask = masks[name]
+            if param.device != mask.device or (owner is not None and owner.get(attr) is not param):
+                self._follow(name, param)
+                mask, zero = masks[name], torch.zeros((), dtype=param.dtype, device=param.device)
+            torch.where(mask, param, zero, out=param)
 
     @torch.no_grad()
     def mask_momentum_(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero SGD ``momentum_buffer`` at masked positions (looked up each time: loading optimizer state replaces
         the buffers)."""
-        for param, mask in self._pairs:
+        for name, param, zero, _, _ in self._slots:
             buffer = optimizer.state.get(param, {}).get("momentum_buffer")
             if isinstance(buffer, torch.Tensor):
-                buffer.mul_(mask)
+                torch.where(self.masks[name], buffer, zero, out=buffer)
 
-    def attach(self, optimizer: torch.optim.Optimizer, mask_momentum: bool) -> torch.utils.hooks.RemovableHandle:
-        """Enforce the masks after every ``optimizer.step()``.
+    def attach(self, optimizer: torch.optim.Optimizer, mask_momentum: bool, model: nn.Module) -> None:
+        """Enforce the masks after every ``optimizer.step()``; ``remove()`` detaches them again.
 
         Args:
             optimizer: the optimizer that updates the masked parameters.
             mask_momentum: also zero SGD ``momentum_buffer`` at masked positions every step (SViTE did this).
+            model: the model that owns the parameters (DDP or compiled wrappers are unwrapped); each step checks that
+                it still holds them.
         """
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, p in self.params.items() if id(p) not in in_optimizer]
@@ -149,13 +188,28 @@ class MaskSet:
                 f"masked parameters {missing[:4]} are not in the optimizer; exclude them with sparse_exclude or pass "
                 "the optimizer that trains them"
             )
+        net = unwrap_model(model)
+        for name, param in self.params.items():
+            module_name, _, attr = name.rpartition(".")
+            owner = net.get_submodule(module_name)._parameters
+            if owner.get(attr) is not param:
+                raise ValueError(f"masked parameter {name!r} is not the model's parameter of that name")
+            self._owners[name] = (owner, attr)
+        self._refresh_slots()
 
         def hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.apply_()
             if mask_momentum:
                 self.mask_momentum_(opt)
 
-        return optimizer.register_step_post_hook(hook)
+        self.remove()
+        self._handle = optimizer.register_step_post_hook(hook)
+
+    def remove(self) -> None:
+        """Stop enforcing the masks after optimizer steps (the masks stay readable)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     @torch.no_grad()
     def reset_optimizer_state(
@@ -179,17 +233,20 @@ class MaskSet:
         """Weights that were active at some point (the ITOP "explored" count)."""
         return sum(int(torch.count_nonzero(m)) for m in self.fired.values())
 
-    def checksum(self) -> torch.Tensor:
-        """Per layer [active count, sum of active flat indices, explored count], float64 on CPU (exact below 2**53).
+    def digest(self) -> torch.Tensor:
+        """Per layer, a 62-bit BLAKE2b digest of the packed active mask and one of the packed explored mask (int64 on
+        CPU, identical on every rank for identical masks).
 
-        Two masks with the same checksum almost surely agree; a real difference shows up in the index sum.
+        Any difference, such as active indices {0, 3} against {1, 2}, changes the digest (up to hash collisions).
+        Costs one device-to-host copy of the masks, so it runs once per topology update, not per step.
         """
-        rows = []
-        for name, m in self.masks.items():
-            flat = m.reshape(-1)
-            rows.append([float(torch.count_nonzero(flat)), float(flat.nonzero().sum()),
-                         float(torch.count_nonzero(self.fired[name]))])
-        return torch.tensor(rows, dtype=torch.float64).reshape(-1)
+        values = []
+        for name, mask in self.masks.items():
+            for m in (mask, self.fired[name]):
+                hasher = hashlib.blake2b(str(tuple(m.shape)).encode(), digest_size=8)
+                hasher.update(np.packbits(m.detach().reshape(-1).cpu().numpy()).tobytes())
+                values.append(int.from_bytes(hasher.digest(), "little") >> 2)  # [c, -c] must fit in int64
+        return torch.tensor(values, dtype=torch.int64)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Masks and explored masks as CPU bool tensors keyed by FQN."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from sparselearning.config import SparsityConfig
 from sparselearning.masks import MaskSet
@@ -41,18 +42,18 @@ def collective_device() -> torch.device:
 def check_masks_agree(mask_set: MaskSet, step: int) -> None:
     """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed).
 
-    One small all-reduce of per-layer float64 checksums: the element-wise MAX over ranks of [c, -c] gives the maximum
-    and minimum at once, and they must agree.
+    One small all-reduce of per-layer int64 digests of the packed masks and explored masks: the element-wise MAX over
+    ranks of [d, -d] gives the maximum and minimum at once, and they must agree.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    local = mask_set.checksum()
+    local = mask_set.digest()
     both = torch.cat([local, -local]).to(collective_device())
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     high, low = both[: local.numel()].cpu(), -both[local.numel():].cpu()
     if not torch.equal(high, low):
         names = list(mask_set.masks)
-        differing = sorted({names[int(i) // 3] for i in (high != low).nonzero().flatten()})
+        differing = sorted({names[int(i) // 2] for i in (high != low).nonzero().flatten()})
         raise RuntimeError(
             f"sparsity masks differ across ranks at step {step} in {differing}. Masks are functions of "
             "(seed, layer name, step) and of the all-reduced gradients, so every rank must pass the same seed "
@@ -83,12 +84,12 @@ class ScheduledMasks(ABC):
         self._step = 0
         self._last_update_step = 0
 
-    def _enforce(self, mask_set: MaskSet, what: str) -> None:
-        """Hook the optimizer so masked entries stay zero, zero them now, and (by default) clear their optimizer
-        state; warn when the schedule leaves no room for a single update of ``what``."""
+    def _enforce(self, mask_set: MaskSet, what: str, model: nn.Module) -> None:
+        """Hook the optimizer so masked entries of ``model`` stay zero, zero them now, and (by default) clear their
+        optimizer state; warn when the schedule leaves no room for a single update of ``what``."""
         cfg = self.config
         self.mask_set = mask_set
-        self._hook = mask_set.attach(self.optimizer, mask_momentum=cfg.keep_optimizer_state)  # validates first
+        mask_set.attach(self.optimizer, cfg.keep_optimizer_state, model)  # validates first
         mask_set.apply_()
         if not cfg.keep_optimizer_state:
             mask_set.reset_optimizer_state(self.optimizer, {name: ~m for name, m in mask_set.masks.items()})
@@ -98,6 +99,11 @@ class ScheduledMasks(ABC):
                 f"the topology will never be updated (static {what})",
                 stacklevel=3,
             )
+
+    def remove(self) -> None:
+        """Detach every hook this method installed (for library users): masks are no longer enforced after optimizer
+        steps. The masks and the schedule state stay readable."""
+        self.mask_set.remove()
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Only the granularity differs from ``Masking``. A unit is a set of tensor slices: a head's q, k and v rows, or a
 neuron's fc1 row and fc2 column. Every group of units gets one score per unit. The rest is shared: the exact-count
-selection (``drop_lowest``, ``grow_highest``), the schedule, ``MaskSet`` enforcement and the checksum all-reduce.
+selection (``drop_lowest``, ``grow_highest``), the schedule, ``MaskSet`` enforcement and the digest all-reduce.
 This package never imports the model code. The model side (``models.structure_units``) describes the units as plain
 dicts of FQNs and axes, and it supplies per-head scores collected by hooks.
 """
@@ -93,10 +93,17 @@ class UnitGroup:
 
 
 class HeadScores(Protocol):
-    """Per-head sums since the last reset, filled by hooks on the model (``models.HeadStats``)."""
+    """Per-head sums over the committed steps since the last reset, filled by hooks on the model
+    (``models.HeadStats``)."""
 
     def sums(self) -> dict[str, dict[str, torch.Tensor]]:
         """Group name -> ``taylor`` and ``grad_l1`` (per-head sums over samples) and ``samples`` (a 0-d count)."""
+
+    def commit(self, found_inf: torch.Tensor | None) -> None:
+        """Add the step just taken to the window unless ``found_inf`` (a device tensor) says it was skipped."""
+
+    def remove(self) -> None:
+        """Uninstall the hooks."""
 
     def reset(self) -> None:
         """Start a new window."""
@@ -133,13 +140,14 @@ def expand_units(unit_mask: torch.Tensor, spec: UnitSlice, shape: Sequence[int])
 
 
 def unit_l1(tensor: torch.Tensor, spec: UnitSlice, num_units: int) -> torch.Tensor:
-    """Per-unit L1 norm, in float32, of the entries a slice owns in ``tensor`` (shape [num_units]); a bool mask
-    gives its active entries per unit."""
+    """Per-unit L1 norm, in float32 (float64 for a float64 tensor), of the entries a slice owns in ``tensor`` (shape
+    [num_units]); a bool mask gives its active entries per unit."""
     if not tensor.is_floating_point():
         tensor = tensor.float()
     other = [i for i in range(tensor.dim()) if i != spec.dim]
     if other:
-        per_entry = torch.linalg.vector_norm(tensor, ord=1, dim=other, dtype=torch.float32)
+        per_entry = torch.linalg.vector_norm(tensor, ord=1, dim=other,
+                                             dtype=torch.promote_types(tensor.dtype, torch.float32))
     else:
         per_entry = tensor.abs().float()
     return per_entry.reshape(spec.sections, num_units, spec.width).sum(dim=(0, 2))
@@ -250,22 +258,21 @@ class StructuredDST(ScheduledMasks):
         active = {g.name: topk_mask(random_scores((g.num_units,), derive_seed(self.seed, g.name, "init")),
                                     keep[g.name]) for g in self.groups}
         masks = {s.param: expand_units(active[g.name], s, self.params[s.param].shape) for g, s in self.masked}
-        self._enforce(MaskSet({name: self.params[name] for name in masks}, masks), "structured sparsity")
+        self._enforce(MaskSet({name: self.params[name] for name in masks}, masks), "structured sparsity", model)
         self.active = active
 
         self.stats = units.attach_stats()
         missing = [g.name for g in self.groups if g.kind == "head" and g.name not in self.stats.sums()]
         if missing:
             raise ValueError(f"the head-score hooks cover no statistics for {missing}")
+        device = self.params[self.groups[0].primary.param].device
         self._grad_sums: dict[str, torch.Tensor] = {}
-        self._grad_steps = 0
+        self._grad_steps = torch.zeros((), dtype=torch.float64, device=device)
         if growth == "gradient":
             for g in self.groups:
                 if g.kind == "neuron":
-                    self._grad_sums[g.name] = torch.zeros(g.num_units, dtype=torch.float64,
-                                                          device=self.params[g.primary.param].device)
-            if self._grad_sums:
-                self._grad_hook = optimizer.register_step_post_hook(self._accumulate_gradients)
+                    self._grad_sums[g.name] = torch.zeros(g.num_units, dtype=torch.float64, device=device)
+        self._window_hook = optimizer.register_step_post_hook(self._accumulate_window)
         self.check_consistency()
         self.log_fn(self.record("init"))
 
@@ -341,19 +348,42 @@ class StructuredDST(ScheduledMasks):
     # ------------------------------------------------------------------------------------------------ training
 
     @torch.no_grad()
-    def _accumulate_gradients(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
-                              kwargs: dict[str, Any]) -> None:
-        """Add this step's per-neuron gradient L1 norms to the window (the optimizer has run, so gradients are
-        unscaled, and a GradScaler-skipped step never gets here). No host sync."""
+    def _accumulate_window(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> None:
+        """Optimizer post-step hook: add this step's head scores and per-neuron gradient L1 norms to the window.
+
+        A step that GradScaler skipped must not count. A non-fused optimizer is then not stepped (this hook does not
+        run), and a fused one runs with ``optimizer.found_inf`` set, its kernel skipping internally; the statistics
+        are then masked out on the device with ``torch.where``, without a host sync. Gradients are unscaled here:
+        the optimizer has run (a fused kernel writes the unscaled gradients back).
+        """
+        found_inf = getattr(optimizer, "found_inf", None)
+        self.stats.commit(found_inf)
+        if self._grad_sums:
+            self._accumulate_gradients(found_inf)
+
+    def _accumulate_gradients(self, found_inf: torch.Tensor | None) -> None:
+        """Per-neuron gradient L1 norms of this step into the window; the whole step is left out if any norm is not
+        finite or ``found_inf`` is set."""
+        norms = {}
         for g in self.groups:
-            if g.kind != "neuron":
-                continue
-            total = self._grad_sums[g.name]
-            for s in g.slices:
-                grad = self.params[s.param].grad
-                if s.role != "bias" and grad is not None:
-                    total += unit_l1(grad, s, g.num_units)
-        self._grad_steps += 1
+            if g.name in self._grad_sums:
+                per_slice = [unit_l1(grad, s, g.num_units) for s in g.slices
+                             if s.role != "bias" and (grad := self.params[s.param].grad) is not None]
+                if per_slice:
+                    norms[g.name] = torch.stack(per_slice).double().sum(0)
+        if not norms:
+            return
+        device = next(iter(norms.values())).device
+        if self._grad_steps.device != device:  # the model moved: the window follows
+            self._grad_steps = self._grad_steps.to(device)
+            self._grad_sums = {name: total.to(device) for name, total in self._grad_sums.items()}
+        keep = torch.isfinite(torch.cat(list(norms.values()))).all()
+        if found_inf is not None:
+            keep &= found_inf.to(device) == 0
+        for name, norm in norms.items():
+            self._grad_sums[name] += torch.where(keep, norm, 0.0)
+        self._grad_steps += keep
 
     def _window_scores(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
         """Death and growth scores per group (float64 on CPU), averaged over the window and all-reduced across ranks.
@@ -364,7 +394,7 @@ class StructuredDST(ScheduledMasks):
         heads = [g for g in self.groups if g.kind == "head"]
         parts = [sums[g.name][key].reshape(-1) for g in heads for key in ("taylor", "grad_l1", "samples")]
         parts += [self._grad_sums[name] for name in self._grad_sums]
-        parts.append(torch.tensor([float(self._grad_steps)]))
+        parts.append(self._grad_steps.reshape(1))
         flat = torch.cat([p.detach().to("cpu", torch.float64) for p in parts])
         if dist.is_available() and dist.is_initialized():
             flat = flat.to(collective_device())
@@ -401,7 +431,7 @@ class StructuredDST(ScheduledMasks):
         self.stats.reset()
         for total in self._grad_sums.values():
             total.zero_()
-        self._grad_steps = 0
+        self._grad_steps.zero_()
 
     @torch.no_grad()
     def _update(self, step: int) -> bool:
@@ -435,6 +465,12 @@ class StructuredDST(ScheduledMasks):
         self.check_consistency()
         self.log_fn(self.record("update"))
         return any(bool(c.any()) for c in changed.values())
+
+    def remove(self) -> None:
+        """Detach the mask enforcement, the window hook on the optimizer and the head-score hooks on the model."""
+        super().remove()
+        self._window_hook.remove()
+        self.stats.remove()
 
     def _initialise(self, fresh: dict[str, torch.Tensor], step: int) -> None:
         """Give units that were inactive before this update fresh input rows, as a new timm Linear would get them.
@@ -546,7 +582,7 @@ class StructuredDST(ScheduledMasks):
             **self._schedule_state(),
             "head_stats": self.stats.state_dict(),
             "grad_sums": {name: t.detach().to("cpu", copy=True) for name, t in self._grad_sums.items()},
-            "grad_steps": self._grad_steps,
+            "grad_steps": int(self._grad_steps),
         }
 
     @torch.no_grad()
@@ -579,7 +615,7 @@ class StructuredDST(ScheduledMasks):
         self.stats.load_state_dict(state["head_stats"])
         for name, total in self._grad_sums.items():
             total.copy_(state["grad_sums"][name])
-        self._grad_steps = int(state["grad_steps"])
+        self._grad_steps.fill_(int(state["grad_steps"]))
         self._load_schedule_state(state)
         self.check_consistency()
         self.log_fn(self.record("resume"))

@@ -2,7 +2,8 @@
 
 Each rank trains a tiny MLP under DDP with ``Masking`` across several topology updates, on data and a global RNG
 that differ per rank, then saves its masks, weights and update steps to ``<out_dir>/rank<r>.pt``. Finally it
-corrupts one mask on rank 1 and records whether ``check_consistency`` notices on every rank.
+corrupts one mask on rank 1 without changing its active count or the sum of its active indices ({0, 3} becomes
+{1, 2}) and records whether ``check_consistency`` notices on every rank.
 """
 import sys
 from pathlib import Path
@@ -16,6 +17,17 @@ from torch.nn.parallel import DistributedDataParallel
 from sparselearning import Masking
 
 STEPS = 10
+
+
+def swap_keeping_count_and_index_sum(mask: torch.Tensor) -> tuple[int, int]:
+    """Move one active entry a to a + 1 and another d to d - 1, in place; returns (active count, active index sum),
+    which the swap leaves as they were."""
+    flat = mask.view(-1)
+    right = (flat[:-1] & ~flat[1:]).nonzero().flatten().tolist()  # active a, inactive a + 1
+    left = [d + 1 for d in (~flat[:-1] & flat[1:]).nonzero().flatten().tolist()]  # active d, inactive d - 1
+    a, d = next((a, d) for a in right for d in left if d - 1 > a + 1 or a > d)
+    flat[[a, a + 1, d, d - 1]] = torch.tensor([False, True, False, True])
+    return int(flat.sum()), int(flat.nonzero().sum())
 
 
 def train_one(growth: str, redistribution: str, rank: int) -> tuple[dict, Masking]:
@@ -54,7 +66,8 @@ def main(out_dir: Path) -> None:
 
     if rank == 1:
         mask = next(iter(masking.masks.values()))
-        mask.view(-1)[0] = ~mask.view(-1)[0]
+        before = int(mask.sum()), int(mask.view(-1).nonzero().sum())
+        results["corruption"] = [before, swap_keeping_count_and_index_sum(mask)]
     try:
         masking.check_consistency()
         results["mismatch_error"] = ""

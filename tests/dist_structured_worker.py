@@ -3,7 +3,8 @@
 Each rank trains the tiny DIGITS ViT under DDP with ``StructuredDST`` across several topology updates. The data and
 the global RNG differ per rank, so the local head statistics differ until the update all-reduces them. The worker
 saves its masks, weights, update steps and a local pre-update window to ``<out_dir>/rank<r>.pt``. Finally it corrupts
-one mask on rank 1 and records whether ``check_consistency`` notices on every rank.
+one mask on rank 1, keeping its active count and active index sum, and records whether ``check_consistency`` notices
+on every rank.
 """
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dist_masking_worker import swap_keeping_count_and_index_sum
 from torch.nn.parallel import DistributedDataParallel
 
 import models
@@ -59,8 +61,7 @@ def main(out_dir: Path) -> None:
         results["compat" if compat else "default"], sparsifier = train_one(compat, rank)
 
     if rank == 1:
-        mask = next(iter(sparsifier.masks.values()))
-        mask.view(-1)[0] = ~mask.view(-1)[0]
+        swap_keeping_count_and_index_sum(next(iter(sparsifier.masks.values())))
     try:
         sparsifier.check_consistency()
         results["mismatch_error"] = ""

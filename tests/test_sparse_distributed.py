@@ -29,6 +29,8 @@ def test_ddp_ranks_agree_on_masks_and_weights(tmp_path):
         masked = sum(int(m.sum()) for m in a["masks"].values())
         assert 0 < masked < sum(m.numel() for m in a["masks"].values())
 
+    count_and_index_sum_before, after = ranks[1]["corruption"]
+    assert count_and_index_sum_before == after, "the corruption keeps what the old count + index-sum checksum saw"
     for rank in ranks:
         assert "masks differ across ranks" in rank["mismatch_error"], "a corrupted mask must be detected on every rank"
-        assert "0.weight" in rank["mismatch_error"]
+        assert "['0.weight']" in rank["mismatch_error"], "the error names exactly the corrupted layer"
