@@ -41,7 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     """DeiT's and SViTE's flag names and defaults, minus the flags the original parsed and ignored."""
     parser = argparse.ArgumentParser("SViTE training and evaluation", add_help=True)
     parser.add_argument("--batch-size", default=64, type=int, help="per-process batch size")
-    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--epochs", default=300, type=int,
+                        help="with --resume, a larger value extends the run: the lr, death-rate and tau schedules and "
+                             "t_end then follow the new length from the resumed step on (docs/resume.md)")
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="vit_digits_tiny", choices=models.MODEL_NAMES)
@@ -95,7 +97,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
                    help="float16 uses a GradScaler, as the original's AMP did")
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
+    g.add_argument("--resume", default="",
+                   help="checkpoint to continue from (or to evaluate with --eval); the flags that define the "
+                        "experiment must equal the checkpoint's (docs/resume.md)")
     g.add_argument("--start_epoch", default=0, type=int, help="overwritten by --resume")
     g.add_argument("--eval", action="store_true", help="evaluate and exit")
     g.add_argument("--compact", action="store_true",

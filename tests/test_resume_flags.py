@@ -13,8 +13,10 @@ import torch
 import main as entry
 from conftest import TINY_RUN, run_main
 from models.checkpoint import load_checkpoint, save_atomic
+from models.token_selection import tau_at
 from sparselearning import Masking
-from training.resume_check import RUNTIME_FLAGS, compare, run_settings, saved_settings
+from sparselearning.schedules import death_rate_at
+from training.resume_check import EXPERIMENT_FLAGS, RUNTIME_FLAGS, compare, run_settings, saved_settings
 
 # Updates every 20 of the 44 steps per epoch, and a token selector whose temperature follows the run's length.
 SPARSE = ("--density", "0.5", "--sparse_init", "fixed_ERK", "--update_frequency", "20", "--token_selection",
@@ -69,9 +71,12 @@ def test_only_a_larger_epochs_extends() -> None:
     assert compare(settings("--epochs", "2"), settings("--epochs", "5", "--lr", "1")) == ([("lr", 5e-4, 1.0)], False)
 
 
-def test_runtime_flags_are_flags_of_main() -> None:
+def test_every_flag_of_main_is_classified() -> None:
     dests = set(vars(entry.get_args_parser().parse_args([])))
-    assert RUNTIME_FLAGS <= dests, RUNTIME_FLAGS - dests
+    unclassified = sorted(dests - RUNTIME_FLAGS - EXPERIMENT_FLAGS)
+    assert not unclassified, (f"add {unclassified} to RUNTIME_FLAGS (may change on --resume) or EXPERIMENT_FLAGS "
+                              "(must match) in training/resume_check.py, and to docs/resume.md")
+    assert not RUNTIME_FLAGS & EXPERIMENT_FLAGS
 
 
 def test_masking_refuses_a_state_made_with_another_density() -> None:
@@ -95,10 +100,10 @@ def test_masking_refuses_a_state_made_with_another_density() -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """One- and two-epoch dense and sparse+token runs of the micro model."""
+    """One- and two-epoch dense runs and a one-epoch sparse+token run of the micro model."""
     out = {}
     for name, flags in (("dense1", ("--epochs", "1")), ("dense2", ("--epochs", "2")),
-                        ("sparse1", (*SPARSE, "--epochs", "1")), ("sparse2", (*SPARSE, "--epochs", "2"))):
+                        ("sparse1", (*SPARSE, "--epochs", "1"))):
         out[name] = tmp_path_factory.mktemp(name)
         run_main(*TINY_RUN, *flags, "--output_dir", str(out[name]))
     return out
@@ -114,36 +119,41 @@ def updates_of(output_dir: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.parametrize("run,flags,listed", [
-    ("sparse1", (*SPARSE, "--epochs", "1", "--density", "0.3"), "--density: 0.5 → 0.3"),
-    ("dense1", ("--density", "0.5", "--epochs", "1"), "--density: not set → 0.5"),
-    ("sparse1", (*SPARSE, "--epochs", "1", "--model", "vit_digits_tiny"), "--model: vit_digits_micro → vit_digits_tiny"),
-    ("sparse2", (*SPARSE, "--epochs", "1"), "--epochs: 2 → 1"),
-], ids=["density", "dense-to-sparse", "model", "fewer-epochs"])
+    ("sparse1", (*SPARSE, "--epochs", "1", "--density", "0.3"), ["--density: 0.5 → 0.3"]),
+    ("dense2", ("--epochs", "1", "--density", "0.5", "--model", "vit_digits_tiny"),
+     ["--epochs: 2 → 1", "--model: vit_digits_micro → vit_digits_tiny", "--density: not set → 0.5"]),
+], ids=["density", "dense-to-sparse,model,fewer-epochs"])
 def test_other_experiment_flags_stop_before_training(runs: dict[str, Path], run: str, flags: tuple[str, ...],
-                                                     listed: str) -> None:
+                                                     listed: list[str]) -> None:
     before = (runs[run] / "config.json").read_text(), (runs[run] / "checkpoint.pth").read_bytes()
     proc = run_main(*TINY_RUN, *flags, "--output_dir", str(runs[run]), "--resume", str(runs[run] / "checkpoint.pth"),
                     check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert listed in proc.stderr and "new --output_dir" in proc.stderr and "checkpoint's values" in proc.stderr
+    lines = [line.strip() for line in proc.stderr.splitlines()]
+    assert [line for line in lines if "→" in line] == listed
+    assert "new --output_dir" in proc.stderr and "checkpoint's values" in proc.stderr
     assert "Traceback" not in proc.stderr and "Epoch 0" not in proc.stdout
     assert ((runs[run] / "config.json").read_text(), (runs[run] / "checkpoint.pth").read_bytes()) == before
 
 
-def test_extending_epochs_continues_every_schedule_of_the_longer_run(runs: dict[str, Path], tmp_path: Path) -> None:
-    """1 epoch resumed with --epochs 2 then follows the 2-epoch run's lr, death rate, t_end and tau."""
-    proc = run_main(*TINY_RUN, *SPARSE, "--epochs", "2", "--output_dir", str(tmp_path),
+def test_extending_epochs_rescales_every_schedule_to_the_longer_run(runs: dict[str, Path], tmp_path: Path) -> None:
+    """1 epoch (44 steps) resumed with --epochs 3: lr, death rate, t_end and tau follow 132 steps from step 44 on."""
+    proc = run_main(*TINY_RUN, *SPARSE, "--epochs", "3", "--output_dir", str(tmp_path),
                     "--resume", str(runs["sparse1"] / "checkpoint.pth"))
-    assert "extending the run from 1 to 2 epochs" in proc.stdout
-    resumed, straight = epochs_of(tmp_path)[-1], epochs_of(runs["sparse2"])[-1]
-    assert resumed["epoch"] == straight["epoch"] == 1
-    for key in ("train_lr", "death_rate", "tau"):
-        assert resumed[key] == straight[key], key
-    assert resumed["train_lr"] > 1e-4  # the 1-epoch schedule had ended at --min-lr 1e-5
-    after = [u for u in updates_of(runs["sparse2"]) if u[0] > 44]
-    assert after and updates_of(tmp_path) == after  # same update steps (t_end of 88 steps) and death rates
+    assert "extending the run from 1 to 3 epochs" in proc.stdout
+    args = entry.get_args_parser().parse_args([*TINY_RUN, *SPARSE, "--epochs", "3"])
+    _, scheduler = entry.build_optimization(args, torch.nn.Linear(1, 1), world=1)
+    for record in epochs_of(tmp_path):
+        step = 44 * (record["epoch"] + 1)
+        scheduler.step(record["epoch"])
+        assert record["train_lr"] == pytest.approx(scheduler.optimizer.param_groups[0]["lr"], rel=1e-12)
+        assert record["death_rate"] == pytest.approx(death_rate_at(step, 132, 0.5, "cosine"), rel=1e-12)
+        assert record["tau"] == pytest.approx(tau_at(step, 132, "linear"), rel=1e-12)
+    assert [r["epoch"] for r in epochs_of(tmp_path)] == [1, 2]
+    # t_end 0.8 of 132 steps: updates every 20 steps until step 105, so 60, 80 and 100 after the resume
+    assert updates_of(tmp_path) == [(s, pytest.approx(death_rate_at(s, 132, 0.5, "cosine"))) for s in (60, 80, 100)]
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
-    assert ckpt["total_steps"] == 88 and ckpt["args"]["epochs"] == 2
+    assert ckpt["total_steps"] == 132 and ckpt["args"]["epochs"] == 3
 
 
 def test_old_dense_checkpoint_extends_bit_exactly_with_other_runtime_flags(runs: dict[str, Path],

@@ -22,13 +22,15 @@ The rule, by flag:
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
   ``--eval-noise``) when it is on. A flag the run ignores (``--density`` of a structured run) may differ.
 - May differ (``RUNTIME_FLAGS``): where and how the run executes and what it prints or writes, not what it computes:
-  ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--num_workers``, ``--pin-mem``, ``--data-path`` (the
-  same data moved; a different set changes the steps per epoch), ``--print-freq``, ``--tensorboard``,
-  ``--visualize-tokens``, ``--model-ema-force-cpu``, ``--dist_url``, ``--atten_head`` (checked against ``--model``),
-  and the mode flags (``--resume``, ``--start_epoch``, ``--eval``, ...).
+  ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--compile``, ``--num_workers``, ``--pin-mem``,
+  ``--data-path`` (the same data moved; a different set changes the steps per epoch), ``--skip-unreadable-images``,
+  ``--print-freq``, ``--verbose``, ``--tensorboard``, ``--visualize-tokens``, ``--save-every-steps``,
+  ``--model-ema-force-cpu``, ``--dist_url``, ``--atten_head`` (checked against ``--model``), and the mode flags
+  (``--resume``, ``--auto-resume``, ``--start_epoch``, ``--eval``, ...).
 
-Any other flag, for example one added after this rule was written, must match: refusing is the safe default.
-Flags that a checkpoint does not record (it predates them) are not compared.
+Every flag of ``main.py`` is in ``EXPERIMENT_FLAGS`` or ``RUNTIME_FLAGS`` (a test checks it); a flag in neither
+must match, since refusing is the safe default. Flags that a checkpoint does not record (it predates them) are not
+compared.
 """
 from __future__ import annotations
 
@@ -37,11 +39,26 @@ from collections.abc import Mapping
 from typing import Any
 
 RUNTIME_FLAGS = frozenset({
-    "output_dir", "device", "amp", "amp_dtype", "num_workers", "pin_mem", "data_path", "print_freq", "tensorboard",
-    "visualize_tokens", "model_ema_force_cpu", "dist_url", "atten_head",
-    "resume", "start_epoch", "eval", "compact", "report", "flops", "export",
+    "output_dir", "device", "amp", "amp_dtype", "compile", "num_workers", "pin_mem", "data_path",
+    "skip_unreadable_images", "print_freq", "verbose", "tensorboard", "visualize_tokens", "save_every_steps",
+    "model_ema_force_cpu", "dist_url", "atten_head",
+    "resume", "auto_resume", "start_epoch", "eval", "compact", "report", "flops", "export",
 })
-"""Flags that may differ between a checkpoint and its resumed run."""
+"""Flags (argparse dests) that may differ between a checkpoint and its resumed run."""
+
+EXPERIMENT_FLAGS = frozenset({
+    "epochs", "batch_size", "model", "drop", "drop_path", "model_ema", "model_ema_decay",
+    "opt", "opt_eps", "opt_betas", "clip_grad", "momentum", "weight_decay",
+    "sched", "lr", "lr_noise", "lr_noise_pct", "lr_noise_std", "warmup_lr", "min_lr", "decay_epochs", "warmup_epochs",
+    "decay_rate", "smoothing", "repeated_aug", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob",
+    "mixup_mode", "data_set", "inat_category", "input_size", "color_jitter", "aa", "train_interpolation", "hflip",
+    "reprob", "remode", "recount", "seed",
+    "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
+    "t_end", "sparse_exclude", "sparse_include", "keep_optimizer_state", "erk_power", "pruning_type",
+    "atten_density", "other_density", "structure_compat",
+    "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
+})
+"""Flags (argparse dests) that must match; the sparsity and token ones only where they act (``compare``)."""
 
 KIND_FLAGS = ("density", "pruning_type", "token_selection")
 """Flags that choose what kind of sparsity a run has; compared whenever either run uses them."""
