@@ -79,6 +79,11 @@ def test_every_flag_of_main_is_classified() -> None:
     assert not RUNTIME_FLAGS & EXPERIMENT_FLAGS
 
 
+def test_a_checkpoint_from_elsewhere_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="lacks args, step, rng, so it was not written by this project's training"):
+        saved_settings({"model": {}, "optimizer": {}, "epoch": 3})
+
+
 def test_masking_refuses_a_state_made_with_another_density() -> None:
     """Library users get the same guarantee: 0.5 masks never continue under a 0.3 configuration."""
     def masking(density: float, total_steps: int = 10) -> Masking:
@@ -137,9 +142,12 @@ def test_other_experiment_flags_stop_before_training(runs: dict[str, Path], run:
 
 
 def test_extending_epochs_rescales_every_schedule_to_the_longer_run(runs: dict[str, Path], tmp_path: Path) -> None:
-    """1 epoch (44 steps) resumed with --epochs 3: lr, death rate, t_end and tau follow 132 steps from step 44 on."""
-    proc = run_main(*TINY_RUN, *SPARSE, "--epochs", "3", "--output_dir", str(tmp_path),
-                    "--resume", str(runs["sparse1"] / "checkpoint.pth"))
+    """1 epoch (44 steps) resumed with --epochs 3: lr, death rate, t_end and tau follow 132 steps from step 44 on.
+
+    The resumed run also switches to fp16 AMP (a runtime flag), so its GradScaler starts where the fp32 run saved none.
+    """
+    proc = run_main(*TINY_RUN, *SPARSE, "--epochs", "3", "--amp", "--amp-dtype", "float16", "--output_dir",
+                    str(tmp_path), "--resume", str(runs["sparse1"] / "checkpoint.pth"))
     assert "extending the run from 1 to 3 epochs" in proc.stdout
     args = entry.get_args_parser().parse_args([*TINY_RUN, *SPARSE, "--epochs", "3"])
     _, scheduler = entry.build_optimization(args, torch.nn.Linear(1, 1), world=1)
