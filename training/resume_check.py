@@ -151,6 +151,8 @@ def compare(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[list[
             _acts(name, saved) and _acts(name, current))
         if relevant and old != new:
             differing.append((name, old, new))
+    if any(name == GLOBAL_BATCH for name, _, _ in differing):  # then the steps per epoch differ as a consequence
+        differing = [d for d in differing if d[0] != STEPS_PER_EPOCH]
     epochs = [d for d in differing if d[0] == "epochs"]
     extends = bool(epochs) and epochs[0][2] > epochs[0][1]
     if extends:
