@@ -34,13 +34,16 @@ import models
 from models.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 import sparselearning
 from sparselearning.base import combine
+from training.resume_check import check_resume, flag_names, run_settings, saved_settings
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """DeiT's and SViTE's flag names and defaults, minus the flags the original parsed and ignored."""
     parser = argparse.ArgumentParser("SViTE training and evaluation", add_help=True)
     parser.add_argument("--batch-size", default=64, type=int, help="per-process batch size")
-    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--epochs", default=300, type=int,
+                        help="with --resume, a larger value extends the run: the lr, death-rate and tau schedules and "
+                             "t_end then follow the new length from the resumed step on (docs/resume.md)")
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="vit_digits_tiny", choices=models.MODEL_NAMES)
@@ -94,7 +97,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
                    help="float16 uses a GradScaler, as the original's AMP did")
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
+    g.add_argument("--resume", default="",
+                   help="checkpoint to continue from (or to evaluate with --eval); the flags that define the "
+                        "experiment must equal the checkpoint's (docs/resume.md)")
     g.add_argument("--start_epoch", default=0, type=int, help="overwritten by --resume")
     g.add_argument("--eval", action="store_true", help="evaluate and exit")
     g.add_argument("--compact", action="store_true",
@@ -215,23 +220,34 @@ class TrainingState:
     model_ema: ModelEmaV3 | None
 
     def checkpoint(self, epoch: int, step: int, best_acc1: float, rng: list[dict[str, Any]],
-                   args: dict[str, Any]) -> dict[str, Any]:
+                   args: dict[str, Any], total_steps: int) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "model_ema": self.model_ema.module.state_dict() if self.model_ema is not None else None,
                 "sparsifier": self.sparsifier.state_dict(), "epoch": epoch, "step": step, "best_acc1": best_acc1,
-                "rng": rng, "args": args}
+                "rng": rng, "args": args, "total_steps": total_steps}
 
-    def resume(self, path: str, model_name: str, rank: int) -> tuple[int, int, float]:
-        """Restore a ``checkpoint`` file; returns (first epoch to run, optimizer steps done, best top-1)."""
+    def resume(self, path: str, args: argparse.Namespace, world: int, steps_per_epoch: int,
+               rank: int) -> tuple[int, int, float]:
+        """Restore a ``checkpoint`` file of the same experiment (``training.resume_check``, checked before anything
+        is loaded); returns (first epoch to run, optimizer steps done, best top-1)."""
         ckpt = load_checkpoint(path, map_location="cpu")
-        models.load_weights(self.model, ckpt.get("model", ckpt), path, model_name)
         if "optimizer" not in ckpt:
+            models.load_weights(self.model, ckpt.get("model", ckpt), path, args.model)
             raise ValueError(f"{path} holds weights only (no optimizer state) and cannot be resumed; "
                              "evaluate it with --eval")
+        extends = check_resume(saved_settings(ckpt), run_settings(vars(args), world, steps_per_epoch), path,
+                               flag_names(get_args_parser()))
+        if extends is not None and rank == 0:
+            print(f"extending the run from {extends} to {args.epochs} epochs: from here on the lr schedule (and the "
+                  f"death rate, t_end and tau where used) follows {args.epochs * steps_per_epoch} total steps",
+                  flush=True)
+        models.load_weights(self.model, ckpt["model"], path, args.model)
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if extends is None:  # else the scheduler built for the new --epochs is the extended schedule
+            self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if ckpt["scaler"]:  # empty when the saved run did not use fp16; --amp and --amp-dtype may change on resume
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.sparsifier.load_state_dict(ckpt["sparsifier"])
         if self.model_ema is not None:
             self.model_ema.module.load_state_dict(ckpt["model_ema"])
@@ -297,7 +313,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     state = TrainingState(model, optimizer, lr_scheduler, scaler, sparsifier, model_ema)
     start_epoch, global_step, best_acc1 = args.start_epoch, args.start_epoch * steps_per_epoch, 0.0
     if args.resume:
-        start_epoch, global_step, best_acc1 = state.resume(args.resume, args.model, rank)
+        start_epoch, global_step, best_acc1 = state.resume(args.resume, args, world, steps_per_epoch, rank)
         if is_main:
             print(f"resumed from {args.resume} at epoch {start_epoch}")
 
@@ -335,7 +351,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         is_best = test_stats["acc1"] > best_acc1
         best_acc1 = max(best_acc1, test_stats["acc1"])
         if output_dir is not None:
-            checkpoint = state.checkpoint(epoch, global_step, best_acc1, gather_rng_states(world), vars(args))
+            checkpoint = state.checkpoint(epoch, global_step, best_acc1, gather_rng_states(world), vars(args),
+                                          total_steps)
             if is_main:
                 save_atomic(checkpoint, output_dir / "checkpoint.pth")
                 if is_best:

@@ -160,13 +160,28 @@ class ScheduledMasks(ABC):
 
     def _load_schedule_state(self, state: dict[str, Any]) -> None:
         """Restore the schedule fields; the checkpoint's seed replaces the constructor's so random draws continue
-        the saved run. Settings that differ from the checkpoint's are allowed, and logged."""
+        the saved run.
+
+        The saved masks were made with the saved settings, so loading them into a sparsifier configured otherwise
+        would train one configuration while reporting another: any setting that acts on this kind of sparsity and
+        differs raises. Ignored: settings the saved config predates, ``atten_head`` (checked against the model),
+        and the settings of the other kind (``density`` of a structured run). ``total_steps`` is the constructor's,
+        so a longer run rescales the death-rate decay and ``t_end``.
+        """
+        def canonical(value: Any) -> Any:
+            return {"fixed_ERK": "ERK", "structure_new": "structure"}.get(value, value) if isinstance(value, str) \
+                else value
+
+        ignored = {"atten_head"} | ({"density", "sparse_init", "erk_power"} if self.config.structured
+                                    else {"atten_density", "other_density"})
+        saved = state["config"]
+        differing = [f"{k}: {saved[k]!r} → {v!r}" for k, v in self.config.to_dict().items()
+                     if k in saved and k not in ignored and canonical(saved[k]) != canonical(v)]
+        if differing:
+            raise ValueError(f"the checkpoint's {type(self).__name__} state was made with other settings "
+                             f"(saved → now): {'; '.join(differing)}. Build it with the settings of the "
+                             "checkpoint's 'config' to resume, or start a new run")
         self._step = int(state["step"])
         self._last_update_step = int(state["last_update_step"])
         self.seed = int(state["seed"])
         self.skipped_updates = [int(s) for s in state["skipped_updates"]]
-        differing = {k: (v, state["config"].get(k)) for k, v in self.config.to_dict().items()
-                     if state["config"].get(k) != v}
-        if differing:
-            logger.warning("sparsity: resuming with settings that differ from the checkpoint (now, saved): %s",
-                           differing)
