@@ -83,6 +83,7 @@ def train_one_epoch(
         ctx.sparsifier.step(global_step)
         if ctx.model_ema is not None:
             ctx.model_ema.update(model, step=global_step)
+            ctx.sparsifier.apply_masks(ctx.model_ema.module)  # the EMA keeps exactly the model's sparsity
         loss_sum += loss.detach()
         if (i + 1) % ctx.print_freq == 0 or i + 1 == num_steps:
             mean_loss = loss_sum.item() / (i + 1)

@@ -300,6 +300,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         start_epoch, global_step, best_acc1 = state.resume(args.resume, args.model, rank)
         if is_main:
             print(f"resumed from {args.resume} at epoch {start_epoch}")
+    if model_ema is not None:
+        sparsifier.apply_masks(model_ema.module)  # built from the dense model; an older checkpoint's EMA may be dense
 
     ctx = engine.StepContext(optimizer=optimizer, scaler=scaler, sparsifier=sparsifier, amp_dtype=amp_dtype,
                              clip_grad=args.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,
