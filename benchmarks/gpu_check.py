@@ -12,8 +12,9 @@ DIGITS set at DeiT-Small's 224 px (one epoch = 22 steps of 64 images):
 - ``compile``: dense bf16 with ``--compile`` (inductor). Pass: exit 0, finite loss.
 - ``resume``: unstructured bf16 for 2 epochs straight, and killed after epoch 0 then resumed. Pass: model, EMA and
   sparsifier state identical bit for bit.
-- ``nccl``: unstructured under ``torchrun --nproc_per_node=2`` (NCCL), when the machine has two GPUs. Pass: exit 0
-  (masks are checked to agree across ranks at every update) and every validation image counted once.
+- ``nccl``: unstructured under ``torchrun --nproc_per_node=2`` (NCCL), when the machine has two GPUs, eager and with
+  ``--compile`` (compiled around DDP). Pass: exit 0 (masks are checked to agree across ranks at every update) and
+  every validation image counted once.
 - ``suite``: ``benchmarks/run.py --suite`` without compile and with one repeat (``--full-suite``: the whole suite,
   which takes longer than the budget), written to ``<gpu>-suite-gpu-check.csv``.
 
@@ -77,7 +78,8 @@ def plan(num_gpus: int, model: str = MODEL, full_suite: bool = False) -> list[Ch
     checks.append(Check("compile", "train", (*base, *AMP["bf16"], "--compile")))
     checks.append(Check("resume", "resume", (*base, *UNSTRUCTURED, *AMP["bf16"], "--epochs", "2")))
     if num_gpus >= 2:
-        checks.append(Check("nccl", "nccl", (*base, *UNSTRUCTURED, *AMP["bf16"], "--batch-size", "32")))
+        nccl = (*base, *UNSTRUCTURED, *AMP["bf16"], "--batch-size", "32")
+        checks += [Check("nccl", "nccl", nccl), Check("nccl+compile", "nccl", (*nccl, "--compile"))]
     suite = ("--suite", "--model", model) + (() if full_suite else ("--no-compile", "--repeats", "1", "--tag",
                                                                     "gpu-check"))
     checks.append(Check("suite", "suite", suite))
