@@ -113,7 +113,7 @@ def test_main_compile_flag_trains_the_compiled_model_and_saves_plain_names(tmp_p
         return compile_(model, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", spy)
-    flags = (*TINY_RUN, "--epochs", "1", "--no-model-ema", "--density", "0.5", "--update_frequency", "20")
+    flags = (*TINY_RUN, "--epochs", "1", "--model-ema-decay", "0.9", "--density", "0.5", "--update_frequency", "20")
     records = []
     for compiled in (False, True):
         out = tmp_path / str(compiled)
@@ -122,8 +122,12 @@ def test_main_compile_flag_trains_the_compiled_model_and_saves_plain_names(tmp_p
     assert len(compiled_with) == 1 and isinstance(compiled_with[0], models.vit.VisionTransformer)
     assert records[1]["train_loss"] == pytest.approx(records[0]["train_loss"], rel=1e-4)
     assert records[1]["test_acc1"] == pytest.approx(records[0]["test_acc1"], abs=1.0)
+    assert records[1]["ema_test_loss"] == pytest.approx(records[0]["ema_test_loss"], rel=1e-3)
     saved = torch.load(tmp_path / "True" / "checkpoint.pth", weights_only=True)
-    assert not any("_orig_mod" in k for k in saved["model"]) and "blocks.0.attn.qkv.weight" in saved["sparsifier"]["masks"]
+    assert not any("_orig_mod" in k for k in [*saved["model"], *saved["model_ema"]])
+    masks = saved["sparsifier"]["masks"]
+    assert "blocks.0.attn.qkv.weight" in masks
+    assert all(torch.equal(saved["model_ema"][n] != 0, m) for n, m in masks.items())  # the EMA of the compiled model
     config = json.loads((tmp_path / "True" / "config.json").read_text())
     assert (config["compile"], config["amp"], config["amp_dtype"], config["opt_fused"]) == (True, False, None, False)
 
