@@ -34,6 +34,7 @@ import models
 from models.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 import sparselearning
 from sparselearning.base import combine
+from training.amp import choose_precision, device_supports_bf16, optimizer_supports_fused
 from training.resume_check import check_resume, flag_names, run_settings, saved_settings
 
 
@@ -58,6 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--opt", default="adamw", help="timm optimizer name")
     g.add_argument("--opt-eps", default=1e-8, type=float)
     g.add_argument("--opt-betas", default=None, type=float, nargs="+")
+    g.add_argument("--opt-fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused optimizer kernel (torch Adam/AdamW/SGD); default: on for CUDA, off for CPU")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm to this value")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=0.05)
@@ -94,8 +97,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="native mixed precision (torch.amp); default: on for CUDA, off for CPU")
-    g.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
-                   help="float16 uses a GradScaler, as the original's AMP did")
+    g.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
+                   help="default: bfloat16 where the device supports it, else float16 (with a GradScaler, as the "
+                        "original's AMP)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (after the DDP wrap) for training and evaluation; masks, EMA and "
+                        "checkpoints keep the uncompiled parameter names")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="",
                    help="checkpoint to continue from (or to evaluate with --eval); the flags that define the "
@@ -199,6 +206,7 @@ def build_optimization(args: argparse.Namespace, model: nn.Module, world: int):
     lr = args.lr * args.batch_size * world / 512.0
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, eps=args.opt_eps,
+                                    **({"fused": True} if args.opt_fused else {}),
                                     **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}))
     lr_scheduler = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
@@ -274,15 +282,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir) if args.output_dir else None
 
     train_loader, val_loader, num_classes = build_loaders(args, data_cfg, rank, world)
-    amp_enabled = args.amp if args.amp is not None else device.type == "cuda"
-    amp_dtype = getattr(torch, args.amp_dtype) if amp_enabled else None
+    precision = choose_precision(device.type, device_supports_bf16(device), optimizer_supports_fused(args.opt),
+                                 args.amp, args.amp_dtype, args.opt_fused)
+    vars(args).update(precision.flags())  # config.json and the checkpoint record what was chosen
+    amp_dtype = precision.amp_dtype
     model = models.create_model(args.model, num_classes=num_classes, img_size=args.input_size,
                                 drop_rate=args.drop, drop_path_rate=args.drop_path)
     models.apply_token_selection(model, token_cfg)  # before the optimizer, EMA and DDP see the parameters
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters())
     if is_main:
-        print(f"model {args.model}: {n_parameters:,} parameters; {world} process(es) on {device}")
+        print(f"model {args.model}: {n_parameters:,} parameters; {world} process(es) on {device}; {precision}")
 
     model_ema = None
     if args.model_ema:
@@ -291,6 +301,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if world > 1:
         model_ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
+    if args.compile:
+        model_ddp = torch.compile(model_ddp)  # DDP inside: compile splits the graph at its gradient buckets
 
     steps_per_epoch = len(train_loader)
     optimizer, lr_scheduler = build_optimization(args, model, world)
@@ -316,6 +328,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         start_epoch, global_step, best_acc1 = state.resume(args.resume, args, world, steps_per_epoch, rank)
         if is_main:
             print(f"resumed from {args.resume} at epoch {start_epoch}")
+    if model_ema is not None:
+        sparsifier.apply_masks(model_ema.module)  # built from the dense model; an older checkpoint's EMA may be dense
 
     ctx = engine.StepContext(optimizer=optimizer, scaler=scaler, sparsifier=sparsifier, amp_dtype=amp_dtype,
                              clip_grad=args.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,
@@ -429,8 +443,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     if contents is not None and num_classes != detection.num_classes:
         raise ValueError(f"{args.resume} classifies {detection.num_classes} classes but --data-set {args.data_set} "
                          f"has {num_classes}; evaluate it on the dataset it was trained for")
-    amp_enabled = args.amp if args.amp is not None else device.type == "cuda"
-    amp_dtype = getattr(torch, args.amp_dtype) if amp_enabled else None
+    amp_dtype = choose_precision(device.type, device_supports_bf16(device), False, args.amp, args.amp_dtype).amp_dtype
     stats = {f"test_{k}": v for k, v in engine.evaluate(model.to(device), val_loader, device, amp_dtype).items()}
     if contents is not None and contents.ema is not None:
         ema = models.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection, model_name,

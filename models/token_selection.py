@@ -459,6 +459,10 @@ class TokenSchedule:
         self._set(self.tau)
         return False
 
+    def apply_masks(self, module: nn.Module) -> None:
+        """Token selection masks no weights: a copy of the model (e.g. the EMA) is left as it is."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "step": self._step, "tau": self.tau, "schedule": self.schedule,
                 "total_steps": self.total_steps}

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from torch import nn
+
 
 @runtime_checkable
 class Sparsifier(Protocol):
@@ -16,6 +18,11 @@ class Sparsifier(Protocol):
 
         Enforces the masks and, on schedule, updates the topology. Returns True when the topology changed.
         """
+
+    def apply_masks(self, module: nn.Module) -> None:
+        """Zero in ``module``, a copy of the trained model with the same parameter FQNs (e.g. its EMA), every entry
+        that is masked in the trained model now, so the copy has exactly the model's sparsity. Cheap (no host sync):
+        called after every EMA update."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-exactly (plain tensors, numbers, strings)."""
@@ -32,6 +39,9 @@ class DenseSparsifier:
 
     def step(self, step: int) -> bool:
         return False
+
+    def apply_masks(self, module: nn.Module) -> None:
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -61,6 +71,10 @@ class SparsifierChain:
         for member in self.members:
             changed |= member.step(step)
         return changed
+
+    def apply_masks(self, module: nn.Module) -> None:
+        for member in self.members:
+            member.apply_masks(module)
 
     def state_dict(self) -> dict[str, Any]:
         return {f"{i}:{type(m).__name__}": m.state_dict() for i, m in enumerate(self.members)}

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparselearning.config import SparsityConfig
-from sparselearning.masks import MaskSet
+from sparselearning.masks import MaskSet, unwrap_model
 from sparselearning.metrics import format_table
 from sparselearning.schedules import death_rate_at, is_update_step
 
@@ -109,6 +109,19 @@ class ScheduledMasks(ABC):
     def masks(self) -> dict[str, torch.Tensor]:
         """FQN -> live bool mask (True = active) of every masked tensor. Do not modify; use ``load_state_dict``."""
         return self.mask_set.masks
+
+    @torch.no_grad()
+    def apply_masks(self, module: nn.Module) -> None:
+        """Zero the masked entries of ``module`` (e.g. the EMA) with the live masks; structured masks are unit masks
+        expanded to the weights, so a structured copy stays compactable. ``masked_fill_`` also clears NaN/Inf."""
+        params = dict(unwrap_model(module).named_parameters())
+        missing = [name for name in self.mask_set.masks if name not in params]
+        if missing:
+            raise ValueError(f"cannot mask {type(module).__name__}: it has no parameters {missing[:4]}; pass a copy "
+                             "of the trained model (same parameter names)")
+        for name, mask in self.mask_set.masks.items():
+            target = params[name]
+            target.masked_fill_(~mask.to(target.device), 0)
 
     def death_rate(self, step: int) -> float:
         """The fraction of active units (weights, heads, neurons) that the schedule replaces at ``step``."""

@@ -22,7 +22,7 @@ The rule, by flag:
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
   ``--eval-noise``) when it is on. A flag the run ignores (``--density`` of a structured run) may differ.
 - May differ (``RUNTIME_FLAGS``): where and how the run executes and what it prints or writes, not what it computes:
-  ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--compile``, ``--num_workers``, ``--pin-mem``,
+  ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--opt-fused``, ``--compile``, ``--num_workers``, ``--pin-mem``,
   ``--data-path`` (the same data moved; a different set changes the steps per epoch), ``--skip-unreadable-images``,
   ``--print-freq``, ``--verbose``, ``--tensorboard``, ``--visualize-tokens``, ``--save-every-steps``,
   ``--model-ema-force-cpu``, ``--dist_url``, ``--atten_head`` (checked against ``--model``), and the mode flags
@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 RUNTIME_FLAGS = frozenset({
-    "output_dir", "device", "amp", "amp_dtype", "compile", "num_workers", "pin_mem", "data_path",
+    "output_dir", "device", "amp", "amp_dtype", "opt_fused", "compile", "num_workers", "pin_mem", "data_path",
     "skip_unreadable_images", "print_freq", "verbose", "tensorboard", "visualize_tokens", "save_every_steps",
     "model_ema_force_cpu", "dist_url", "atten_head",
     "resume", "auto_resume", "start_epoch", "eval", "compact", "report", "flops", "export",
