@@ -22,8 +22,8 @@ The rule, by flag:
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
   ``--eval-noise``) when it is on. A flag the run ignores (``--density`` of a structured run) may differ.
 - May differ (``RUNTIME_FLAGS``): where and how the run executes and what it prints or writes, not what it computes:
-  ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--opt-fused``, ``--compile``, ``--num_workers``, ``--pin-mem``,
-  ``--data-path`` (the same data moved; a different set changes the steps per epoch), ``--skip-unreadable-images``,
+  ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--opt-fused``, ``--compile``, ``--num_workers``,
+  ``--pin-mem``, ``--data-path`` (the same data moved; a different set changes the steps per epoch), ``--skip-unreadable-images``,
   ``--print-freq``, ``--verbose``, ``--tensorboard``, ``--visualize-tokens``, ``--save-every-steps``,
   ``--model-ema-force-cpu``, ``--dist_url``, ``--atten_head`` (checked against ``--model``), and the mode flags
   (``--resume``, ``--auto-resume``, ``--start_epoch``, ``--eval``, ...).
