@@ -36,8 +36,10 @@ class Masking(ScheduledMasks):
     hooks ``optimizer.step()`` so they stay zero. ``step(step)`` after each optimizer step updates the topology on
     schedule: per layer, the ``ceil(rate * active)`` weakest active weights die and as many (or, with
     redistribution, a re-allocated number) inactive weights grow, chosen by gradient, momentum or at random. New
-    weights start at zero; a weight dropped and regrown in the same update keeps its value. All random draws come
-    from private generators seeded by (seed, layer name, step), so DDP ranks agree without broadcasts.
+    weights start at zero; a weight dropped and regrown in the same update keeps its value. The optimizer state is
+    never reset: masked weights receive dense gradients, so their moments (Adam's, SGD momentum) stay valid
+    statistics and a regrown weight steps like the survivors. All random draws come from private generators seeded
+    by (seed, layer name, step), so DDP ranks agree without broadcasts.
 
     Example (a plain PyTorch loop; the three added lines are marked ``# +``)::
 
@@ -72,10 +74,6 @@ class Masking(ScheduledMasks):
         t_end: no updates after ``t_end * total_steps``.
         sparse_exclude: fnmatch patterns of FQNs not to mask.
         sparse_include: fnmatch patterns; only matching tensors are masked.
-        keep_optimizer_state: keep SViTE's optimizer handling: never reset moments of dropped or grown weights, but
-            zero SGD ``momentum_buffer`` at masked positions after every step (so SGD + momentum growth then only
-            sees the just-dropped weights). Default: at each update, zero every parameter-shaped state tensor at the
-            positions whose mask changed; between updates masked positions keep accumulating dense statistics.
         erk_power: exponent of the ERK score.
         seed: base seed of the masks; must be the same on every rank (not ``seed + rank``).
         log_fn: receives a ``density_record`` dict at construction, after every update and on resume; default
@@ -101,7 +99,6 @@ class Masking(ScheduledMasks):
         t_end: float = 0.8,
         sparse_exclude: Sequence[str] = (),
         sparse_include: Sequence[str] = (),
-        keep_optimizer_state: bool = False,
         erk_power: float = 1.0,
         seed: int = 0,
         log_fn: LogFn | None = None,
@@ -111,8 +108,7 @@ class Masking(ScheduledMasks):
         self.config = SparsityConfig(
             density=density, sparse_init=sparse_init, update_frequency=update_frequency, growth=growth, death=death,
             redistribution=redistribution, death_rate=death_rate, decay_schedule=decay_schedule, t_end=t_end,
-            sparse_exclude=sparse_exclude, sparse_include=sparse_include,
-            keep_optimizer_state=keep_optimizer_state, erk_power=erk_power,
+            sparse_exclude=sparse_exclude, sparse_include=sparse_include, erk_power=erk_power,
         )
         self._start_schedule(optimizer, total_steps, seed, log_fn)
         params = select_parameters(model, sparse_include, sparse_exclude)
@@ -141,7 +137,7 @@ class Masking(ScheduledMasks):
             update_frequency=cfg.update_frequency, growth=cfg.growth, death=cfg.death,
             redistribution=cfg.redistribution, death_rate=cfg.death_rate, decay_schedule=cfg.decay_schedule,
             t_end=cfg.t_end, sparse_exclude=cfg.sparse_exclude, sparse_include=cfg.sparse_include,
-            keep_optimizer_state=cfg.keep_optimizer_state, erk_power=cfg.erk_power, seed=seed, log_fn=log_fn,
+            erk_power=cfg.erk_power, seed=seed, log_fn=log_fn,
         )
 
     @property
@@ -185,13 +181,16 @@ class Masking(ScheduledMasks):
 
     @torch.no_grad()
     def _update(self, step: int) -> bool:
-        """One topology update: death per layer, growth allocation, growth, optimizer hygiene, bookkeeping."""
+        """One topology update: death per layer, growth allocation, growth, bookkeeping.
+
+        The optimizer state is kept (SViTE's handling): masked weights receive dense gradients, so the moments of a
+        regrown weight are valid statistics of its gradient, and AdamW's per-tensor ``step`` matches them. Zeroing
+        them while ``step`` kept counting left regrown weights without bias correction: 2-3x the survivors' steps.
+        """
         if not self._finite_inputs(step):
             return False
         kept, dropped = self._death(self.death_rate(step))
         changed = self._grow(kept, self._growth_counts(dropped), step)
-        if not self.config.keep_optimizer_state:
-            self.mask_set.reset_optimizer_state(self.optimizer, changed)
         self._refresh_counts()
         self.check_consistency()
         self.log_fn(self.record("update"))

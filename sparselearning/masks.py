@@ -157,20 +157,6 @@ class MaskSet:
 
         return optimizer.register_step_post_hook(hook)
 
-    @torch.no_grad()
-    def reset_optimizer_state(
-        self, optimizer: torch.optim.Optimizer, positions: Mapping[str, torch.Tensor]
-    ) -> None:
-        """Zero every parameter-shaped optimizer state tensor (exp_avg, exp_avg_sq, momentum_buffer, ...) at
-        ``positions``, so regrown weights start without stale statistics. Scalar state such as Adam's ``step``
-        is per tensor and left alone."""
-        for name, where in positions.items():
-            param = self.params[name]
-            keep = (~where).to(param.dtype)  # convert once for all state tensors
-            for value in optimizer.state.get(param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value.mul_(keep)  # a multiply is branch-free, several times faster than masked_fill_ on CPU
-
     def counts(self) -> dict[str, int]:
         """Active weights per layer (one host sync per layer; for updates and reports only)."""
         return {name: int(torch.count_nonzero(m)) for name, m in self.masks.items()}
