@@ -189,26 +189,49 @@ class Masking(ScheduledMasks):
         """
         if not self._finite_inputs(step):
             return False
-        kept, dropped = self._death(self.death_rate(step))
-        changed = self._grow(kept, self._growth_counts(dropped), step)
+        frozen = self._dead_growth_signals(step)
+        kept, dropped = self._death(self.death_rate(step), frozen, step)
+        changed = self._grow(kept, self._growth_counts(dropped, frozen), step)
         self._refresh_counts()
         self.check_consistency()
         self.log_fn(self.record("update"))
         return any(bool(where.any()) for where in changed.values())
 
-    def _death(self, rate: float) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """Per layer, the surviving mask after ``ceil(rate * active)`` weights die (SViTE's count), and that count."""
+    def _dead_growth_signals(self, step: int) -> set[str]:
+        """Layers whose growth signal is all zero: they skip death and growth in this update, with a warning.
+
+        Growing there would pick among equal scores only (a random block, or by index the lowest rows), and skipping
+        death too keeps the layer's density exact.
+        """
+        if self.config.growth == "random":
+            return set()
+        frozen = set()
+        for name, param in self.mask_set.params.items():
+            if int(torch.count_nonzero(self._growth_signal(name, param))) == 0:
+                frozen.add(name)
+                cause = ("zero_grad() called before masking.step(step), or a frozen layer" if
+                         self.config.growth == "gradient" else "a frozen layer (its optimizer moments never moved)")
+                logger.warning("sparsity: the %s growth signal of %s is all zero at step %d (likely %s); death and "
+                               "growth skipped for this layer, so its density stays exact", self.config.growth, name,
+                               step, cause)
+        return frozen
+
+    def _death(self, rate: float, frozen: set[str], step: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Per layer, the surviving mask after ``ceil(rate * active)`` weights die (SViTE's count; none in a
+        ``frozen`` layer), and that count. Ties in the death score are broken by (seed, layer, step)."""
         death = magnitude_death if self.config.death == "magnitude" else set_death
         kept, dropped = {}, {}
         for name, param in self.mask_set.params.items():
-            dropped[name] = min(self._active[name], math.ceil(rate * self._active[name]))
+            active = 0 if name in frozen else self._active[name]
+            dropped[name] = min(active, math.ceil(rate * active))
             mask = self.mask_set.masks[name]
-            kept[name] = mask & ~death(param, mask, dropped[name])
+            kept[name] = mask & ~death(param, mask, dropped[name], derive_seed(self.seed, name, step, "death ties"))
         return kept, dropped
 
-    def _growth_counts(self, dropped: dict[str, int]) -> dict[str, int]:
+    def _growth_counts(self, dropped: dict[str, int], frozen: set[str]) -> dict[str, int]:
         """How many weights each layer regrows: what it lost (``none``), or the total lost split by mean magnitude
-        or density of the layer's active weights (measured before death), capped by its free slots."""
+        or density of the layer's active weights (measured before death), capped by its free slots; a ``frozen``
+        layer gets none."""
         mode = self.config.redistribution
         if mode == "none":
             return dropped
@@ -217,7 +240,7 @@ class Masking(ScheduledMasks):
             stats = {n: float(p.abs().sum()) / max(active[n], 1) for n, p in params.items()}
         else:
             stats = {n: active[n] / p.numel() for n, p in params.items()}
-        free = {n: p.numel() - active[n] + dropped[n] for n, p in params.items()}
+        free = {n: 0 if n in frozen else p.numel() - active[n] + dropped[n] for n, p in params.items()}
         return redistribute(sum(dropped.values()), stats, free)
 
     def _grow(self, kept: dict[str, torch.Tensor], counts: dict[str, int], step: int) -> dict[str, torch.Tensor]:
@@ -226,7 +249,9 @@ class Masking(ScheduledMasks):
         changed = {}
         for name, param in self.mask_set.params.items():
             old = self.mask_set.masks[name]
-            new = kept[name] | grow_highest(self._growth_scores(name, param, step), ~kept[name], counts[name])
+            grown = grow_highest(self._growth_scores(name, param, step), ~kept[name], counts[name],
+                                 derive_seed(self.seed, name, step, "growth ties"))
+            new = kept[name] | grown
             # only weights active before and after keep their value (dropped-and-regrown ones included): the ones
             # that died are zeroed and the new ones start at zero
             param.mul_(new & old)

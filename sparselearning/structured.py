@@ -148,22 +148,26 @@ def unit_l1(tensor: torch.Tensor, spec: UnitSlice, num_units: int) -> torch.Tens
     return per_entry.reshape(spec.sections, num_units, spec.width).sum(dim=(0, 2))
 
 
-def swap_units(active: torch.Tensor, death_scores: torch.Tensor, growth_scores: torch.Tensor, n: int) -> torch.Tensor:
+def swap_units(active: torch.Tensor, death_scores: torch.Tensor, growth_scores: torch.Tensor, n: int,
+               tie_seed: int | None = None) -> torch.Tensor:
     """SViTE's structured update of one group: the ``n`` active units with the lowest death scores leave, then the
     ``n`` inactive units with the highest growth scores join. Units that just left count as inactive.
 
-    Counts are exact, so the active count never changes. Ties go to the lower unit index, so the result is a pure
-    function of the inputs. The original code grew every unit whose score reached the n-th best score. When fewer than
-    n units had a nonzero score, that threshold was 0, and the whole layer became dense.
+    Counts are exact, so the active count never changes. Tied scores are taken in an order drawn from ``tie_seed``
+    (by unit index when None), so the result is a pure function of the inputs and the seed. The original code grew
+    every unit whose score reached the n-th best score. When fewer than n units had a nonzero score, that threshold
+    was 0, and the whole layer became dense.
 
     Args:
         active: bool [num_units].
         death_scores: importance of each unit (float, finite).
         growth_scores: growth signal of each unit (float, finite).
         n: units to swap, at most the active count.
+        tie_seed: seed of the order among tied scores, e.g. ``derive_seed(seed, group, step, "ties")``.
     """
-    kept = active & ~drop_lowest(death_scores, active, n)
-    return kept | grow_highest(growth_scores, ~kept, n)
+    seeds = (None, None) if tie_seed is None else (derive_seed(tie_seed, "death"), derive_seed(tie_seed, "growth"))
+    kept = active & ~drop_lowest(death_scores, active, n, seeds[0])
+    return kept | grow_highest(growth_scores, ~kept, n, seeds[1])
 
 
 def _is_rank0() -> bool:
@@ -422,7 +426,8 @@ class StructuredDST(ScheduledMasks):
         for g in self.groups:
             old = self.active[g.name]
             active = int(old.sum())
-            new = swap_units(old, death[g.name], growth[g.name], min(active, math.ceil(rate * active)))
+            new = swap_units(old, death[g.name], growth[g.name], min(active, math.ceil(rate * active)),
+                             derive_seed(self.seed, g.name, step, "ties"))
             changed[g.name], fresh[g.name] = old ^ new, new & ~old
             self._swapped[g.kind] += int(fresh[g.name].sum())
             self.active[g.name] = new
