@@ -194,11 +194,13 @@ class StructuredDST(ScheduledMasks):
     By default a pruned unit is silent: the biases of its input rows are masked too. A unit that regrows after being
     inactive gets fresh trunc-normal(0.02) input rows and zero bias, because zero q/k rows would never receive a
     gradient. ``compat=True`` keeps SViTE's quirks: unmasked biases, fc2 columns masked, and zero-initialised
-    regrowth.
+    regrowth. The optimizer state is kept through updates, except that Adam entries of a joined unit whose gradient
+    was gated while it was pruned (its q and k rows) restart from their first gradient at the next step (a pre-step
+    hook; see ``_restart_joined_units``).
 
     Args:
         model: the model (DDP or compiled wrappers are fine; FQNs are those of the wrapped module).
-        optimizer: optimizer of the model; a post-step hook is registered on it.
+        optimizer: optimizer of the model; post-step hooks and a pre-step hook are registered on it.
         units: the model adapter, e.g. ``models.structure_units(model, scaler)``.
         total_steps: T, optimizer steps of the whole run.
         atten_density: fraction of each block's heads kept.

@@ -4,6 +4,8 @@ The metric is the issue's: mean |Δw| / lr over the 100 optimizer steps after on
 weights of the same tensors, under a stationary noisy gradient. A reset of Adam's moments while its per-tensor
 ``step`` keeps counting leaves the regrown entries without bias correction (2-5x larger steps).
 """
+import io
+
 import pytest
 import timm.optim
 import torch
@@ -133,3 +135,44 @@ def test_regrown_weights_step_like_survivors_unstructured(kind):
 def test_regrown_units_step_like_survivors_structured(kind):
     for part, ratio in structured_sizes(kind).items():
         assert in_line(kind, ratio), f"{kind}: regrown {part} rows move {ratio:.2f}x the survivors' step"
+
+
+def test_resume_between_an_update_and_the_next_step_keeps_the_pending_restart():
+    """The joined units' Adam restart happens at the step after the update, so a checkpoint written in between must
+    carry it for a bit-exact resume."""
+
+    def build(init_seed: int, seed: int):
+        torch.manual_seed(init_seed)
+        model = models.create_model("vit_digits_micro", num_classes=10, block_heads=[4, 4], head_dim=8)
+        optimizer = OPTIMIZERS["adamw"](model.parameters())
+        sparsifier = StructuredDST(model, optimizer, structure_units(model), 10, atten_density=0.5, other_density=0.5,
+                                   growth="random", death_rate=0.5, decay_schedule="constant", update_frequency=3,
+                                   t_end=0.5, seed=seed, log_fn=lambda r: None)
+        return model, optimizer, sparsifier
+
+    def train(model, optimizer, sparsifier, steps):
+        for step in steps:
+            gen = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            sparsifier.step(step)
+
+    reference = build(0, 5)
+    train(*reference, range(1, 7))
+    first = build(0, 5)
+    train(*first, range(1, 4))  # the update at step 3 leaves a restart pending
+    assert first[2].state_dict()["joined_units"], "non-vacuous: units joined at step 3"
+    buffer = io.BytesIO()
+    torch.save({"model": first[0].state_dict(), "optimizer": first[1].state_dict(),
+                "sparsity": first[2].state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = build(1, 0)
+    resumed[0].load_state_dict(checkpoint["model"])
+    resumed[1].load_state_dict(checkpoint["optimizer"])
+    resumed[2].load_state_dict(checkpoint["sparsity"])
+    train(*resumed, range(4, 7))
+    for (name, p), (_, q) in zip(reference[0].state_dict().items(), resumed[0].state_dict().items()):
+        assert torch.equal(p, q), name
