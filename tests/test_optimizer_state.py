@@ -94,7 +94,7 @@ def structured_sizes(kind: str) -> dict[str, float]:
     teacher = torch.randn(3 * 16 * 16, 10, generator=generator)
 
     def run_step() -> None:
-        x = torch.randn(32, 3, 16, 16, generator=generator)
+        x = torch.randn(8, 3, 16, 16, generator=generator)
         optimizer.zero_grad()
         F.cross_entropy(model(x), (x.flatten(1) @ teacher).argmax(1)).backward()
         optimizer.step()
