@@ -106,8 +106,8 @@ def topk_mask(scores: torch.Tensor, k: int, largest: bool = True, within: torch.
         selected |= ties & (ties.cumsum(0) <= need)
     else:
         tied = ties.nonzero().flatten()
-        order = torch.randperm(tied.numel(), generator=torch.Generator().manual_seed(tie_seed))
-        selected[tied[order[:need].to(tied.device)]] = True
+        keys = random_scores((tied.numel(),), tie_seed)  # a random order of the tied entries, drawn on the CPU
+        selected[tied[topk_mask(keys, need).nonzero().flatten().to(tied.device)]] = True
     return selected.view_as(scores)
 
 
