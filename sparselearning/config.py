@@ -40,8 +40,6 @@ class SparsityConfig:
         t_end: fraction of the run after which the topology is frozen, in (0, 1].
         sparse_exclude: fnmatch patterns of parameter FQNs not to mask.
         sparse_include: fnmatch patterns; if given, only matching parameters are masked.
-        keep_optimizer_state: SViTE's optimizer handling (Adam moments never touched, SGD momentum masked every
-            step) instead of resetting the state of dropped and grown weights at each update.
         erk_power: exponent of the ERK score.
         pruning_type: ``unstructure`` (weights, ``Masking``) or ``structure`` (attention heads and MLP neurons,
             ``StructuredDST``); ``structure_new`` is stored as ``structure``. Structured runs ignore ``density``,
@@ -66,7 +64,6 @@ class SparsityConfig:
     t_end: float = 0.8
     sparse_exclude: tuple[str, ...] = ()
     sparse_include: tuple[str, ...] = ()
-    keep_optimizer_state: bool = False
     erk_power: float = 1.0
     pruning_type: str = "unstructure"
     atten_head: int | None = None
@@ -151,7 +148,6 @@ class SparsityConfig:
             t_end=args.t_end,
             sparse_exclude=tuple(args.sparse_exclude or ()),
             sparse_include=tuple(args.sparse_include or ()),
-            keep_optimizer_state=args.keep_optimizer_state,
             erk_power=args.erk_power,
             pruning_type=args.pruning_type,
             atten_head=args.atten_head,
@@ -194,8 +190,6 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="fnmatch patterns of parameter names not to mask (e.g. 'head.weight')")
     group.add_argument("--sparse-include", dest="sparse_include", nargs="+", default=[], metavar="PATTERN",
                        help="fnmatch patterns; only matching 2-D/4-D weights are masked")
-    group.add_argument("--keep-optimizer-state", dest="keep_optimizer_state", action="store_true",
-                       help="SViTE behaviour: do not reset optimizer state of dropped/grown weights")
     group.add_argument("--erk-power", dest="erk_power", type=float, default=1.0, help="exponent of the ERK score")
 
     structure = parser.add_argument_group("structured sparsity (S²ViTE: attention heads and MLP neurons)")

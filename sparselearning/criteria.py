@@ -2,8 +2,10 @@
 
 Nothing here knows about layers, optimizers or granularity. A score tensor can hold one score per weight
 (unstructured) or one per head or neuron (a grouped view), so the structured variant reuses the same selection.
-Every selection returns exactly the requested number of entries; ties go to the lower flat index, so the result is
-a deterministic function of the inputs (identical on every DDP rank).
+Every selection returns exactly the requested number of entries. Entries tied at the threshold are taken in a random
+order drawn from a ``tie_seed`` (derived from seed, layer name and step, so DDP ranks agree), not by index: a zeroed
+gradient or bf16 weights (few distinct values) would otherwise fill the lowest rows. Without ties the selection does
+not depend on the seed.
 """
 from __future__ import annotations
 
@@ -65,17 +67,20 @@ def _kth_of(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return torch.kthvalue(values, values.numel() - k + 1 if largest else k).values
 
 
-def topk_mask(scores: torch.Tensor, k: int, largest: bool = True, within: torch.Tensor | None = None) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, k: int, largest: bool = True, within: torch.Tensor | None = None,
+              tie_seed: int | None = None) -> torch.Tensor:
     """Bool mask of the ``k`` largest (or smallest) scores, optionally only among the ``within`` entries.
 
-    Ties at the threshold are taken in flat index order, so the result is a pure function of the inputs. Runs in
-    linear time (no sort) and never materialises a masked copy of ``scores``.
+    Entries tied at the threshold are taken in a random order drawn from ``tie_seed`` (in flat index order when it is
+    None), so the result is a pure function of the inputs and the seed; strictly better entries are always taken.
+    Runs in linear time (no sort) and never materialises a masked copy of ``scores``.
 
     Args:
         scores: any shape; must not contain NaN.
         k: number of entries to select, between 0 and the number of eligible entries.
         largest: select the largest scores if True, the smallest otherwise.
         within: optional bool mask of eligible entries, same shape as ``scores``.
+        tie_seed: seed of the order among tied entries, e.g. ``derive_seed(seed, name, step, "grow")``.
 
     Returns:
         Bool tensor shaped like ``scores`` with exactly ``k`` True entries, all inside ``within``.
@@ -97,44 +102,52 @@ def topk_mask(scores: torch.Tensor, k: int, largest: bool = True, within: torch.
     ties = at_or_better & (flat == threshold)
     selected = at_or_better & ~ties
     need = k - _count(selected)
-    selected |= ties & (ties.cumsum(0) <= need)
+    if tie_seed is None:
+        selected |= ties & (ties.cumsum(0) <= need)
+    else:
+        tied = ties.nonzero().flatten()
+        keys = random_scores((tied.numel(),), tie_seed)  # a random order of the tied entries, drawn on the CPU
+        selected[tied[topk_mask(keys, need).nonzero().flatten().to(tied.device)]] = True
     return selected.view_as(scores)
 
 
-def drop_lowest(scores: torch.Tensor, active: torch.Tensor, n: int) -> torch.Tensor:
+def drop_lowest(scores: torch.Tensor, active: torch.Tensor, n: int, tie_seed: int | None = None) -> torch.Tensor:
     """The ``n`` active entries with the lowest scores (the weights to remove).
 
     Args:
         scores: importance per entry, e.g. ``weight.abs()`` for magnitude death.
         active: bool mask of the currently active entries, same shape.
         n: how many to drop, at most ``active.sum()``.
+        tie_seed: seed of the order among tied scores (``topk_mask``).
     """
-    return topk_mask(scores, n, largest=False, within=active)
+    return topk_mask(scores, n, largest=False, within=active, tie_seed=tie_seed)
 
 
-def grow_highest(scores: torch.Tensor, candidates: torch.Tensor, n: int) -> torch.Tensor:
+def grow_highest(scores: torch.Tensor, candidates: torch.Tensor, n: int, tie_seed: int | None = None) -> torch.Tensor:
     """The ``n`` candidate entries with the highest scores (the weights to add).
 
     Args:
         scores: growth signal per entry, e.g. ``grad.abs()``; finite.
         candidates: bool mask of entries allowed to grow, same shape.
         n: how many to grow, at most ``candidates.sum()``.
+        tie_seed: seed of the order among tied scores (``topk_mask``).
     """
-    return topk_mask(scores, n, largest=True, within=candidates)
+    return topk_mask(scores, n, largest=True, within=candidates, tie_seed=tie_seed)
 
 
-def magnitude_death(weight: torch.Tensor, active: torch.Tensor, n: int) -> torch.Tensor:
+def magnitude_death(weight: torch.Tensor, active: torch.Tensor, n: int, tie_seed: int | None = None) -> torch.Tensor:
     """Drop the ``n`` active weights of smallest magnitude (SViTE's ``magnitude`` death, with an exact count).
 
     Args:
         weight: the weight tensor.
         active: bool mask of active weights.
         n: number to drop.
+        tie_seed: seed of the order among tied magnitudes (``topk_mask``).
     """
-    return drop_lowest(weight.abs(), active, n)
+    return drop_lowest(weight.abs(), active, n, tie_seed)
 
 
-def set_death(weight: torch.Tensor, active: torch.Tensor, n: int) -> torch.Tensor:
+def set_death(weight: torch.Tensor, active: torch.Tensor, n: int, tie_seed: int | None = None) -> torch.Tensor:
     """SET death: drop the smallest positive weights and the negative weights closest to zero, half each.
 
     The positive side gets the odd one out and exact zeros count as positive (they are the closest to zero). If one
@@ -146,6 +159,7 @@ def set_death(weight: torch.Tensor, active: torch.Tensor, n: int) -> torch.Tenso
         weight: the weight tensor.
         active: bool mask of active weights.
         n: number to drop.
+        tie_seed: seed of the order among tied weights (``topk_mask``); each side derives its own.
     """
     positive = active & (weight >= 0)
     negative = active & (weight < 0)
@@ -155,7 +169,9 @@ def set_death(weight: torch.Tensor, active: torch.Tensor, n: int) -> torch.Tenso
     drop_negative = min(n // 2, n_negative)
     drop_positive = min(n - drop_negative, n_positive)
     drop_negative = n - drop_positive
-    return drop_lowest(weight, positive, drop_positive) | drop_lowest(-weight, negative, drop_negative)
+    seeds = (None, None) if tie_seed is None else (derive_seed(tie_seed, "+"), derive_seed(tie_seed, "-"))
+    return (drop_lowest(weight, positive, drop_positive, seeds[0])
+            | drop_lowest(-weight, negative, drop_negative, seeds[1]))
 
 
 def derive_seed(seed: int, *keys: object) -> int:

@@ -36,8 +36,10 @@ class Masking(ScheduledMasks):
     hooks ``optimizer.step()`` so they stay zero. ``step(step)`` after each optimizer step updates the topology on
     schedule: per layer, the ``ceil(rate * active)`` weakest active weights die and as many (or, with
     redistribution, a re-allocated number) inactive weights grow, chosen by gradient, momentum or at random. New
-    weights start at zero; a weight dropped and regrown in the same update keeps its value. All random draws come
-    from private generators seeded by (seed, layer name, step), so DDP ranks agree without broadcasts.
+    weights start at zero; a weight dropped and regrown in the same update keeps its value. The optimizer state is
+    never reset: masked weights receive dense gradients, so their moments (Adam's, SGD momentum) stay valid
+    statistics and a regrown weight steps like the survivors. All random draws come from private generators seeded
+    by (seed, layer name, step), so DDP ranks agree without broadcasts.
 
     Example (a plain PyTorch loop; the three added lines are marked ``# +``)::
 
@@ -72,10 +74,6 @@ class Masking(ScheduledMasks):
         t_end: no updates after ``t_end * total_steps``.
         sparse_exclude: fnmatch patterns of FQNs not to mask.
         sparse_include: fnmatch patterns; only matching tensors are masked.
-        keep_optimizer_state: keep SViTE's optimizer handling: never reset moments of dropped or grown weights, but
-            zero SGD ``momentum_buffer`` at masked positions after every step (so SGD + momentum growth then only
-            sees the just-dropped weights). Default: at each update, zero every parameter-shaped state tensor at the
-            positions whose mask changed; between updates masked positions keep accumulating dense statistics.
         erk_power: exponent of the ERK score.
         seed: base seed of the masks; must be the same on every rank (not ``seed + rank``).
         log_fn: receives a ``density_record`` dict at construction, after every update and on resume; default
@@ -101,7 +99,6 @@ class Masking(ScheduledMasks):
         t_end: float = 0.8,
         sparse_exclude: Sequence[str] = (),
         sparse_include: Sequence[str] = (),
-        keep_optimizer_state: bool = False,
         erk_power: float = 1.0,
         seed: int = 0,
         log_fn: LogFn | None = None,
@@ -111,8 +108,7 @@ class Masking(ScheduledMasks):
         self.config = SparsityConfig(
             density=density, sparse_init=sparse_init, update_frequency=update_frequency, growth=growth, death=death,
             redistribution=redistribution, death_rate=death_rate, decay_schedule=decay_schedule, t_end=t_end,
-            sparse_exclude=sparse_exclude, sparse_include=sparse_include,
-            keep_optimizer_state=keep_optimizer_state, erk_power=erk_power,
+            sparse_exclude=sparse_exclude, sparse_include=sparse_include, erk_power=erk_power,
         )
         self._start_schedule(optimizer, total_steps, seed, log_fn)
         params = select_parameters(model, sparse_include, sparse_exclude)
@@ -142,7 +138,7 @@ class Masking(ScheduledMasks):
             update_frequency=cfg.update_frequency, growth=cfg.growth, death=cfg.death,
             redistribution=cfg.redistribution, death_rate=cfg.death_rate, decay_schedule=cfg.decay_schedule,
             t_end=cfg.t_end, sparse_exclude=cfg.sparse_exclude, sparse_include=cfg.sparse_include,
-            keep_optimizer_state=cfg.keep_optimizer_state, erk_power=cfg.erk_power, seed=seed, log_fn=log_fn,
+            erk_power=cfg.erk_power, seed=seed, log_fn=log_fn,
         )
 
     @property
@@ -186,31 +182,57 @@ class Masking(ScheduledMasks):
 
     @torch.no_grad()
     def _update(self, step: int) -> bool:
-        """One topology update: death per layer, growth allocation, growth, optimizer hygiene, bookkeeping."""
+        """One topology update: death per layer, growth allocation, growth, bookkeeping.
+
+        The optimizer state is kept (SViTE's handling): masked weights receive dense gradients, so the moments of a
+        regrown weight are valid statistics of its gradient, and AdamW's per-tensor ``step`` matches them. Zeroing
+        them while ``step`` kept counting left regrown weights without bias correction: 2-3x the survivors' steps.
+        """
         if not self._finite_inputs(step):
             return False
-        kept, dropped = self._death(self.death_rate(step))
-        changed = self._grow(kept, self._growth_counts(dropped), step)
-        if not self.config.keep_optimizer_state:
-            self.mask_set.reset_optimizer_state(self.optimizer, changed)
+        frozen = self._dead_growth_signals(step)
+        kept, dropped = self._death(self.death_rate(step), frozen, step)
+        changed = self._grow(kept, self._growth_counts(dropped, frozen), step)
         self._refresh_counts()
         self.check_consistency()
         self.log_fn(self.record("update"))
         return any(bool(where.any()) for where in changed.values())
 
-    def _death(self, rate: float) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """Per layer, the surviving mask after ``ceil(rate * active)`` weights die (SViTE's count), and that count."""
+    def _dead_growth_signals(self, step: int) -> set[str]:
+        """Layers whose growth signal is all zero: they skip death and growth in this update, with a warning.
+
+        Growing there would pick among equal scores only (a random block, or by index the lowest rows), and skipping
+        death too keeps the layer's density exact.
+        """
+        if self.config.growth == "random":
+            return set()
+        frozen = set()
+        for name, param in self.mask_set.params.items():
+            if int(torch.count_nonzero(self._growth_signal(name, param))) == 0:
+                frozen.add(name)
+                cause = ("zero_grad() called before masking.step(step), or a frozen layer" if
+                         self.config.growth == "gradient" else "a frozen layer (its optimizer moments never moved)")
+                logger.warning("sparsity: the %s growth signal of %s is all zero at step %d (likely %s); death and "
+                               "growth skipped for this layer, so its density stays exact", self.config.growth, name,
+                               step, cause)
+        return frozen
+
+    def _death(self, rate: float, frozen: set[str], step: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Per layer, the surviving mask after ``ceil(rate * active)`` weights die (SViTE's count; none in a
+        ``frozen`` layer), and that count. Ties in the death score are broken by (seed, layer, step)."""
         death = magnitude_death if self.config.death == "magnitude" else set_death
         kept, dropped = {}, {}
         for name, param in self.mask_set.params.items():
-            dropped[name] = min(self._active[name], math.ceil(rate * self._active[name]))
+            active = 0 if name in frozen else self._active[name]
+            dropped[name] = min(active, math.ceil(rate * active))
             mask = self.mask_set.masks[name]
-            kept[name] = mask & ~death(param, mask, dropped[name])
+            kept[name] = mask & ~death(param, mask, dropped[name], derive_seed(self.seed, name, step, "death ties"))
         return kept, dropped
 
-    def _growth_counts(self, dropped: dict[str, int]) -> dict[str, int]:
+    def _growth_counts(self, dropped: dict[str, int], frozen: set[str]) -> dict[str, int]:
         """How many weights each layer regrows: what it lost (``none``), or the total lost split by mean magnitude
-        or density of the layer's active weights (measured before death), capped by its free slots."""
+        or density of the layer's active weights (measured before death), capped by its free slots; a ``frozen``
+        layer gets none."""
         mode = self.config.redistribution
         if mode == "none":
             return dropped
@@ -219,7 +241,7 @@ class Masking(ScheduledMasks):
             stats = {n: float(p.abs().sum()) / max(active[n], 1) for n, p in params.items()}
         else:
             stats = {n: active[n] / p.numel() for n, p in params.items()}
-        free = {n: p.numel() - active[n] + dropped[n] for n, p in params.items()}
+        free = {n: 0 if n in frozen else p.numel() - active[n] + dropped[n] for n, p in params.items()}
         return redistribute(sum(dropped.values()), stats, free)
 
     def _grow(self, kept: dict[str, torch.Tensor], counts: dict[str, int], step: int) -> dict[str, torch.Tensor]:
@@ -228,7 +250,9 @@ class Masking(ScheduledMasks):
         changed = {}
         for name, param in self.mask_set.params.items():
             old = self.mask_set.masks[name]
-            new = kept[name] | grow_highest(self._growth_scores(name, param, step), ~kept[name], counts[name])
+            grown = grow_highest(self._growth_scores(name, param, step), ~kept[name], counts[name],
+                                 derive_seed(self.seed, name, step, "growth ties"))
+            new = kept[name] | grown
             # only weights active before and after keep their value (dropped-and-regrown ones included): the ones
             # that died are zeroed and the new ones start at zero
             param.mul_(new & old)

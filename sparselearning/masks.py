@@ -163,21 +163,11 @@ class MaskSet:
                 mask, zero = masks[name], torch.zeros((), dtype=param.dtype, device=param.device)
             torch.where(mask, param, zero, out=param)
 
-    @torch.no_grad()
-    def mask_momentum_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero SGD ``momentum_buffer`` at masked positions (looked up each time: loading optimizer state replaces
-        the buffers)."""
-        for name, param, zero, _, _ in self._slots:
-            buffer = optimizer.state.get(param, {}).get("momentum_buffer")
-            if isinstance(buffer, torch.Tensor):
-                torch.where(self.masks[name], buffer, zero, out=buffer)
-
-    def attach(self, optimizer: torch.optim.Optimizer, mask_momentum: bool, model: nn.Module) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         """Enforce the masks after every ``optimizer.step()``; ``remove()`` detaches them again.
 
         Args:
             optimizer: the optimizer that updates the masked parameters.
-            mask_momentum: also zero SGD ``momentum_buffer`` at masked positions every step (SViTE did this).
             model: the model that owns the parameters (DDP or compiled wrappers are unwrapped); each step checks that
                 it still holds them.
         """
@@ -199,8 +189,6 @@ class MaskSet:
 
         def hook(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.apply_()
-            if mask_momentum:
-                self.mask_momentum_(opt)
 
         self.remove()
         self._handle = optimizer.register_step_post_hook(hook)
@@ -210,20 +198,6 @@ class MaskSet:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-
-    @torch.no_grad()
-    def reset_optimizer_state(
-        self, optimizer: torch.optim.Optimizer, positions: Mapping[str, torch.Tensor]
-    ) -> None:
-        """Zero every parameter-shaped optimizer state tensor (exp_avg, exp_avg_sq, momentum_buffer, ...) at
-        ``positions``, so regrown weights start without stale statistics. Scalar state such as Adam's ``step``
-        is per tensor and left alone."""
-        for name, where in positions.items():
-            param = self.params[name]
-            keep = (~where).to(param.dtype)  # convert once for all state tensors
-            for value in optimizer.state.get(param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value.mul_(keep)  # a multiply is branch-free, several times faster than masked_fill_ on CPU
 
     def counts(self) -> dict[str, int]:
         """Active weights per layer (one host sync per layer; for updates and reports only)."""

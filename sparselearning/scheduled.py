@@ -85,14 +85,17 @@ class ScheduledMasks(ABC):
         self._last_update_step = 0
 
     def _enforce(self, mask_set: MaskSet, what: str, model: nn.Module) -> None:
-        """Hook the optimizer so masked entries of ``model`` stay zero, zero them now, and (by default) clear their
-        optimizer state; warn when the schedule leaves no room for a single update of ``what``."""
+        """Hook the optimizer so masked entries of ``model`` stay zero and zero them now; warn when the schedule leaves no room
+        for a single update of ``what``.
+
+        The optimizer state of masked entries is left alone: their gradients are dense, so their moments (SGD
+        momentum included) keep tracking what those weights would see, which growth by momentum and regrown weights
+        rely on.
+        """
         cfg = self.config
         self.mask_set = mask_set
-        mask_set.attach(self.optimizer, cfg.keep_optimizer_state, model)  # validates first
+        mask_set.attach(self.optimizer, model)  # validates first
         mask_set.apply_()
-        if not cfg.keep_optimizer_state:
-            mask_set.reset_optimizer_state(self.optimizer, {name: ~m for name, m in mask_set.masks.items()})
         if cfg.update_frequency >= cfg.t_end * self.total_steps:
             warnings.warn(
                 f"update_frequency={cfg.update_frequency} >= t_end * total_steps = {cfg.t_end * self.total_steps:g}: "

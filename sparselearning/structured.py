@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 UNIT_KINDS = ("head", "neuron")
 SLICE_ROLES = ("in", "bias", "out")
+GATED_SECOND_MOMENT = 1e-3
+"""An Adam second moment below this fraction of the squared gradient marks an entry whose gradient was gated while its
+unit was pruned; a valid running mean of g² is practically never that far below one sample of g²."""
 REGROWTH_STD = 0.02
 """Std of the fresh init of a regrown unit's input rows: timm's ``trunc_normal_(std=.02)`` for ViT Linear layers."""
 
@@ -153,22 +156,26 @@ def unit_l1(tensor: torch.Tensor, spec: UnitSlice, num_units: int) -> torch.Tens
     return per_entry.reshape(spec.sections, num_units, spec.width).sum(dim=(0, 2))
 
 
-def swap_units(active: torch.Tensor, death_scores: torch.Tensor, growth_scores: torch.Tensor, n: int) -> torch.Tensor:
+def swap_units(active: torch.Tensor, death_scores: torch.Tensor, growth_scores: torch.Tensor, n: int,
+               tie_seed: int | None = None) -> torch.Tensor:
     """SViTE's structured update of one group: the ``n`` active units with the lowest death scores leave, then the
     ``n`` inactive units with the highest growth scores join. Units that just left count as inactive.
 
-    Counts are exact, so the active count never changes. Ties go to the lower unit index, so the result is a pure
-    function of the inputs. The original code grew every unit whose score reached the n-th best score. When fewer than
-    n units had a nonzero score, that threshold was 0, and the whole layer became dense.
+    Counts are exact, so the active count never changes. Tied scores are taken in an order drawn from ``tie_seed``
+    (by unit index when None), so the result is a pure function of the inputs and the seed. The original code grew
+    every unit whose score reached the n-th best score. When fewer than n units had a nonzero score, that threshold
+    was 0, and the whole layer became dense.
 
     Args:
         active: bool [num_units].
         death_scores: importance of each unit (float, finite).
         growth_scores: growth signal of each unit (float, finite).
         n: units to swap, at most the active count.
+        tie_seed: seed of the order among tied scores, e.g. ``derive_seed(seed, group, step, "ties")``.
     """
-    kept = active & ~drop_lowest(death_scores, active, n)
-    return kept | grow_highest(growth_scores, ~kept, n)
+    seeds = (None, None) if tie_seed is None else (derive_seed(tie_seed, "death"), derive_seed(tie_seed, "growth"))
+    kept = active & ~drop_lowest(death_scores, active, n, seeds[0])
+    return kept | grow_highest(growth_scores, ~kept, n, seeds[1])
 
 
 def _is_rank0() -> bool:
@@ -195,11 +202,13 @@ class StructuredDST(ScheduledMasks):
     By default a pruned unit is silent: the biases of its input rows are masked too. A unit that regrows after being
     inactive gets fresh trunc-normal(0.02) input rows and zero bias, because zero q/k rows would never receive a
     gradient. ``compat=True`` keeps SViTE's quirks: unmasked biases, fc2 columns masked, and zero-initialised
-    regrowth.
+    regrowth. The optimizer state is kept through updates, except that Adam entries of a joined unit whose gradient
+    was gated while it was pruned (its q and k rows) restart from their first gradient at the next step (a pre-step
+    hook; see ``_restart_joined_units``).
 
     Args:
         model: the model (DDP or compiled wrappers are fine; FQNs are those of the wrapped module).
-        optimizer: optimizer of the model; a post-step hook is registered on it.
+        optimizer: optimizer of the model; post-step hooks and a pre-step hook are registered on it.
         units: the model adapter, e.g. ``models.structure_units(model, scaler)``.
         total_steps: T, optimizer steps of the whole run.
         atten_density: fraction of each block's heads kept.
@@ -211,7 +220,6 @@ class StructuredDST(ScheduledMasks):
         death_rate: initial fraction of each block's active units swapped per update.
         decay_schedule: ``cosine``, ``constant`` or ``linear`` decay of the rate.
         t_end: no updates after ``t_end * total_steps``.
-        keep_optimizer_state: do not reset the optimizer state of swapped units (SViTE's handling).
         seed: base seed of the random draws; the same on every rank.
         log_fn: receives a record dict at construction, after every update and on resume; by default rank 0 prints
             it with ``format_table``.
@@ -235,13 +243,12 @@ class StructuredDST(ScheduledMasks):
         death_rate: float = 0.5,
         decay_schedule: str = "cosine",
         t_end: float = 0.8,
-        keep_optimizer_state: bool = False,
         seed: int = 0,
         log_fn: LogFn | None = None,
     ) -> None:
         self.config = SparsityConfig(
             pruning_type="structure", update_frequency=update_frequency, growth=growth, death_rate=death_rate,
-            decay_schedule=decay_schedule, t_end=t_end, keep_optimizer_state=keep_optimizer_state,
+            decay_schedule=decay_schedule, t_end=t_end,
             atten_head=atten_head, atten_density=atten_density, other_density=other_density, structure_compat=compat,
         )
         self._start_schedule(optimizer, total_steps, seed, log_fn)
@@ -273,6 +280,8 @@ class StructuredDST(ScheduledMasks):
                 if g.kind == "neuron":
                     self._grad_sums[g.name] = torch.zeros(g.num_units, dtype=torch.float64, device=device)
         self._window_hook = optimizer.register_step_post_hook(self._accumulate_window)
+        self._joined: dict[str, torch.Tensor] = {}
+        self._restart_hook = optimizer.register_step_pre_hook(self._restart_joined_units)
         self.check_consistency()
         self.log_fn(self.record("init"))
 
@@ -299,7 +308,7 @@ class StructuredDST(ScheduledMasks):
             model, optimizer, units, total_steps, atten_density=cfg.atten_density, other_density=cfg.other_density,
             atten_head=cfg.atten_head, compat=cfg.structure_compat, update_frequency=cfg.update_frequency,
             growth=cfg.growth, death_rate=cfg.death_rate, decay_schedule=cfg.decay_schedule, t_end=cfg.t_end,
-            keep_optimizer_state=cfg.keep_optimizer_state, seed=seed, log_fn=log_fn,
+            seed=seed, log_fn=log_fn,
         )
 
     # ------------------------------------------------------------------------------------------------ construction
@@ -435,8 +444,8 @@ class StructuredDST(ScheduledMasks):
 
     @torch.no_grad()
     def _update(self, step: int) -> bool:
-        """One topology update: swap units in every group, re-mask, initialise regrown units, reset their optimizer
-        state, restart the score window, check agreement across ranks and log."""
+        """One topology update: swap units in every group, re-mask, initialise regrown units, mark them for an
+        optimizer-state restart at the next step, restart the score window, check agreement across ranks and log."""
         scores = self._window_scores(step)
         self._reset_window()
         if scores is None:
@@ -449,7 +458,8 @@ class StructuredDST(ScheduledMasks):
         for g in self.groups:
             old = self.active[g.name]
             active = int(old.sum())
-            new = swap_units(old, death[g.name], growth[g.name], min(active, math.ceil(rate * active)))
+            new = swap_units(old, death[g.name], growth[g.name], min(active, math.ceil(rate * active)),
+                             derive_seed(self.seed, g.name, step, "ties"))
             changed[g.name], fresh[g.name] = old ^ new, new & ~old
             self._swapped[g.kind] += int(fresh[g.name].sum())
             self.active[g.name] = new
@@ -460,16 +470,17 @@ class StructuredDST(ScheduledMasks):
         self.mask_set.apply_()
         if not self.config.structure_compat:
             self._initialise(fresh, step)
-        if not self.config.keep_optimizer_state:
-            self._reset_optimizer_state(changed)
+        self._joined = {name: units.cpu() for name, units in fresh.items() if bool(units.any())}
         self.check_consistency()
         self.log_fn(self.record("update"))
         return any(bool(c.any()) for c in changed.values())
 
     def remove(self) -> None:
-        """Detach the mask enforcement, the window hook on the optimizer and the head-score hooks on the model."""
+        """Detach the mask enforcement, the window and restart hooks on the optimizer and the head-score hooks on the
+        model."""
         super().remove()
         self._window_hook.remove()
+        self._restart_hook.remove()
         self.stats.remove()
 
     def _initialise(self, fresh: dict[str, torch.Tensor], step: int) -> None:
@@ -493,18 +504,48 @@ class StructuredDST(ScheduledMasks):
                 values = nn.init.trunc_normal_(torch.empty(shape), std=REGROWTH_STD, generator=generator)
                 param.index_copy_(s.dim, index.to(param.device), values.to(param.device, param.dtype))
 
-    def _reset_optimizer_state(self, changed: dict[str, torch.Tensor]) -> None:
-        """Zero every parameter-shaped optimizer state tensor over all slices of swapped units, masked or not, so
-        units that left or joined carry no stale moments."""
+    @torch.no_grad()
+    def _restart_joined_units(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
+                              kwargs: dict[str, Any]) -> None:
+        """Pre-step hook, on the first optimizer step after an update: Adam state entries of the units that joined
+        whose gradient was gated while the unit was pruned restart from this step's gradient (``exp_avg`` = g,
+        ``exp_avg_sq`` = g², so this step is Adam's bias-corrected first step, sign(g) * lr). The rest of the
+        optimizer state is kept, as in ``Masking``.
+
+        Why: a pruned unit's own zero weights gate the gradient of some of its input rows (a pruned head's q and k
+        rows get none), so their second moment is zero or decayed while AdamW's per-tensor ``step`` has long ended
+        the bias correction: kept or zeroed, such rows stepped about 2x more than the survivors. Entries with a valid
+        second moment (v rows, fc1 rows: dense gradients) keep it. SGD's momentum is zero where the gradient was
+        gated, which is how torch starts a new buffer, so it is kept too. Under GradScaler with a fused optimizer the
+        gradients are still scaled here and the step may be skipped: they are unscaled with
+        ``optimizer.grad_scale``, and nothing changes where ``optimizer.found_inf`` is set.
+        """
+        if not self._joined:
+            return
+        scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
         for g in self.groups:
-            if not bool(changed[g.name].any()):
+            joined = self._joined.get(g.name)
+            if joined is None:
                 continue
             for s in g.slices:
                 param = self.params[s.param]
-                keep = ~expand_units(changed[g.name].to(param.device), s, param.shape)
-                for value in self.optimizer.state.get(param, {}).values():
+                state = optimizer.state.get(param)
+                if not self._is_masked(g, s) or not state or param.grad is None:
+                    continue
+                where = expand_units(joined.to(param.device), s, param.shape)
+                if found_inf is not None:
+                    where = where & (found_inf.to(param.device) == 0)
+                second = state.get("exp_avg_sq")
+                if not isinstance(second, torch.Tensor) or second.shape != param.shape:
+                    continue  # not Adam-like: SGD's momentum is zero where the gradient was gated, torch's own start
+                grad = param.grad.float() if scale is None else param.grad.float() / scale.to(param.device)
+                square = grad.square()
+                where = where & (second < GATED_SECOND_MOMENT * square)
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    value = state.get(key)
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value.mul_(keep)
+                        value.copy_(torch.where(where, (grad if key == "exp_avg" else square).to(value.dtype), value))
+        self._joined = {}
 
     # ------------------------------------------------------------------------------------------------ reporting
 
@@ -583,6 +624,7 @@ class StructuredDST(ScheduledMasks):
             "head_stats": self.stats.state_dict(),
             "grad_sums": {name: t.detach().to("cpu", copy=True) for name, t in self._grad_sums.items()},
             "grad_steps": int(self._grad_steps),
+            "joined_units": {name: units.clone() for name, units in self._joined.items()},
         }
 
     @torch.no_grad()
@@ -616,6 +658,7 @@ class StructuredDST(ScheduledMasks):
         for name, total in self._grad_sums.items():
             total.copy_(state["grad_sums"][name])
         self._grad_steps.fill_(int(state["grad_steps"]))
+        self._joined = {name: units.clone() for name, units in state.get("joined_units", {}).items()}
         self._load_schedule_state(state)
         self.check_consistency()
         self.log_fn(self.record("resume"))

@@ -23,7 +23,7 @@ def test_defaults_are_sviite_except_density():
     assert (cfg.sparse_init, cfg.update_frequency, cfg.growth, cfg.death, cfg.redistribution) == (
         "uniform", 100, "gradient", "magnitude", "none")
     assert (cfg.death_rate, cfg.decay_schedule, cfg.t_end, cfg.erk_power) == (0.5, "cosine", 0.8, 1.0)
-    assert cfg.sparse_exclude == () and cfg.sparse_include == () and cfg.keep_optimizer_state is False
+    assert cfg.sparse_exclude == () and cfg.sparse_include == ()
 
 
 def test_every_flag_round_trips():
@@ -31,14 +31,13 @@ def test_every_flag_round_trips():
         "--density", "0.4", "--sparse_init", "fixed_ERK", "--update_frequency", "7000", "--growth", "momentum",
         "--death", "SET", "--redistribution", "magnitude", "--death-rate", "0.3", "--decay-schedule", "linear",
         "--t_end", "0.5", "--sparse-exclude", "head.weight", "patch_embed.*", "--sparse-include", "blocks.*",
-        "--keep-optimizer-state", "--erk-power", "0.5",
+        "--erk-power", "0.5",
     )
     cfg = SparsityConfig.from_args(args)
     assert cfg == SparsityConfig(
         density=0.4, sparse_init="fixed_ERK", update_frequency=7000, growth="momentum", death="SET",
         redistribution="magnitude", death_rate=0.3, decay_schedule="linear", t_end=0.5,
-        sparse_exclude=("head.weight", "patch_embed.*"), sparse_include=("blocks.*",), keep_optimizer_state=True,
-        erk_power=0.5,
+        sparse_exclude=("head.weight", "patch_embed.*"), sparse_include=("blocks.*",), erk_power=0.5,
     )
     assert cfg.enabled
     assert cfg.to_dict()["sparse_exclude"] == ["head.weight", "patch_embed.*"]

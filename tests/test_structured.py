@@ -396,27 +396,37 @@ def test_neuron_death_is_by_magnitude_and_regrown_neurons_learn():
     assert float((fc1.weight[grown].detach() - row).abs().amax()) > 0
 
 
-def test_optimizer_state_of_swapped_units_is_reset_over_all_their_slices():
-    model, optimizer, sparsifier = structured(update_frequency=3)
+def test_optimizer_state_is_kept_and_gated_rows_of_joined_units_restart_at_the_next_step():
+    """The update keeps the optimizer state. At the next step, Adam entries of units that joined and whose gradient
+    was gated while pruned (zero second moment: a never-active head's q and k rows) restart from that step's
+    gradient: exp_avg = g and exp_avg_sq = g² before the step, so it is Adam's bias-corrected first step."""
+    model, optimizer, sparsifier = structured(update_frequency=3, growth="random", death_rate=1.0,
+                                              decay_schedule="constant", seed=1)
     train(model, optimizer, sparsifier, range(1, 3))
     old = {g: a.clone() for g, a in sparsifier.active.items()}
     x, y = batch(3)
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
+    qkv = model.blocks[0].attn.qkv.weight
+    before = {k: v.clone() for k, v in optimizer.state[qkv].items()}
     assert sparsifier.step(3)
-    checked = 0
-    for g in sparsifier.groups:
-        swapped = old[g.name] ^ sparsifier.active[g.name]
-        if not swapped.any():
-            continue
-        for s in g.slices:
-            param = sparsifier.params[s.param]
-            where = expand_units(swapped, s, param.shape)
-            assert torch.count_nonzero(optimizer.state[param]["exp_avg"][where]) == 0, s.param
-            assert torch.count_nonzero(optimizer.state[param]["exp_avg"][~where]) > 0, s.param
-            checked += 1
-    assert checked >= 3
+    assert all(torch.equal(optimizer.state[qkv][k], before[k]) for k in before), "the update itself keeps the state"
+    joined = sparsifier.active["blocks.0.attn"] & ~old["blocks.0.attn"]
+    assert joined.any()
+    rows = unit_positions(UnitSlice("", 0, 3, 16, "in"), 4, joined.nonzero().flatten())
+    q_k, v = rows[: rows.numel() * 2 // 3], rows[rows.numel() * 2 // 3:]
+    assert torch.count_nonzero(before["exp_avg_sq"][q_k]) == 0 and torch.count_nonzero(before["exp_avg_sq"][v]) > 0
+    x, y = batch(4)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad = qkv.grad.detach().clone()
+    optimizer.step()
+    beta1, beta2 = optimizer.param_groups[0]["betas"]
+    state = optimizer.state[qkv]
+    torch.testing.assert_close(state["exp_avg"][q_k], grad[q_k])  # beta1 * g + (1 - beta1) * g
+    torch.testing.assert_close(state["exp_avg_sq"][q_k], grad[q_k].square())
+    torch.testing.assert_close(state["exp_avg_sq"][v], beta2 * before["exp_avg_sq"][v] + (1 - beta2) * grad[v] ** 2)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -18,7 +18,7 @@ The rule, by flag:
   ``--sparse_init``, ``--erk-power``, ``--sparse-include``, ``--sparse-exclude`` for unstructured runs;
   ``--atten_density``, ``--other_density``, ``--structure-compat`` for structured runs; the topology schedule and
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
-  ``--decay-schedule``, ``--t_end``, ``--keep-optimizer-state``) for both; ``--token_selection`` always and the
+  ``--decay-schedule``, ``--t_end``) for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
   ``--eval-noise``) when it is on. A flag the run ignores (``--density`` of a structured run) may differ.
 - May differ (``RUNTIME_FLAGS``): where and how the run executes and what it prints or writes, not what it computes:
@@ -54,7 +54,7 @@ EXPERIMENT_FLAGS = frozenset({
     "mixup_mode", "data_set", "inat_category", "input_size", "color_jitter", "aa", "train_interpolation", "hflip",
     "reprob", "remode", "recount", "seed",
     "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
-    "t_end", "sparse_exclude", "sparse_include", "keep_optimizer_state", "erk_power", "pruning_type",
+    "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type",
     "atten_density", "other_density", "structure_compat",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
 })
@@ -64,7 +64,7 @@ KIND_FLAGS = ("density", "pruning_type", "token_selection")
 """Flags that choose what kind of sparsity a run has; compared whenever either run uses them."""
 
 _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
-                           "t_end", "keep_optimizer_state"})
+                           "t_end"})
 _UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude"})
 _STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat"})
 _TOKEN_FLAGS = frozenset({"token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise"})
