@@ -41,6 +41,7 @@ import torch.nn as nn  # noqa: E402
 
 import models  # noqa: E402
 from benchmarks import env, report, steps  # noqa: E402
+from benchmarks.paired import by_seed, paired_gap  # noqa: E402
 from benchmarks.timing import measure  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 
@@ -73,6 +74,16 @@ CONFIGS: dict[str, tuple[str, ...]] = {
 THROUGHPUT = dict(batch_size=256, num_warm_iter=5, num_bench_iter=5, min_bench_seconds=0.5, repeats=3)
 
 
+def finished_row(config: str, seed: int, run_dir: Path, train_seconds: float | None = None) -> dict[str, Any]:
+    """The study row of a finished run, from its log.txt: the final epoch's top-1 and density."""
+    epochs = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines() if '"epoch"' in line]
+    if not epochs:
+        raise ValueError(f"{run_dir} has no finished epoch in log.txt; train it first (without --measure-only)")
+    last = epochs[-1]
+    return {"config": config, "seed": seed, "test_acc1": last["test_acc1"], "density": last.get("density", 1.0),
+            "train_seconds": train_seconds, "run_dir": str(run_dir)}
+
+
 def run_one(config: str, seed: int, out: Path, epochs: int = EPOCHS) -> dict[str, Any]:
     """Train one (configuration, seed) in its own process and return its final-epoch record."""
     run_dir = out / "runs" / f"{config}_seed{seed}"
@@ -83,11 +94,9 @@ def run_one(config: str, seed: int, out: Path, epochs: int = EPOCHS) -> dict[str
     proc = subprocess.run(cmd, cwd=ROOT, env=env_vars, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed:\n{proc.stderr[-2000:]}")
-    epochs = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines() if '"epoch"' in line]
-    last = epochs[-1]
-    print(f"{config} seed {seed}: top-1 {last['test_acc1']:.2f} in {time.perf_counter() - start:.0f} s", flush=True)
-    return {"config": config, "seed": seed, "test_acc1": last["test_acc1"], "density": last.get("density", 1.0),
-            "train_seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir)}
+    row = finished_row(config, seed, run_dir, round(time.perf_counter() - start, 1))
+    print(f"{config} seed {seed}: top-1 {row['test_acc1']:.2f} in {row['train_seconds']:.0f} s", flush=True)
+    return row
 
 
 def deployed_model(run_dir: Path) -> nn.Module:
@@ -123,8 +132,8 @@ def measure_models(rows: list[dict[str, Any]]) -> None:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per configuration, in CONFIGS order: mean ± std top-1, its difference to dense (configuration − dense), mean
-    counts, median samples/s."""
+    """Per configuration, in CONFIGS order: mean ± std top-1, its paired difference to dense (configuration − dense,
+    seed by seed, with a 95% interval), mean counts, median samples/s."""
     summary = []
     for config in CONFIGS:
         runs = [r for r in rows if r["config"] == config]
@@ -139,7 +148,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         summary.append(s)
     dense = next((s for s in summary if s["config"] == "dense"), None)
     for s in summary:
-        s["delta_vs_dense"] = None if dense is None else s["mean"] - dense["mean"]
+        s["delta_vs_dense"] = None if dense is None else paired_gap(by_seed(rows, s["config"]), by_seed(rows, "dense"))
         s["speedup"] = None if dense is None else s["samples_per_sec"] / dense["samples_per_sec"]
         s["mac_ratio"] = None if dense is None else dense["mmacs_executed"] / s["mmacs_executed"]
     return summary
@@ -147,11 +156,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(summary: list[dict[str, Any]]) -> list[str]:
     """The markdown table of a summary."""
-    lines = [f"| configuration | seeds | top-1 (mean ± std) | {report.DELTA_VS_DENSE} | params (non-zero / all) | "
+    lines = [f"| configuration | seeds | top-1 (mean ± std) | {report.DELTA_VS_DENSE}, paired by seed [95% interval] | "
+             "params (non-zero / all) | "
              "MMACs theoretical | MMACs executed | samples/s (batch 256) | speedup vs dense (/ MAC ratio) | flags |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        delta = "" if s["delta_vs_dense"] is None else f"{s['delta_vs_dense']:+.2f}"
+        delta = "" if s["delta_vs_dense"] is None or s["config"] == "dense" else s["delta_vs_dense"].text()
         speed = "" if s["speedup"] is None else f"{s['speedup']:.2f}× ({s['speedup'] / s['mac_ratio']:.2f})"
         lines.append(f"| {s['config']} | {s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f} | {delta} | "
                      f"{s['params_nonzero']:,.0f} / {s['params']:,.0f} | {s['mmacs_theoretical']:.3f} | "
@@ -226,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per run (fewer only for a smoke run)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "study")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="train nothing: measure and tabulate the finished runs of --configs x --seeds in --out/runs "
+                             "(e.g. after training the configurations in several invocations)")
     parser.add_argument("--from-csv", action="store_true",
                         help="train nothing: rewrite study.md and study.png from the study.csv in --out")
     argv = sys.argv[1:] if argv is None else argv
@@ -236,8 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     load_before = "{:.2f}/{:.2f}/{:.2f}".format(*os.getloadavg())
     jobs = [(c, s) for c in args.configs for s in args.seeds]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(lambda job: run_one(*job, args.out, args.epochs), jobs))
+    if args.measure_only:
+        rows = [finished_row(c, s, args.out / "runs" / f"{c}_seed{s}") for c, s in jobs
+                if (args.out / "runs" / f"{c}_seed{s}" / "log.txt").exists()]
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            rows = list(pool.map(lambda job: run_one(*job, args.out, args.epochs), jobs))
     measure_models(rows)
     load = "{} at the start, {:.2f}/{:.2f}/{:.2f} at the end".format(load_before, *os.getloadavg())
     write_outputs(rows, args.out, shlex.join(["python", "benchmarks/study.py", *argv]),

@@ -201,12 +201,24 @@ def test_study_writes_the_table_and_the_plot(tmp_path: Path) -> None:
     assert len(rows) == 9 and "run_dir" not in rows[0] and "mmacs_executed" in rows[0]
     table = (tmp_path / "study.md").read_text()
     assert "- command: `python benchmarks/study.py`" in table and "wall time 1.5 min for 9 runs" in table
-    assert "| dense | 3 | 90.00 ± 1.00 | +0.00 |" in table
-    assert "| s2vite_h07_m06 | 3 | 86.00 ± 1.00 | -4.00 | 100 / 200 | 1.000 | 2.000 | 1,501 | 1.50× (0.86) |" in table
+    assert "| dense | 3 | 90.00 ± 1.00 |  |" in table
+    assert "| s2vite_h07_m06 | 3 | 86.00 ± 1.00 | -4.00 [-4.00, -4.00] (n=3) | 100 / 200 | 1.000 | 2.000 | 1,501 | 1.50× (0.86) |" in table
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "study.png").unlink()
     study.main(["--from-csv", "--out", str(tmp_path)])  # re-rendered from study.csv alone: the same table and plot
     assert (tmp_path / "study.md").read_text() == table and (tmp_path / "study.png").exists()
+
+
+def test_paired_gap_is_the_mean_per_seed_difference_with_a_t_interval() -> None:
+    from benchmarks.paired import paired_gap
+
+    gap = paired_gap({0: 91.0, 1: 92.0, 2: 93.0, 7: 50.0}, {0: 90.0, 1: 90.0, 2: 90.0})  # seed 7 has no pair
+    assert gap.n == 3 and gap.mean == 2.0
+    assert gap.half_width == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6)  # t(0.975, 2) * sd 1 / sqrt(3)
+    assert gap.inside_noise and gap.text() == "+2.00 [-0.48, +4.48] (n=3, inside the noise)"
+    assert not paired_gap({0: 95.0, 1: 96.0, 2: 95.5}, {0: 90.0, 1: 90.0, 2: 90.0}).inside_noise
+    with pytest.raises(ValueError, match="no common seed"):
+        paired_gap({0: 1.0}, {1: 1.0})
 
 
 def test_study_default_configs_are_the_issue_list() -> None:

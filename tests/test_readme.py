@@ -57,18 +57,21 @@ def test_readme_model_table_is_models_model_names_with_their_shapes() -> None:
 def test_every_difference_to_dense_is_configuration_minus_dense() -> None:
     """One sign convention in both generated tables: Δ = configuration − dense, negative when below dense."""
     from benchmarks import report, study
+    from benchmarks.paired import by_seed, paired_gap
+    from benchmarks.paired import read_rows as read_csv_rows
 
-    fake = [{"config": c, "test_acc1": acc, "params": 1, "params_nonzero": 1, "mmacs_theoretical": 1,
+    fake = [{"config": c, "seed": 0, "test_acc1": acc, "params": 1, "params_nonzero": 1, "mmacs_theoretical": 1,
              "mmacs_executed": 1, "samples_per_sec": 1} for c, acc in (("dense", 90.0), ("sviite_d50", 80.0))]
-    assert [s["delta_vs_dense"] for s in study.summarize(fake)] == [0.0, -10.0]
+    assert [s["delta_vs_dense"].mean for s in study.summarize(fake)] == [0.0, -10.0]
 
     readme = (ROOT / "README.md").read_text()
     header = "| configuration | seeds | top-1 (mean ± std) | " + report.DELTA_VS_DENSE
     assert header in readme and report.DELTA_VS_DENSE.endswith("(config − dense)")
-    ours = {row[0]: (float(row[2].split(" ± ")[0]), float(row[3])) for row in markdown_table(readme, header)}
+    ours = {row[0]: float(row[3].split()[0]) if row[3] else 0.0 for row in markdown_table(readme, header)}
     beside = {row[0]: float(row[4]) for row in markdown_table(readme, "| configuration | paper setting")}
-    dense = ours["dense"][0]
     assert len(ours) > 2 and beside.keys() == ours.keys()
-    for config, (mean, delta) in ours.items():
+    rows = read_csv_rows(ROOT / "benchmarks" / "results" / "study" / "study.csv")
+    for config, delta in ours.items():
         assert delta == beside[config], config  # the same number, with the same sign, in both tables
-        assert abs(delta - (mean - dense)) <= 0.011, config  # rounding of the printed means only
+        paired = paired_gap(by_seed(rows, config), by_seed(rows, "dense")).mean  # configuration − dense, per seed
+        assert abs(delta - paired) <= 0.005, config
