@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import models
 from models.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 import sparselearning
 from sparselearning.base import combine
+from training import recipes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -115,6 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <output_dir>/tensorboard")
     # The model's own resolution is the right default; DeiT's 224 would break the small models.
     parser.set_defaults(input_size=None)
+    recipes.document_defaults(parser)
     return parser
 
 
@@ -331,7 +334,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             ema_stats = engine.evaluate(model_ema.module, val_loader, device, amp_dtype)
             record.update({f"ema_test_{k}": v for k, v in ema_stats.items()})
         record.update(sparsifier.report())
-        record["n_parameters"], record["n_nonzero_parameters"] = models.count_parameters(model)
+        record["n_parameters"], record["n_nonzero_parameters"] = models.count_parameters(
+            model, getattr(weight_sparsifier, "masks", None))
         is_best = test_stats["acc1"] > best_acc1
         best_acc1 = max(best_acc1, test_stats["acc1"])
         if output_dir is not None:
@@ -520,7 +524,7 @@ def gather_rng_states(world: int) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
+    parsed = recipes.parse_args(get_args_parser(), sys.argv[1:])
     try:
         main(parsed)
     except (ValueError, FileNotFoundError) as err:
