@@ -55,8 +55,8 @@ def test_structured_theoretical_macs_remove_heads_and_neurons_like_the_compact_m
 def test_unstructured_count_is_the_sparsifiers_and_follows_masks() -> None:
     torch.manual_seed(0)
     model = models.create_model(MICRO, num_classes=10)
-    masking = Masking(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.5, total_steps=10, update_frequency=2,
-                      log_fn=lambda record: None)
+    masking = Masking(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.5, total_steps=10,
+                      update_frequency=2, log_fn=lambda record: None)
     counted = masking.record()["nonzero_parameters"]
     assert models.nonzero_parameters(model, masking.masks) == counted
     assert models.nonzero_parameters(model) == counted  # the zeros in the weights are the masked-off entries
