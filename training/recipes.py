@@ -83,8 +83,9 @@ def document_defaults(parser: argparse.ArgumentParser) -> None:
     Help texts that already explain their default (e.g. one resolved per device) keep their wording.
     """
     for action in parser._actions:
-        if not action.option_strings or action.default is argparse.SUPPRESS or action.const is False:
-            continue  # --help, and the --no-X half of a store_true/store_false pair
+        if (not action.option_strings or argparse.SUPPRESS in (action.default, action.help)
+                or action.const is False):
+            continue  # --help, hidden flags, and the --no-X half of a store_true/store_false pair
         notes = [] if "default" in (action.help or "") else ["default: %(default)s"]
         notes += [f"{name}: {recipe[action.dest]}" for name, recipe in RECIPES.items() if action.dest in recipe]
         if notes:
