@@ -42,17 +42,20 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-set", default="DIGITS", choices=DATASETS, help="dataset to train and evaluate on")
     group.add_argument("--data-path", default=None, help="dataset root; DIGITS is embedded and takes none")
     group.add_argument("--inat-category", default="name", choices=INAT_CATEGORIES, help="iNaturalist label level")
-    group.add_argument("--input-size", type=int, default=224, help="square image side in pixels")
+    group.add_argument("--input-size", type=int, default=224,
+                       help="square image side in pixels (default: the model's own resolution)")
     group.add_argument("--color-jitter", type=float, default=0.4, help="colour jitter factor (unused when --aa is set)")
     group.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy; 'none' disables it")
     group.add_argument("--train-interpolation", default="bicubic", help="interpolation of the training crop")
-    group.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (0 for DIGITS)")
+    group.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     group.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     group.add_argument("--remode", default="pixel", help="random erasing mode")
     group.add_argument("--recount", type=int, default=1, help="random erasing count")
-    group.add_argument("--num_workers", type=int, default=10, help="data loader worker processes")
-    group.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=True, dest="pin_mem",
-                       help="pin CPU memory in the data loader")
+    group.add_argument("--num_workers", type=int, default=min(10, len(os.sched_getaffinity(0))),
+                       help="data loader worker processes (default: DeiT's 10, at most the CPUs available here: "
+                            "%(default)s)")
+    group.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=None, dest="pin_mem",
+                       help="pin CPU memory in the data loader (default: on for a CUDA --device, off otherwise)")
 
 
 def expected_layout(data_set: str) -> str:

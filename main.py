@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import sparselearning
 from sparselearning.base import combine
 from training.amp import choose_precision, device_supports_bf16, optimizer_supports_fused
 from training.resume_check import check_resume, flag_names, run_settings, saved_settings
+from training import recipes, summary
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -124,9 +126,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "sparse model.sparse.safetensors into DIR")
     g.add_argument("--dist_url", default="env://", help="torch.distributed init method; torchrun sets env://")
     g.add_argument("--print-freq", default=50, type=int, help="steps between progress lines")
+    g.add_argument("--verbose", action="store_true",
+                   help="print the per-layer density table at every topology update (default: one line per update; "
+                        "the table at start and end)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <output_dir>/tensorboard")
     # The model's own resolution is the right default; DeiT's 224 would break the small models.
     parser.set_defaults(input_size=None)
+    recipes.document_defaults(parser)
     return parser
 
 
@@ -199,6 +205,11 @@ def validate_args(args: argparse.Namespace, mixup_active: bool) -> None:
                          "change it or pass --mixup 0 --cutmix 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available; pass --device cpu")
+    if args.visualize_tokens and not args.eval and (args.report or args.flops or args.export):
+        raise ValueError("--visualize-tokens draws validation images: use it when training or with --eval")
+    if args.visualize_tokens and not (args.output_dir or (args.eval and args.resume)):
+        raise ValueError("--visualize-tokens writes PNGs into --output_dir (with --eval --resume, next to the "
+                         "checkpoint by default); pass --output_dir DIR")
 
 
 def build_optimization(args: argparse.Namespace, model: nn.Module, world: int):
@@ -307,7 +318,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
     optimizer, lr_scheduler = build_optimization(args, model, world)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    log_fn = sparsity_logger(output_dir) if is_main else (lambda record: None)
+    log_fn = summary.sparsity_logger(output_dir, args.verbose) if is_main else (lambda record: None)
     total_steps = steps_per_epoch * args.epochs
     units = models.structure_units(model, scaler) if sparse_cfg.structured else None
     weight_sparsifier = sparselearning.build_sparsifier(sparse_cfg, model, optimizer, total_steps, seed=args.seed,
@@ -344,6 +355,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             writer = SummaryWriter(str(output_dir / "tensorboard"))
 
     record: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -361,7 +373,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             ema_stats = engine.evaluate(model_ema.module, val_loader, device, amp_dtype)
             record.update({f"ema_test_{k}": v for k, v in ema_stats.items()})
         record.update(sparsifier.report())
-        record["n_parameters"], record["n_nonzero_parameters"] = models.count_parameters(model)
+        history.append(record)
+        record["n_parameters"], record["n_nonzero_parameters"] = models.count_parameters(
+            model, getattr(weight_sparsifier, "masks", None))
         is_best = test_stats["acc1"] > best_acc1
         best_acc1 = max(best_acc1, test_stats["acc1"])
         if output_dir is not None:
@@ -382,18 +396,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   f"(best {best_acc1:.2f}%)", flush=True)
     if writer is not None:
         writer.close()
-    if is_main and output_dir is not None and sparse_cfg.structured:
-        compact = models.compact_model(model, getattr(weight_sparsifier, "masks", None))
-        path = models.save_compact(compact, args.model, output_dir / "compact.pth", vars(args))
-        print_compaction(model, compact, path)
+    compact = None
+    if sparse_cfg.structured:  # every rank evaluates (the evaluation all-reduces), rank 0 writes
+        small = models.compact_model(model, getattr(weight_sparsifier, "masks", None))
+        path = None
+        if is_main and output_dir is not None:
+            path = models.save_compact(small, args.model, output_dir / "compact.pth", vars(args))
+            print_compaction(model, small, path)
+        compact = (small, engine.evaluate(small.to(device), val_loader, device, amp_dtype), path)
     if is_main and output_dir is not None and token_cfg.visualize:
-        images = torch.stack([val_loader.dataset[i][0] for i in range(token_cfg.visualize)]).to(device)
-        written = models.visualize_tokens(model, images, output_dir / "tokens" / "val")
-        print(f"token selection pictures: {len(written)} PNGs in {output_dir / 'tokens'}")
+        draw_tokens(model, val_loader, token_cfg.visualize, output_dir, device)
     if is_main:
         elapsed = datetime.timedelta(seconds=int(time.time() - start_time))
         where = f"; outputs in {output_dir}" if output_dir else ""
         print(f"training time {elapsed}; final top-1 {record.get('test_acc1', float('nan')):.2f}%{where}")
+        final_layers = weight_sparsifier.record("final") if hasattr(weight_sparsifier, "record") else None
+        print(summary.format_summary(model, history, output_dir, final_layers, compact), flush=True)
     return record
 
 
@@ -453,6 +471,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     say(f"Accuracy of {args.resume or args.model} on {stats['test_images']} images: top-1 "
         f"{stats['test_acc1']:.2f}% top-5 {stats['test_acc5']:.2f}% loss {stats['test_loss']:.4f}"
         + (f" (EMA top-1 {stats['ema_test_acc1']:.2f}%)" if "ema_test_acc1" in stats else ""))
+    if tokens.visualize and rank == 0:
+        draw_tokens(model, val_loader, tokens.visualize, Path(args.output_dir or Path(args.resume).parent), device)
     if args.compact:
         compact = models.compact_model(model, contents.masks or None)  # the zero pattern when no masks are stored
         compact_stats = engine.evaluate(compact.to(device), val_loader, device, amp_dtype)
@@ -525,18 +545,12 @@ def print_compaction(model: nn.Module, compact: nn.Module, path: Path) -> None:
           f"({small['gmacs_executed'] / dense['gmacs_dense']:.3f}x)")
 
 
-def sparsity_logger(output_dir: Path | None):
-    """Rank 0's sink for sparsity records: a console table, a JSON line in log.txt and a per-layer density plot."""
-
-    def log(record: dict[str, Any]) -> None:
-        print(sparselearning.format_table(record), flush=True)
-        if output_dir is not None:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            with open(output_dir / "log.txt", "a") as f:
-                f.write(json.dumps({"sparsity": record}) + "\n")
-            sparselearning.plot_densities(record, output_dir / "layer_density.png")
-
-    return log
+def draw_tokens(model: nn.Module, val_loader, count: int, output_dir: Path, device: torch.device) -> list[Path]:
+    """--visualize-tokens: the first ``count`` validation images with their dropped patches greyed out."""
+    images = torch.stack([val_loader.dataset[i][0] for i in range(count)]).to(device)
+    written = models.visualize_tokens(model, images, output_dir / "tokens" / "val")
+    print(f"token selection pictures: {len(written)} PNGs in {output_dir / 'tokens'}")
+    return written
 
 
 def gather_rng_states(world: int) -> list[dict[str, Any]]:
@@ -550,7 +564,7 @@ def gather_rng_states(world: int) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
+    parsed = recipes.parse_args(get_args_parser(), sys.argv[1:])
     try:
         main(parsed)
     except (ValueError, FileNotFoundError) as err:

@@ -97,7 +97,7 @@ from models.audit import LayerAudit, audit_layers, audit_warnings, format_audit 
 from models.checkpoint_contents import CheckpointContents, read_checkpoint  # noqa: E402
 from models.detect import Detection, check_fits, detect  # noqa: E402
 from models.export import export_message, export_model, load_export, load_sparse, save_sparse  # noqa: E402
-from models.flops import mac_report, mac_views  # noqa: E402
+from models.flops import mac_report, mac_views, nonzero_parameters, structured_form  # noqa: E402
 from models.restore import build_model, describe, load_weights, resolve_tokens, token_summary  # noqa: E402
 
 __all__ += [
@@ -118,8 +118,10 @@ __all__ += [
     "load_weights",
     "mac_report",
     "mac_views",
+    "nonzero_parameters",
     "read_checkpoint",
     "resolve_tokens",
     "save_sparse",
+    "structured_form",
     "token_summary",
 ]

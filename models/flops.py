@@ -33,9 +33,10 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from models.detect import is_weight_tensor
+from models.compact import compact_model
+from models.detect import DENSE_FRACTION, is_weight_tensor
 from models.token_selection import TokenScorer, num_tokens
-from models.vit import count_parameters
+from models.vit import architecture
 from models.wrappers import unwrap_model
 
 KINDS = ("dense", "theoretical", "executed")
@@ -200,19 +201,60 @@ def mac_summary(model: nn.Module, densities: Mapping[str, float] | None = None) 
 
     Args:
         model: the evaluated model.
-        densities: for the theoretical count; default: measured from the weights' zeros (see ``count_macs``).
+        densities: for the theoretical count; default: measured from the weights' zeros (see ``mac_views``).
 
     Returns:
-        ``gmacs_dense``, ``gmacs_theoretical``, ``gmacs_executed``, ``params`` and ``params_nonzero``.
+        ``gmacs_dense``, ``gmacs_theoretical``, ``gmacs_executed``, ``params`` and ``params_nonzero``: the
+        ``mac_views`` numbers, so every summary counts alike.
     """
-    total, nonzero = count_parameters(_vit(model))
-    return {
-        "gmacs_dense": count_macs(model, "dense").total / 1e9,
-        "gmacs_theoretical": count_macs(model, "theoretical", densities).total / 1e9,
-        "gmacs_executed": count_macs(model, "executed").total / 1e9,
-        "params": float(total),
-        "params_nonzero": float(nonzero),
-    }
+    v = mac_views(model, densities)
+    return {"gmacs_dense": v["dense"] / 1e9, "gmacs_theoretical": v["theoretical"] / 1e9,
+            "gmacs_executed": v["executed"] / 1e9, "params": v["params"], "params_nonzero": v["params_nonzero"]}
+
+
+def structured_form(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module | None:
+    """The compact model of a structured-sparse ViT, or None when it is not one.
+
+    Structured means whole heads or MLP neurons are removed (their q/k/v or fc1 rows are zero, or masked off when
+    ``masks`` is given) and the surviving units are dense: the pattern S²ViTE trains. A model with scattered zeros
+    that happen to empty a row is unstructured, and its count stays per weight.
+    """
+    net = unwrap_model(model)
+    if not isinstance(net, VisionTransformer) or not _has_removed_unit(net, masks or {}):
+        return None
+    compact = compact_model(net, masks)
+    survivors = [w for blk in compact.blocks for w in (blk.attn.qkv.weight, blk.mlp.fc1.weight)]
+    live = sum(int(w.count_nonzero()) for w in survivors) / sum(w.numel() for w in survivors)
+    return compact if live >= DENSE_FRACTION else None
+
+
+def nonzero_parameters(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> int:
+    """The project's one count of non-zero parameters: what remains once sparsity's removals are dropped.
+
+    Every parameter counts except weight entries that are zero (or masked off, when ``masks`` is given: a weight
+    regrown at zero is active); for a structured-sparse model, the parameters of its compact form, so a removed
+    head's or neuron's biases and its ``proj``/``fc2`` columns do not count either. The sparsifiers' records
+    (``nonzero_parameters`` in log.txt) count the same, from their masks.
+    """
+    net = unwrap_model(model)
+    compact = structured_form(net, masks)
+    if compact is not None:
+        return sum(p.numel() for p in compact.parameters())
+    masks = masks or {}
+    return sum(int(masks[name].sum()) if name in masks else int(p.count_nonzero()) if is_weight_tensor(name, p)
+               else p.numel() for name, p in net.named_parameters())
+
+
+def _has_removed_unit(net: VisionTransformer, masks: Mapping[str, torch.Tensor]) -> bool:
+    """Whether some block has a head whose q, k and v rows are all inactive, or an fc1 row that is."""
+    for i, blk in enumerate(net.blocks):
+        qkv, fc1 = blk.attn.qkv.weight, blk.mlp.fc1.weight
+        qkv_alive = masks.get(f"blocks.{i}.attn.qkv.weight", qkv.ne(0))
+        fc1_alive = masks.get(f"blocks.{i}.mlp.fc1.weight", fc1.ne(0))
+        heads = qkv_alive.reshape(3, blk.attn.num_heads, -1).any(dim=2).any(dim=0)
+        if not bool(heads.all()) or not bool(fc1_alive.any(dim=1).all()):
+            return True
+    return False
 
 
 def weight_densities(model: nn.Module) -> dict[str, float]:
@@ -228,7 +270,7 @@ def mac_views(model: nn.Module, densities: Mapping[str, float] | None = None,
     Args:
         model: the model as it runs (masked, compact, token-selecting).
         densities: per-weight densities (e.g. a planned ERK distribution) for the theoretical count and the non-zero
-            params; default: measured from the weights' zeros.
+            params; default: measured from the weights' zeros (``nonzero_parameters``).
         reference: the full dense architecture to measure savings against (for a compact ``model``); default:
             ``model`` itself.
 
@@ -236,17 +278,22 @@ def mac_views(model: nn.Module, densities: Mapping[str, float] | None = None,
         ``params_dense`` (of the reference), ``params``, ``params_nonzero``, ``global_density`` (the
         parameter-weighted density of the maskable weights, SViTE's ``--density``) and MACs: ``dense`` (the
         reference without selection), ``theoretical`` (SViTE: density-scaled linears, dense attention matmuls,
-        selected token count), ``paper`` (only the block linears scaled, by the global density: how SViTE's reported
+        selected token count; a structured model's removed heads and neurons count as its compact form drops them),
+        ``paper`` (only the block linears scaled, by the global density: how SViTE's reported
         savings come out, 45.5% for DeiT-S at 50%) and ``executed`` (masked weights and zeroed tokens at the dense
         price; compact blocks and dropped tokens really save).
     """
     net = _vit(model)
-    params = {name: p for name, p in net.named_parameters() if is_weight_tensor(name, p)}
-    total, nonzero = count_parameters(net) if densities is None else expected_parameters(net, densities)
+    measured: VisionTransformer = net
     if densities is None:
-        densities = weight_densities(net)
-    maskable = sum(p.numel() for p in params.values())
-    density = sum(densities.get(name, 1.0) * p.numel() for name, p in params.items()) / max(maskable, 1)
+        total, nonzero = sum(p.numel() for p in net.parameters()), nonzero_parameters(net)
+        measured = structured_form(net) or net  # removed heads and neurons cost nothing, as in the compact model
+        densities = weight_densities(measured)
+    else:
+        total, nonzero = expected_parameters(net, densities)
+    maskable = sum(p.numel() for name, p in net.named_parameters() if is_weight_tensor(name, p))
+    density = sum(densities.get(name, 1.0) * p.numel() for name, p in measured.named_parameters()
+                  if is_weight_tensor(name, p)) / max(maskable, 1)
     full = _vit(reference) if reference is not None else net
     return {
         "params_dense": float(sum(p.numel() for p in full.parameters())),
@@ -254,7 +301,7 @@ def mac_views(model: nn.Module, densities: Mapping[str, float] | None = None,
         "params_nonzero": float(nonzero),
         "global_density": density,
         "dense": count_macs(full, "dense").total,
-        "theoretical": count_macs(net, "theoretical", densities).total,
+        "theoretical": count_macs(measured, "theoretical", densities).total,
         "paper": count_macs(net, "theoretical", svite_paper_densities(len(net.blocks), density)).total,
         "executed": count_macs(net, "executed").total,
     }

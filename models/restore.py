@@ -22,9 +22,9 @@ from models.vit import create_model
 def resolve_tokens(contents: CheckpointContents, detection: Detection, cli: TokenConfig) -> TokenConfig:
     """The token selection to evaluate with.
 
-    ``--token_selection`` on the command line overrides what the file records; otherwise the recorded settings are
-    used (this project's ``args``; the original's ``token_number``, always in zero mode). The selector type always
-    comes from the weights.
+    ``--token_selection`` with a token count (``--token_number`` or ``--token-ratio``) on the command line overrides
+    what the file records; otherwise the recorded settings are used (this project's ``args``; the original's
+    ``token_number``, always in zero mode). The selector type always comes from the weights.
 
     Raises:
         ValueError: ``--token_selection`` for a file without scorer weights, or a selector whose token count neither
@@ -35,7 +35,8 @@ def resolve_tokens(contents: CheckpointContents, detection: Detection, cli: Toke
             raise ValueError(f"{contents.path} has no token-selector weights (no gumbel.*); drop --token_selection")
         return TokenConfig()
     recorded = recorded_tokens(contents)
-    source = cli if cli.enabled or recorded is None else recorded
+    cli_count = cli.num_keep is not None or cli.ratio is not None
+    source = cli if (cli.enabled and cli_count) or recorded is None else recorded
     if source.num_keep is None and source.ratio is None:
         raise ValueError(
             f"{contents.path} has a {detection.selector} token selector but records no token count; pass "

@@ -7,9 +7,10 @@ structured models); they are still timm `Attention` and `Mlp` modules.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import timm
+import torch
 import torch.nn as nn
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, VisionTransformer
@@ -137,8 +138,9 @@ def architecture(model: VisionTransformer) -> dict[str, Any]:
     }
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, non-zero parameters): the honest size of a masked model."""
-    total = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
-    return total, nonzero
+def count_parameters(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> tuple[int, int]:
+    """(all parameters, non-zero parameters as ``models.flops.nonzero_parameters`` counts them, from ``masks`` when
+    given)."""
+    from models.flops import nonzero_parameters  # models.flops builds on this module
+
+    return sum(p.numel() for p in model.parameters()), nonzero_parameters(model, masks)
