@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ import models
 from models.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 import sparselearning
 from sparselearning.base import combine
+from training import preflight, run_dir
+from training.interrupts import Interrupted, StepHook, StopSignals
+from training.resumable_loader import resumable_loader
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -95,6 +99,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="float16 uses a GradScaler, as the original's AMP did")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate with --eval)")
+    g.add_argument("--auto-resume", action="store_true",
+                   help="continue from <output_dir>/checkpoint.pth if it exists, else start fresh (for job scripts); "
+                        "without it or --resume, an --output_dir holding a checkpoint is refused")
+    g.add_argument("--save-every-steps", type=int, default=0, metavar="N",
+                   help="also write checkpoint.pth every N optimizer steps within an epoch (0: at epoch ends only)")
     g.add_argument("--start_epoch", default=0, type=int, help="overwritten by --resume")
     g.add_argument("--eval", action="store_true", help="evaluate and exit")
     g.add_argument("--compact", action="store_true",
@@ -151,9 +160,8 @@ def build_loaders(args: argparse.Namespace, data_cfg: datasets.DataConfig, rank:
     else:
         sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=args.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem, drop_last=True)
+    train_loader = resumable_loader(train_set, sampler, args.batch_size, args.seed, rank,
+                                    num_workers=args.num_workers, pin_memory=args.pin_mem)
     if len(train_loader) == 0:
         raise ValueError(f"each process gets {len(sampler)} training images per epoch, fewer than one batch of "
                          f"{args.batch_size}; lower --batch-size")
@@ -185,8 +193,9 @@ def validate_args(args: argparse.Namespace, mixup_active: bool) -> None:
     if mixup_active and args.batch_size % 2:
         raise ValueError(f"mixup/cutmix mixes pairs and needs an even --batch-size, got {args.batch_size}; "
                          "change it or pass --mixup 0 --cutmix 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available; pass --device cpu")
+    preflight.check_device(args.device)
+    preflight.check_training_flags(args)
+    preflight.check_eval(args)
 
 
 def build_optimization(args: argparse.Namespace, model: nn.Module, world: int):
@@ -222,8 +231,12 @@ class TrainingState:
                 "sparsifier": self.sparsifier.state_dict(), "epoch": epoch, "step": step, "best_acc1": best_acc1,
                 "rng": rng, "args": args}
 
-    def resume(self, path: str, model_name: str, rank: int) -> tuple[int, int, float]:
-        """Restore a ``checkpoint`` file; returns (first epoch to run, optimizer steps done, best top-1)."""
+    def resume(self, path: str, model_name: str, rank: int) -> tuple[int, int, float, dict[str, Any] | None]:
+        """Restore a ``checkpoint`` file; returns (first epoch to run, optimizer steps done, best top-1, position).
+
+        A mid-epoch checkpoint holds ``position`` = {"batch": batches done in its epoch, "loss_sum": their summed
+        loss}; its epoch is then the first to run, from that batch on.
+        """
         ckpt = load_checkpoint(path, map_location="cpu")
         models.load_weights(self.model, ckpt.get("model", ckpt), path, model_name)
         if "optimizer" not in ckpt:
@@ -236,7 +249,8 @@ class TrainingState:
         if self.model_ema is not None:
             self.model_ema.module.load_state_dict(ckpt["model_ema"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        return ckpt["epoch"] + 1, ckpt["step"], ckpt.get("best_acc1", 0.0)
+        position = ckpt.get("position")
+        return ckpt["epoch"] + (position is None), ckpt["step"], ckpt.get("best_acc1", 0.0), position
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -249,6 +263,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--compact converts a trained checkpoint: use it with --eval --resume CHECKPOINT")
     rank, world, device = init_distributed(args)
     is_main = rank == 0
+    if args.output_dir:
+        args.resume = run_dir.prepare(Path(args.output_dir), args.resume, args.auto_resume, is_main)
     seed_everything(args.seed + rank)
     if args.input_size is None:
         args.input_size = models.default_img_size(args.model)
@@ -296,14 +312,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     state = TrainingState(model, optimizer, lr_scheduler, scaler, sparsifier, model_ema)
     start_epoch, global_step, best_acc1 = args.start_epoch, args.start_epoch * steps_per_epoch, 0.0
+    position = None
     if args.resume:
-        start_epoch, global_step, best_acc1 = state.resume(args.resume, args.model, rank)
+        start_epoch, global_step, best_acc1, position = state.resume(args.resume, args.model, rank)
         if is_main:
-            print(f"resumed from {args.resume} at epoch {start_epoch}")
+            within = f", batch {position['batch']}" if position else ""
+            print(f"resumed from {args.resume} at epoch {start_epoch}{within}")
+
+    def save_mid_epoch(epoch: int, batch: int, step: int, loss_sum: float) -> Path | None:
+        if output_dir is None:
+            return None
+        checkpoint = state.checkpoint(epoch, step, best_acc1, gather_rng_states(world), vars(args))
+        checkpoint["position"] = {"batch": batch, "loss_sum": loss_sum}
+        if is_main:
+            save_atomic(checkpoint, output_dir / "checkpoint.pth")
+        return output_dir / "checkpoint.pth"
+
+    signals = StopSignals()
+    stop_hook = StepHook(signals, save_mid_epoch, args.save_every_steps, 1 if world == 1 else args.print_freq,
+                         device, is_main)
 
     ctx = engine.StepContext(optimizer=optimizer, scaler=scaler, sparsifier=sparsifier, amp_dtype=amp_dtype,
                              clip_grad=args.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,
-                             print_freq=args.print_freq)
+                             print_freq=args.print_freq, after_step=stop_hook)
     writer = None
     if is_main and output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -317,13 +348,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
+        first_batch, loss_sum = (position["batch"], position["loss_sum"]) if position and epoch == start_epoch else (0, 0.0)
+        train_loader.sampler.skip_batches(first_batch)
         lr_scheduler.step(epoch)  # before the epoch: epoch e trains at lr(e) (DeiT stepped after, repeating epoch 0)
         try:
             train_stats, global_step = engine.train_one_epoch(model_ddp, criterion, train_loader, ctx, device, epoch,
-                                                              global_step, show_progress=is_main)
+                                                              global_step, show_progress=is_main,
+                                                              first_batch=first_batch, loss_sum=loss_sum)
         except engine.NonFiniteLossError as e:
-            kept = f"; the last good checkpoint {output_dir / 'checkpoint.pth'} is intact" if output_dir else ""
-            raise SystemExit(f"error: {e}{kept}. Lower --lr, set --clip-grad, or use --amp-dtype bfloat16.") from e
+            signals.restore()
+            raise SystemExit(f"error: {e}; {run_dir.last_checkpoint(output_dir)}. Lower --lr, set --clip-grad, or "
+                             "use --amp-dtype bfloat16.") from e
         test_stats = engine.evaluate(model_ddp, val_loader, device, amp_dtype)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                   **{f"test_{k}": v for k, v in test_stats.items()}}
@@ -349,6 +384,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if is_main:
             print(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, test top-1 {test_stats['acc1']:.2f}% "
                   f"(best {best_acc1:.2f}%)", flush=True)
+        if epoch + 1 < args.epochs:
+            stop_hook.after_epoch(epoch, output_dir / "checkpoint.pth" if output_dir else None)
+    signals.restore()
     if writer is not None:
         writer.close()
     if is_main and output_dir is not None and sparse_cfg.structured:
@@ -523,8 +561,14 @@ if __name__ == "__main__":
     parsed = get_args_parser().parse_args()
     try:
         main(parsed)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
+    except Interrupted as stop:
+        raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted again, stopped at once without a checkpoint; "
+              f"{run_dir.last_checkpoint(Path(parsed.output_dir) if parsed.output_dir else None)}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: {run_dir.error_message(err)}") from err
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
