@@ -409,6 +409,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     evaluate, count or export it accordingly. Only --eval touches the data (and the process group)."""
     if args.compact and not args.eval:
         raise ValueError("--compact evaluates the compacted model: use it with --eval --resume CHECKPOINT")
+    if args.export and args.resume:
+        run_dir.make_dir(args.export, "--export")  # before a long load, not after it
     rank, world, device = init_distributed(args) if args.eval else (0, 1, torch.device(args.device))
     say = print if rank == 0 else (lambda *a, **k: None)
     cli_tokens = models.TokenConfig.from_args(args)
