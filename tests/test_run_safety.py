@@ -79,7 +79,7 @@ def test_signal_stops_after_the_step_and_the_printed_command_resumes_bit_exactly
 
 
 def test_kill_9_mid_epoch_then_auto_resume_is_bit_exact_and_clears_temp_files(tmp_path: Path, straight: Path) -> None:
-    """--save-every-steps writes within the epoch; workers seed each sample, so --num_workers 1 is exact too."""
+    """--save-every-steps writes within the epoch; samples are seeded by position, so the worker count may change."""
     out = tmp_path / "run"
     flags = (*RANDOM_RUN, "--output_dir", str(out), "--auto-resume", "--save-every-steps", "10")
     proc = start(*flags, "--num_workers", "1")
@@ -104,8 +104,9 @@ def test_an_output_dir_holding_a_run_is_not_trained_into(tmp_path: Path) -> None
     assert re.search(r"error: --output_dir .* already holds checkpoint.pth and best.pth .* --resume "
                      rf"{tmp_path}/checkpoint.pth \(or --auto-resume\)", proc.stderr), proc.stderr
     assert (tmp_path / "best.pth").read_bytes() == before
-    with pytest.raises(ValueError, match="either --auto-resume or --resume"):
-        entry.main(entry.get_args_parser().parse_args([*flags, "--auto-resume", "--resume", "x.pth"]))
+    assert run_dir.checkpoint_to_resume(tmp_path, "other.pth", True) == str(tmp_path / "checkpoint.pth")
+    assert run_dir.checkpoint_to_resume(tmp_path / "new", "other.pth", True) == "other.pth"
+    assert run_dir.checkpoint_to_resume(tmp_path / "new", "", True) == ""
 
 
 def test_a_second_process_is_stopped_by_the_lock_until_the_holder_dies(tmp_path: Path) -> None:

@@ -2,13 +2,11 @@
 
 A mid-epoch checkpoint records how many batches of its epoch are done. The resumed run sets the sampler to the
 same epoch (same permutation) and skips the first k batches' indices without loading them. Augmentation draws must
-not depend on how many samples a process loaded before, so:
-
-* in DataLoader worker processes each sample seeds Python's, NumPy's and torch's RNGs from
-  (seed, rank, epoch, position in the epoch), which also makes results independent of ``--num_workers``;
-* with ``--num_workers 0`` samples are augmented in the main process, whose RNG state the checkpoint holds;
-* the loader draws its worker base seed from its own generator, not from the global RNG, so creating the
-  iterator of a resumed epoch does not shift the global stream (mixup, drop path).
+not depend on how many samples a process loaded before, so each sample seeds Python's, NumPy's and torch's RNGs
+from (seed, rank, epoch, position in the epoch). In the main process (``--num_workers 0``) the global RNG states are
+put back afterwards, so data loading never shifts the stream that mixup and drop path draw from (which the
+checkpoint holds). Results are therefore the same for every ``--num_workers``, also across a resume. The loader
+draws its worker base seed from its own generator, so creating an iterator does not touch the global RNG either.
 
 Workers ignore SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and the main process alone decides
 when to stop (training/interrupts.py); a worker killed by it would end the run with a DataLoader error.
@@ -49,7 +47,7 @@ class ResumableSampler(Sampler):
 
 
 class SeededSamples(Dataset):
-    """Serves ``dataset[index]`` for an (epoch, position, index) key; in a worker, seeds the RNGs per sample first."""
+    """Serves ``dataset[index]`` for an (epoch, position, index) key with RNGs seeded for that sample."""
 
     def __init__(self, dataset: Dataset, seed: int, rank: int) -> None:
         self.dataset, self.seed, self.rank = dataset, seed, rank
@@ -59,12 +57,24 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> Any:
         epoch, position, index = key
+        seed = int(np.random.SeedSequence([self.seed, self.rank, epoch, position]).generate_state(1, np.uint64)[0])
         if get_worker_info() is not None:
-            seed = int(np.random.SeedSequence([self.seed, self.rank, epoch, position]).generate_state(1, np.uint64)[0])
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-        return self.dataset[index]
+            _seed_all(seed)
+            return self.dataset[index]
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            _seed_all(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

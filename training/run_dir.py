@@ -36,16 +36,13 @@ def make_dir(path: str | Path, flag: str) -> Path:
 def checkpoint_to_resume(output_dir: Path, resume: str, auto_resume: bool) -> str:
     """The checkpoint a training run continues from ('' for a fresh start), refusing to train over an earlier run.
 
-    ``--auto-resume`` continues from ``<output_dir>/checkpoint.pth`` when it exists and starts fresh otherwise, so a
-    re-submitted or requeued job needs no edit; without it, a directory holding a run's checkpoint needs ``--resume``.
+    ``--auto-resume`` continues from ``<output_dir>/checkpoint.pth`` when it exists, else from ``--resume`` if given,
+    else starts fresh: a job script that is re-submitted or requeued after preemption needs no edit. Without it, a
+    directory holding a run's checkpoint needs an explicit ``--resume``.
     """
     checkpoint = output_dir / CHECKPOINT
-    if auto_resume:
-        if resume:
-            raise ValueError(f"--auto-resume continues from {checkpoint} when it exists; pass either --auto-resume or "
-                             f"--resume {resume}, not both")
-        if checkpoint.exists():
-            return str(checkpoint)
+    if auto_resume and checkpoint.exists():
+        return str(checkpoint)
     earlier = [name for name in (CHECKPOINT, "best.pth") if (output_dir / name).exists()]
     if earlier and not resume:
         raise ValueError(f"--output_dir {output_dir} already holds {' and '.join(earlier)} of an earlier run, which a "
