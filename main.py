@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,8 @@ import models
 from models.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 import sparselearning
 from sparselearning.base import combine
-from training import preflight, run_dir
-from training.interrupts import Interrupted, StepHook, StopSignals
+from training import cli, preflight, run_dir
+from training.interrupts import StepHook, StopSignals
 from training.resumable_loader import resumable_loader
 
 
@@ -366,6 +365,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             ema_stats = engine.evaluate(model_ema.module, val_loader, device, amp_dtype)
             record.update({f"ema_test_{k}": v for k, v in ema_stats.items()})
         record.update(sparsifier.report())
+        skipped = datasets.take_skipped_count()  # --skip-unreadable-images, this process and its workers
+        if skipped:
+            record["skipped_unreadable_images"] = skipped
         record["n_parameters"], record["n_nonzero_parameters"] = models.count_parameters(model)
         is_best = test_stats["acc1"] > best_acc1
         best_acc1 = max(best_acc1, test_stats["acc1"])
@@ -562,15 +564,8 @@ def gather_rng_states(world: int) -> list[dict[str, Any]]:
 if __name__ == "__main__":
     parsed = get_args_parser().parse_args()
     try:
-        main(parsed)
-    except Interrupted as stop:
-        raise SystemExit(stop.exit_code) from None
-    except KeyboardInterrupt:
-        print("error: interrupted again, stopped at once without a checkpoint; "
-              f"{run_dir.last_checkpoint(Path(parsed.output_dir) if parsed.output_dir else None)}", file=sys.stderr)
-        raise SystemExit(130) from None
-    except (ValueError, OSError) as err:
-        raise SystemExit(f"error: {run_dir.error_message(err)}") from err
+        exit_code = cli.run(main, parsed)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    raise SystemExit(exit_code)
