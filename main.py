@@ -347,7 +347,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        first_batch, loss_sum = (position["batch"], position["loss_sum"]) if position and epoch == start_epoch else (0, 0.0)
+        resumed = position is not None and epoch == start_epoch
+        first_batch, loss_sum = (position["batch"], position["loss_sum"]) if resumed else (0, 0.0)
         train_loader.sampler.skip_batches(first_batch)
         lr_scheduler.step(epoch)  # before the epoch: epoch e trains at lr(e) (DeiT stepped after, repeating epoch 0)
         try:

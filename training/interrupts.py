@@ -17,6 +17,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -37,11 +38,16 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-    """Records SIGINT/SIGTERM instead of dying, until ``restore``; a second signal gets the default behaviour."""
+    """Records SIGINT/SIGTERM instead of dying, until ``restore``; a second signal gets the default behaviour.
+
+    Python delivers signals to the main thread only, so a run started from another thread keeps the defaults.
+    """
 
     def __init__(self) -> None:
         self.signum = 0
-        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum:
