@@ -404,6 +404,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         elapsed = datetime.timedelta(seconds=int(time.time() - start_time))
         where = f"; outputs in {output_dir}" if output_dir else ""
         print(f"training time {elapsed}; final top-1 {record.get('test_acc1', float('nan')):.2f}%{where}")
+    if is_main and output_dir is not None:
+        run_dir.unlock(output_dir)
     return record
 
 

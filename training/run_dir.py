@@ -113,3 +113,10 @@ def error_message(err: BaseException) -> str:
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text
+
+
+def unlock(output_dir: Path) -> None:
+    """Release ``lock`` at the end of a run (a process that exits releases it anyway)."""
+    fd = _held.pop((output_dir / LOCK_FILE).resolve(), None)
+    if fd is not None:
+        os.close(fd)
