@@ -442,8 +442,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         model_name, tokens = args.model, cli_tokens
         model, densities, reference = planned_model(args, tokens)
         macs = models.mac_report(model, densities, reference)
-        if args.eval:
-            say("warning: --eval without --resume evaluates randomly initialised weights")
     if args.flops or args.report or args.eval:
         say("\n".join(macs))
     if args.export and rank == 0:
