@@ -21,7 +21,7 @@ from models.checkpoint import load_checkpoint, save_atomic
 from sparselearning import layer_counts, layer_densities
 from test_train import read_log
 from training import run_dir
-from training.interrupts import resume_command
+from training.interrupts import StopSignals, resume_command
 
 # Mixup and drop path draw from the RNGs every step, so an inexact RNG restore mid-epoch changes the weights.
 RANDOM_RUN = (*TINY_RUN, "--epochs", "2", "--mixup", "0.8", "--drop-path", "0.1", "--model-ema-decay", "0.9",
@@ -57,9 +57,9 @@ def wait_for_line(proc: subprocess.Popen, pattern: str) -> None:
     raise AssertionError(f"the run ended before printing {pattern!r}: {proc.stderr.read()[-2000:]}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM])
-def test_signal_stops_after_the_step_and_the_printed_command_resumes_bit_exactly(
-        tmp_path: Path, straight: Path, signum: int) -> None:
+def test_ctrl_c_stops_after_the_step_and_the_printed_command_resumes_bit_exactly(tmp_path: Path,
+                                                                                straight: Path) -> None:
+    signum = signal.SIGINT  # SIGTERM takes the same path: test_sigterm_is_recorded_and_a_second_sigint_aborts
     out = tmp_path / "run"
     proc = start(*RANDOM_RUN, "--output_dir", str(out))
     wait_for_line(proc, r"Epoch 0 \[10/44\]")
@@ -76,6 +76,18 @@ def test_signal_stops_after_the_step_and_the_printed_command_resumes_bit_exactly
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at epoch 0, batch {ckpt['position']['batch']}" in resumed.stdout
     assert_same_run(straight, out)
+
+
+def test_sigterm_is_recorded_and_a_second_sigint_aborts() -> None:
+    signals = StopSignals()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.signum == signal.SIGTERM  # recorded, the process lives on to finish its step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second signal gets the default behaviour
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_kill_9_mid_epoch_then_auto_resume_is_bit_exact_and_clears_temp_files(tmp_path: Path, straight: Path) -> None:
