@@ -317,6 +317,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if is_main:
             within = f", batch {position['batch']}" if position else ""
             print(f"resumed from {args.resume} at epoch {start_epoch}{within}")
+            if start_epoch >= args.epochs:
+                print(f"it already completed --epochs {args.epochs}: nothing to train (raise --epochs to go on)")
 
     def save_mid_epoch(epoch: int, batch: int, step: int, loss_sum: float) -> Path | None:
         if output_dir is None:
