@@ -37,6 +37,9 @@ class StepContext:
     mixup_fn: Mixup | None = None
     model_ema: ModelEmaV3 | None = None
     print_freq: int = 50
+    # Called after every optimizer step with (epoch, batches done in the epoch, global step, epoch loss sum);
+    # main.py's periodic and on-signal mid-epoch checkpoints (training/interrupts.py). It may raise to stop.
+    after_step: Callable[[int, int, int, torch.Tensor], None] | None = None
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -55,17 +58,21 @@ def train_one_epoch(
     epoch: int,
     global_step: int,
     show_progress: bool = True,
+    first_batch: int = 0,
+    loss_sum: float = 0.0,
 ) -> tuple[dict[str, float], int]:
     """Train for one pass over `loader`; returns (metrics, optimizer steps done so far in the run).
 
     The loss is summed on the device and checked every `print_freq` steps and at the end, so a finite
     run never syncs per step, and a non-finite one stops before its epoch can be checkpointed.
+    An epoch resumed from a mid-epoch checkpoint passes the batches already done and their loss sum; `loader`
+    then yields only the remaining batches.
     """
     model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    num_steps = len(loader)
-    progress = _Progress(f"Epoch {epoch}", num_steps, ctx.print_freq, show_progress)
-    for i, (samples, targets) in enumerate(loader):
+    loss_sum = torch.full((), loss_sum, device=device, dtype=torch.float64)
+    num_steps = first_batch + len(loader)
+    progress = _Progress(f"Epoch {epoch}", num_steps, ctx.print_freq, show_progress, first_batch)
+    for i, (samples, targets) in enumerate(loader, start=first_batch):
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if ctx.mixup_fn is not None:
@@ -90,6 +97,8 @@ def train_one_epoch(
             if not math.isfinite(mean_loss):
                 raise NonFiniteLossError(f"loss became {mean_loss} in epoch {epoch} (step {global_step})")
             progress.update(i + 1, samples.shape[0], loss=mean_loss, lr=ctx.optimizer.param_groups[-1]["lr"])
+        if ctx.after_step is not None:
+            ctx.after_step(epoch, i + 1, global_step, loss_sum)
     progress.close()
     metrics = {"loss": loss_sum.item() / max(num_steps, 1), "lr": ctx.optimizer.param_groups[-1]["lr"]}
     return metrics, global_step
@@ -129,16 +138,16 @@ def evaluate(
 class _Progress:
     """A tqdm bar on a terminal; periodic plain lines when output goes to a file (logs stay readable)."""
 
-    def __init__(self, desc: str, total: int, print_freq: int, enabled: bool) -> None:
+    def __init__(self, desc: str, total: int, print_freq: int, enabled: bool, first_step: int = 0) -> None:
         self.desc, self.total, self.enabled = desc, total, enabled
         self.start = time.perf_counter()
         self.seen_images = 0
-        self.last_step = 0
+        self.last_step = first_step
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total, initial=first_step, desc=desc, dynamic_ncols=True, leave=False)
 
     def update(self, step: int, batch_size: int, loss: float, lr: float) -> None:
         self.seen_images += batch_size * (step - self.last_step)

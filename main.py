@@ -38,6 +38,9 @@ from sparselearning.base import combine
 from training.amp import choose_precision, device_supports_bf16, optimizer_supports_fused
 from training.resume_check import check_resume, flag_names, run_settings, saved_settings
 from training import recipes, summary
+from training import cli, preflight, run_dir
+from training.interrupts import StepHook, StopSignals
+from training.resumable_loader import resumable_loader
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -109,6 +112,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="",
                    help="checkpoint to continue from (or to evaluate with --eval); the flags that define the "
                         "experiment must equal the checkpoint's (docs/resume.md)")
+    g.add_argument("--auto-resume", action="store_true",
+                   help="continue from <output_dir>/checkpoint.pth if it exists, else start fresh (for job scripts); "
+                        "without it or --resume, an --output_dir holding a checkpoint is refused")
+    g.add_argument("--save-every-steps", type=int, default=0, metavar="N",
+                   help="also write checkpoint.pth every N optimizer steps within an epoch (0: at epoch ends only)")
     g.add_argument("--start_epoch", default=0, type=int, help="overwritten by --resume")
     g.add_argument("--eval", action="store_true", help="evaluate and exit")
     g.add_argument("--compact", action="store_true",
@@ -169,9 +177,8 @@ def build_loaders(args: argparse.Namespace, data_cfg: datasets.DataConfig, rank:
     else:
         sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                                       seed=args.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem, drop_last=True)
+    train_loader = resumable_loader(train_set, sampler, args.batch_size, args.seed, rank,
+                                    num_workers=args.num_workers, pin_memory=args.pin_mem)
     if len(train_loader) == 0:
         raise ValueError(f"each process gets {len(sampler)} training images per epoch, fewer than one batch of "
                          f"{args.batch_size}; lower --batch-size")
@@ -203,8 +210,9 @@ def validate_args(args: argparse.Namespace, mixup_active: bool) -> None:
     if mixup_active and args.batch_size % 2:
         raise ValueError(f"mixup/cutmix mixes pairs and needs an even --batch-size, got {args.batch_size}; "
                          "change it or pass --mixup 0 --cutmix 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available; pass --device cpu")
+    preflight.check_device(args.device)
+    preflight.check_training_flags(args)
+    preflight.check_eval(args)
     if args.visualize_tokens and not args.eval and (args.report or args.flops or args.export):
         raise ValueError("--visualize-tokens draws validation images: use it when training or with --eval")
     if args.visualize_tokens and not (args.output_dir or (args.eval and args.resume)):
@@ -247,9 +255,13 @@ class TrainingState:
                 "rng": rng, "args": args, "total_steps": total_steps}
 
     def resume(self, path: str, args: argparse.Namespace, world: int, steps_per_epoch: int,
-               rank: int) -> tuple[int, int, float]:
+               rank: int) -> tuple[int, int, float, dict[str, Any] | None]:
         """Restore a ``checkpoint`` file of the same experiment (``training.resume_check``, checked before anything
-        is loaded); returns (first epoch to run, optimizer steps done, best top-1)."""
+        is loaded); returns (first epoch to run, optimizer steps done, best top-1, position).
+
+        A mid-epoch checkpoint holds ``position`` = {"batch": batches done in its epoch, "loss_sum": their summed
+        loss}; its epoch is then the first to run, from that batch on.
+        """
         ckpt = load_checkpoint(path, map_location="cpu")
         if "optimizer" not in ckpt:
             models.load_weights(self.model, ckpt.get("model", ckpt), path, args.model)
@@ -271,7 +283,8 @@ class TrainingState:
         if self.model_ema is not None:
             self.model_ema.module.load_state_dict(ckpt["model_ema"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        return ckpt["epoch"] + 1, ckpt["step"], ckpt.get("best_acc1", 0.0)
+        position = ckpt.get("position")
+        return ckpt["epoch"] + (position is None), ckpt["step"], ckpt.get("best_acc1", 0.0), position
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -284,6 +297,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--compact converts a trained checkpoint: use it with --eval --resume CHECKPOINT")
     rank, world, device = init_distributed(args)
     is_main = rank == 0
+    if args.output_dir:
+        args.resume = run_dir.prepare(Path(args.output_dir), args.resume, args.auto_resume, is_main)
     seed_everything(args.seed + rank)
     if args.input_size is None:
         args.input_size = models.default_img_size(args.model)
@@ -335,16 +350,33 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     state = TrainingState(model, optimizer, lr_scheduler, scaler, sparsifier, model_ema)
     start_epoch, global_step, best_acc1 = args.start_epoch, args.start_epoch * steps_per_epoch, 0.0
+    position = None
     if args.resume:
-        start_epoch, global_step, best_acc1 = state.resume(args.resume, args, world, steps_per_epoch, rank)
+        start_epoch, global_step, best_acc1, position = state.resume(args.resume, args, world, steps_per_epoch, rank)
         if is_main:
-            print(f"resumed from {args.resume} at epoch {start_epoch}")
+            within = f", batch {position['batch']}" if position else ""
+            print(f"resumed from {args.resume} at epoch {start_epoch}{within}")
+            if start_epoch >= args.epochs:
+                print(f"it already completed --epochs {args.epochs}: nothing to train (raise --epochs to go on)")
     if model_ema is not None:
         sparsifier.apply_masks(model_ema.module)  # built from the dense model; an older checkpoint's EMA may be dense
 
+    def save_mid_epoch(epoch: int, batch: int, step: int, loss_sum: float) -> Path | None:
+        if output_dir is None:
+            return None
+        checkpoint = state.checkpoint(epoch, step, best_acc1, gather_rng_states(world), vars(args), total_steps)
+        checkpoint["position"] = {"batch": batch, "loss_sum": loss_sum}
+        if is_main:
+            save_atomic(checkpoint, output_dir / "checkpoint.pth")
+        return output_dir / "checkpoint.pth"
+
+    signals = StopSignals()
+    stop_hook = StepHook(signals, save_mid_epoch, args.save_every_steps, 1 if world == 1 else args.print_freq,
+                         device, is_main)
+
     ctx = engine.StepContext(optimizer=optimizer, scaler=scaler, sparsifier=sparsifier, amp_dtype=amp_dtype,
                              clip_grad=args.clip_grad, mixup_fn=mixup_fn, model_ema=model_ema,
-                             print_freq=args.print_freq)
+                             print_freq=args.print_freq, after_step=stop_hook)
     writer = None
     if is_main and output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -359,13 +391,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
+        resumed = position is not None and epoch == start_epoch
+        first_batch, loss_sum = (position["batch"], position["loss_sum"]) if resumed else (0, 0.0)
+        train_loader.sampler.skip_batches(first_batch)
         lr_scheduler.step(epoch)  # before the epoch: epoch e trains at lr(e) (DeiT stepped after, repeating epoch 0)
         try:
             train_stats, global_step = engine.train_one_epoch(model_ddp, criterion, train_loader, ctx, device, epoch,
-                                                              global_step, show_progress=is_main)
+                                                              global_step, show_progress=is_main,
+                                                              first_batch=first_batch, loss_sum=loss_sum)
         except engine.NonFiniteLossError as e:
-            kept = f"; the last good checkpoint {output_dir / 'checkpoint.pth'} is intact" if output_dir else ""
-            raise SystemExit(f"error: {e}{kept}. Lower --lr, set --clip-grad, or use --amp-dtype bfloat16.") from e
+            signals.restore()
+            raise SystemExit(f"error: {e}; {run_dir.last_checkpoint(output_dir)}. Lower --lr, set --clip-grad, or "
+                             "use --amp-dtype bfloat16.") from e
         test_stats = engine.evaluate(model_ddp, val_loader, device, amp_dtype)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                   **{f"test_{k}": v for k, v in test_stats.items()}}
@@ -376,6 +413,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         history.append(record)
         record["n_parameters"], record["n_nonzero_parameters"] = models.count_parameters(
             model, getattr(weight_sparsifier, "masks", None))
+        skipped = datasets.take_skipped_count()  # --skip-unreadable-images, this process and its workers
+        if skipped:
+            record["skipped_unreadable_images"] = skipped
         is_best = test_stats["acc1"] > best_acc1
         best_acc1 = max(best_acc1, test_stats["acc1"])
         if output_dir is not None:
@@ -394,6 +434,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if is_main:
             print(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, test top-1 {test_stats['acc1']:.2f}% "
                   f"(best {best_acc1:.2f}%)", flush=True)
+        if epoch + 1 < args.epochs:
+            stop_hook.after_epoch(epoch, output_dir / "checkpoint.pth" if output_dir else None)
+    signals.restore()
     if writer is not None:
         writer.close()
     compact = None
@@ -412,6 +455,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"training time {elapsed}; final top-1 {record.get('test_acc1', float('nan')):.2f}%{where}")
         final_layers = weight_sparsifier.record("final") if hasattr(weight_sparsifier, "record") else None
         print(summary.format_summary(model, history, output_dir, final_layers, compact), flush=True)
+    if is_main and output_dir is not None:
+        run_dir.unlock(output_dir)
     return record
 
 
@@ -420,6 +465,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     evaluate, count or export it accordingly. Only --eval touches the data (and the process group)."""
     if args.compact and not args.eval:
         raise ValueError("--compact evaluates the compacted model: use it with --eval --resume CHECKPOINT")
+    if args.export and args.resume:
+        run_dir.make_dir(args.export, "--export")  # before a long load, not after it
     rank, world, device = init_distributed(args) if args.eval else (0, 1, torch.device(args.device))
     say = print if rank == 0 else (lambda *a, **k: None)
     cli_tokens = models.TokenConfig.from_args(args)
@@ -446,8 +493,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         model_name, tokens = args.model, cli_tokens
         model, densities, reference = planned_model(args, tokens)
         macs = models.mac_report(model, densities, reference)
-        if args.eval:
-            say("warning: --eval without --resume evaluates randomly initialised weights")
     if args.flops or args.report or args.eval:
         say("\n".join(macs))
     if args.export and rank == 0:
@@ -566,9 +611,8 @@ def gather_rng_states(world: int) -> list[dict[str, Any]]:
 if __name__ == "__main__":
     parsed = recipes.parse_args(get_args_parser(), sys.argv[1:])
     try:
-        main(parsed)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
+        exit_code = cli.run(main, parsed)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    raise SystemExit(exit_code)

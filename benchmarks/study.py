@@ -24,6 +24,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def finished_row(config: str, seed: int, run_dir: Path, train_seconds: float | N
 def run_one(config: str, seed: int, out: Path, epochs: int = EPOCHS) -> dict[str, Any]:
     """Train one (configuration, seed) in its own process and return its final-epoch record."""
     run_dir = out / "runs" / f"{config}_seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a study re-run trains afresh; main.py refuses to overwrite a run
     cmd = [sys.executable, str(ROOT / "main.py"), *BASE, "--epochs", str(epochs), *CONFIGS[config], "--seed",
            str(seed), "--output_dir", str(run_dir)]
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -45,11 +45,9 @@ paper_run() {
   shift 3
   local root
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-  # Re-running a configuration continues it: a fresh start would overwrite a 600-epoch run's checkpoint.
-  local resume=()
-  [ -f "$out/checkpoint.pth" ] && resume=(--resume "$out/checkpoint.pth")
+  # Re-running a configuration (or a requeued job) continues it from OUTPUT_DIR/NAME/checkpoint.pth if present.
   local cmd=(torchrun --standalone --nproc_per_node="$gpus" "$root/main.py" --data-set IMNET --data-path "$data"
-             "${flags[@]}" --output_dir "$out" "${resume[@]}" "$@")
+             "${flags[@]}" --output_dir "$out" --auto-resume "$@")
   _update_frequency_note "$gpus" "${flags[@]}"
   if $dry_run; then
     local line

@@ -8,12 +8,14 @@ original SViTE checkpoints store their flags as one; it carries data, never code
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import random
 import re
+import secrets
+import shutil
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,18 +25,32 @@ import torch
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    """torch.save to a hidden temporary file in the same folder, fsync, then rename over `path`.
+
+    The temporary file is created with mode 0o666 minus the umask, like any other file the user writes (mkstemp's
+    0600 would hide checkpoints from teammates). On any failure it is removed and `path` keeps its previous
+    content; a full disk or quota raises an OSError that names the file and the free space.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+            raise OSError(f"no space left to write {path} ({free / 2**20:.0f} MiB free; {kept}); free space "
+                          "or move --output_dir") from e
+        raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

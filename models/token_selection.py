@@ -210,11 +210,14 @@ class TokenConfig:
         """k for a sequence of ``num_tokens`` tokens (prefix included); all tokens when neither k nor ratio is set.
 
         Raises:
-            ValueError: if k exceeds the token count or is smaller than the number of prefix tokens.
+            ValueError: if k exceeds the token count or keeps no patch token beside the prefix tokens.
         """
         if self.ratio is not None:
             return max(num_prefix, 1, int(self.ratio * num_tokens + 0.5))
         k = num_tokens if self.num_keep is None else self.num_keep
+        if 1 <= k <= num_prefix < num_tokens:
+            raise ValueError(f"--token_number {k} keeps only the {num_prefix} prefix (cls) token(s) and no image "
+                             f"patch; keep at least {num_prefix + 1} of the {num_tokens} tokens")
         if not max(num_prefix, 1) <= k <= num_tokens:
             raise ValueError(f"--token_number {k} must be between {max(num_prefix, 1)} and the {num_tokens} tokens of "
                              f"this model ({num_tokens - num_prefix} patches + {num_prefix} prefix token(s))")

@@ -51,7 +51,32 @@ def layer_densities(
 
     Returns:
         name -> density in (0, 1], in the order of ``shapes``.
+
+    Raises:
+        ValueError: also when ``density`` is so low that a layer would keep no weight (its ``layer_counts`` entry
+            would be 0); the message gives the smallest density that keeps one weight in every layer.
     """
+    densities = _solve(shapes, density, method, dense, erk_power)
+    numel = _validate_shapes(shapes)
+    empty = [name for name, d in densities.items() if round(d * numel[name]) == 0]
+    if empty:
+        def keeps_all(d: float) -> bool:
+            return all(round(v * numel[n]) >= 1 for n, v in _solve(shapes, d, method, dense, erk_power).items())
+
+        low, high = density, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (low, mid) if keeps_all(mid) else (mid, high)
+        step = 10.0 ** (math.floor(math.log10(high)) - 2)
+        raise ValueError(f"density {density:g} leaves {len(empty)} layer(s) without a weight ({', '.join(empty[:3])}"
+                         f"{', ...' if len(empty) > 3 else ''}); with {method} the smallest density that keeps one "
+                         f"weight in every layer is {math.ceil(high / step) * step:.3g}")
+    return densities
+
+
+def _solve(shapes: Mapping[str, Sequence[int]], density: float, method: str, dense: Iterable[str],
+           erk_power: float) -> dict[str, float]:
+    """``layer_densities`` without the check that every layer keeps a weight."""
     numel = _validate_shapes(shapes)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")

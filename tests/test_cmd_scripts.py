@@ -16,6 +16,7 @@ import main
 import models
 import sparselearning
 from conftest import ROOT
+from training import run_dir as run_dir_lib
 
 MARKER = "/_paper_run.sh"  # every paper script sources this helper: that is how new scripts get found and tested
 PAPER_SCRIPTS = sorted(p.stem for p in (ROOT / "cmd").glob("*.sh") if not p.name.startswith("_")
@@ -52,7 +53,7 @@ EXPECTED = {
 # SViTE's flags common to all its runs (and the original's t_end for the structured ones).
 COMMON_SPARSE = dict(sparse_init="fixed_ERK", growth="gradient", death="magnitude", redistribution="none", t_end=0.8)
 # The only flags a paper script may set; everything else must stay at main.py's (DeiT) defaults.
-ALLOWED = {"data_set", "data_path", "output_dir", "model", "batch_size", "epochs", "density", "update_frequency",
+ALLOWED = {"data_set", "data_path", "output_dir", "auto_resume", "model", "batch_size", "epochs", "density", "update_frequency",
            "pruning_type", "atten_head", "atten_density", "other_density", "token_selection", "token_number",
            "token_mode", *COMMON_SPARSE}
 
@@ -149,7 +150,9 @@ def test_rerun_resumes_and_extra_flags_override(tmp_path: Path) -> None:
     run_dir.mkdir()
     (run_dir / "checkpoint.pth").touch()
     _, args = launch("s2vite_small_sparse40", "8", str(tmp_path), "--epochs", "10")
-    assert args.resume == str(run_dir / "checkpoint.pth")
+    assert args.auto_resume
+    assert run_dir_lib.checkpoint_to_resume(Path(args.output_dir), args.resume, args.auto_resume) == str(
+        run_dir / "checkpoint.pth")
     assert args.epochs == 10
 
 

@@ -337,3 +337,43 @@ def test_inat_bad_file_name(tmp_path):
     cfg = make_cfg(data_set="INAT18", data_path=str(tmp_path))
     with pytest.raises(ValueError, match=r"file_name 'd.jpg' is not '<folder>/<supercategory>/<category id>"):
         build_dataset(False, cfg)
+
+
+# ---------------------------------------------------------------- unreadable image files
+
+
+def test_skip_unreadable_images_serves_the_next_image_and_counts(tmp_path):
+    make_image_folder(tmp_path)
+    bad = tmp_path / "train" / "cat" / "1_bad.png"
+    bad.write_bytes(b"not a png at all")
+    dataset, _ = build_dataset(True, make_cfg(data_set="IMNET", data_path=str(tmp_path), skip_unreadable_images=True))
+    plain, _ = build_dataset(True, make_cfg(data_set="IMNET", data_path=str(tmp_path)))
+    index = [path for path, _ in plain.samples].index(str(bad))
+    datasets.take_skipped_count()
+    image, label = dataset[index]
+    assert label == plain.samples[index + 1][1] and image.shape == (3, 16, 16)
+    assert datasets.take_skipped_count() == 1 and datasets.take_skipped_count() == 0
+
+
+def test_unreadable_image_through_main_names_the_file_or_is_skipped_and_logged(tmp_path):
+    import main as entry
+    from conftest import TINY_RUN, run_main
+
+    make_image_folder(tmp_path / "data", per_class=2)
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "dog" / "9_bad.png").write_bytes(b"GIF89a but not really")
+    flags = (*TINY_RUN, "--data-set", "IMNET", "--data-path", str(tmp_path / "data"), "--batch-size", "1",
+             "--epochs", "1", "--no-model-ema")
+    proc = run_main(*flags, "--num_workers", "1", check=False)  # the error crosses a DataLoader worker
+    bad = tmp_path / "data" / "train" / "dog" / "9_bad.png"
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(rf"^error: cannot read image {re.escape(str(bad))}: .*--skip-unreadable-images$",
+                     proc.stderr.strip(), re.M), proc.stderr[-2000:]
+
+    datasets.take_skipped_count()
+    record = entry.main(entry.get_args_parser().parse_args([*flags, "--skip-unreadable-images",
+                                                            "--output_dir", str(tmp_path / "out")]))
+    assert record["skipped_unreadable_images"] == 2  # one train and one val file, each read once per epoch
+    assert record["test_images"] == 7
+    logged = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert logged[-1]["skipped_unreadable_images"] == 2
