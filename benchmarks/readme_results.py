@@ -191,6 +191,19 @@ def study_section() -> list[str]:
             *study_anchor_table(read_csv(STUDY / "study.csv")), ""]
 
 
+def optimizer_state_section() -> list[str]:
+    """The SViTE rows under the old and the new optimizer-state default (benchmarks/optimizer_state.py)."""
+    table = STUDY / "optimizer-state.md"
+    if not table.exists():
+        return []
+    return ["### Optimizer state at topology updates: the old default against the new", "",
+            "The old default zeroed AdamW's moments at every changed position while its per-tensor `step` kept "
+            "counting, so regrown weights took 2-3x the survivors' steps; the new one keeps the state. Same commit, "
+            "seeds and recipe as the study above; the old rows were trained with "
+            "`benchmarks/results/study/old-optimizer-state.patch` applied (`python benchmarks/optimizer_state.py`).",
+            "", table.read_text().strip(), ""]
+
+
 def sparse_costs_section() -> list[str]:
     path = RESULTS / "sparse_costs.json"
     if not path.exists():
@@ -236,6 +249,7 @@ def render() -> str:
     for path in suite_files():
         lines += suite_section(path)
     lines += study_section()
+    lines += optimizer_state_section()
     lines += earlier_section()
     lines.append(END)
     return "\n".join(lines)

@@ -221,6 +221,19 @@ def test_paired_gap_is_the_mean_per_seed_difference_with_a_t_interval() -> None:
         paired_gap({0: 1.0}, {1: 1.0})
 
 
+def test_optimizer_state_table_pairs_both_defaults_with_the_same_dense_seeds() -> None:
+    from benchmarks import optimizer_state
+
+    new = [{"config": c, "seed": str(s), "test_acc1": str(acc + s)} for c, acc in (("dense", 90.0), ("sviite_d30", 85.0))
+           for s in range(3)]
+    old = [{"config": "sviite_d30", "seed": str(s), "test_acc1": str(80.0 + 2 * s)} for s in range(4)]  # seed 3: unpaired
+    lines = optimizer_state.table(new, old)
+    assert len(lines) == 3 and lines[2].startswith("| sviite_d30 | 3 | 86.00 ± 1.00 | 82.00 ± 2.00 | -5.00 [-5.00, -5.00]")
+    assert "| +4.00 [" in lines[2]  # new − old: per seed 5, 4, 3
+    with pytest.raises(ValueError, match="fewer than two seeds"):
+        optimizer_state.table(new, old[:1])
+
+
 def test_study_default_configs_are_the_issue_list() -> None:
     assert list(study.CONFIGS) == ["dense", "sviite_d50", "sviite_d30", "s2vite_h07_m06", "sviteplus_keep07",
                                    "sviteplus_keep07_d50"]
