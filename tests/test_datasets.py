@@ -1,6 +1,7 @@
 """Tests for datasets.py: the embedded DIGITS split, on-disk layouts built in tmp_path, and loud failures."""
 
 import argparse
+import os
 import json
 import pickle
 import re
@@ -45,8 +46,9 @@ def test_cli_defaults_and_flags():
     parser = argparse.ArgumentParser()
     add_data_args(parser)
     args = parser.parse_args([])
+    # DeiT's 10 loader workers, capped at the CPUs here; pinned memory is decided by the device (None: not given)
     assert (args.data_set, args.data_path, args.input_size, args.num_workers, args.pin_mem) == (
-        "DIGITS", None, 224, 10, True)
+        "DIGITS", None, 224, min(10, len(os.sched_getaffinity(0))), None)
     assert (args.aa, args.hflip, args.reprob, args.remode, args.recount) == ("rand-m9-mstd0.5-inc1", 0.5, 0.25,
                                                                             "pixel", 1)
     args = parser.parse_args(["--no-pin-mem", "--data-set", "IMNET", "--data-path", "/x", "--inat-category", "genus"])
