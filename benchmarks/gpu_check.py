@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import env  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
+from models.checkpoint import load_checkpoint, same_state  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "deit_small_patch16_224"
@@ -137,15 +137,6 @@ def verify_training(output_dir: Path, sparse: bool) -> str:
             return f"{section} non-zeros differ from the masks in {wrong[:3]}"
     return ""
 
-
-def same_state(a: object, b: object) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def check_resume(flags: Sequence[str], work: Path, timeout: float) -> tuple[bool, str]:

@@ -17,7 +17,7 @@ import main as entry
 import models
 import sparselearning
 from conftest import ROOT, TINY_RUN, run_main
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, same_state
 
 
 def read_log(output_dir: Path) -> list[dict]:
@@ -25,16 +25,6 @@ def read_log(output_dir: Path) -> list[dict]:
     lines = [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
     return [line for line in lines if "epoch" in line]
 
-
-def same_state(a: object, b: object) -> bool:
-    """Exact equality of nested checkpoint state (tensors compared bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.fixture(scope="module")
