@@ -61,18 +61,20 @@ class SeededSamples(Dataset):
         if get_worker_info() is not None:
             _seed_all(seed)
             return self.dataset[index]
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
         try:
             _seed_all(seed)
             return self.dataset[index]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            torch.default_generator.set_state(saved[2])
 
 
 def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
+    """Seed the CPU RNGs that transforms draw from. ``torch.manual_seed`` would also seed every accelerator backend,
+    at ~0.6 ms a call (it doubled the DIGITS epoch time); transforms run on the CPU generator alone."""
+    torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
 
