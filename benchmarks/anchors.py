@@ -1,6 +1,6 @@
 """The paper's numbers that our measurements are set beside, with where each comes from.
 
-These are quotations, not measurements. docs/anchors.md gives the source of each and the meaning of the tags (V
+These are quotations, not measurements. docs/paper-numbers.md gives the source of each and the meaning of the tags (V
 verified in a public source, D digitized from the SViTE README figure, C computed with the MAC formula, R recalled
 from the paper and unconfirmed). They live here, as data, so that the README's results section can be generated
 without typing a number.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DENSE_SMALL_TOP1 = 79.90  # DeiT-Small, the SViTE paper's baseline (docs/anchors.md) [V]
+DENSE_SMALL_TOP1 = 79.90  # DeiT-Small, the SViTE paper's baseline (docs/paper-numbers.md) [V]
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Anchor:
         top1: ImageNet top-1 (%).
         flops_saving: FLOP saving against dense, as a fraction (None: not reported).
         time_saving: running-time saving against dense, as a fraction (None: not reported; 0: none expected).
-        source: where the numbers come from, with their tags (docs/anchors.md).
+        source: where the numbers come from, with their tags (docs/paper-numbers.md).
     """
 
     setting: str
@@ -58,5 +58,5 @@ PAPER: dict[str, Anchor] = {
 # 0.7/0.6 structure). The token modes have none: SViTE+ zeroes tokens on an unstructured model, so it saves no time.
 SUITE_TO_PAPER = {"masked50": "sviite_d50", "compact": "s2vite_h07_m06"}
 
-# Measured token-reduction speed-ups on DeiT-Small by other methods (V100), for scale (docs/anchors.md).
+# Measured token-reduction speed-ups on DeiT-Small by other methods (V100), for scale (docs/paper-numbers.md).
 COMPARATORS = "ToMe 1.67× at −0.44 top-1, EViT ≈1.5× at −0.3, DynamicViT ≈1.4–1.5× at −0.5 (DeiT-Small, V100)"

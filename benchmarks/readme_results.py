@@ -244,7 +244,7 @@ def render() -> str:
     lines = [START, "", "Every number in this section is read from a results file by `python "
              "benchmarks/readme_results.py`; each table names the date, device and command that produced it. "
              "The paper's numbers are quotations (`benchmarks/anchors.py`; sources in "
-             "[docs/anchors.md](docs/anchors.md)), set beside ours.", ""]
+             "[docs/paper-numbers.md](docs/paper-numbers.md)), set beside ours.", ""]
     lines += not_measured()
     for path in suite_files():
         lines += suite_section(path)
