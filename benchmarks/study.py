@@ -75,12 +75,13 @@ CONFIGS: dict[str, tuple[str, ...]] = {
 THROUGHPUT = dict(batch_size=256, num_warm_iter=5, num_bench_iter=5, min_bench_seconds=0.5, repeats=3)
 
 
-def finished_row(config: str, seed: int, run_dir: Path, train_seconds: float | None = None) -> dict[str, Any]:
-    """The study row of a finished run, from its log.txt: the final epoch's top-1 and density."""
-    epochs = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines() if '"epoch"' in line]
-    if not epochs:
-        raise ValueError(f"{run_dir} has no finished epoch in log.txt; train it first (without --measure-only)")
-    last = epochs[-1]
+def finished_row(config: str, seed: int, run_dir: Path, epochs: int, train_seconds: float | None = None
+                 ) -> dict[str, Any]:
+    """The study row of a run that finished ``epochs`` epochs, from its log.txt: the final epoch's top-1 and density."""
+    logged = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines() if '"epoch"' in line]
+    if not logged or logged[-1]["epoch"] != epochs - 1:
+        raise ValueError(f"{run_dir} did not finish {epochs} epochs; train it first (without --measure-only)")
+    last = logged[-1]
     return {"config": config, "seed": seed, "test_acc1": last["test_acc1"], "density": last.get("density", 1.0),
             "train_seconds": train_seconds, "run_dir": str(run_dir)}
 
@@ -96,7 +97,7 @@ def run_one(config: str, seed: int, out: Path, epochs: int = EPOCHS) -> dict[str
     proc = subprocess.run(cmd, cwd=ROOT, env=env_vars, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed:\n{proc.stderr[-2000:]}")
-    row = finished_row(config, seed, run_dir, round(time.perf_counter() - start, 1))
+    row = finished_row(config, seed, run_dir, epochs, round(time.perf_counter() - start, 1))
     print(f"{config} seed {seed}: top-1 {row['test_acc1']:.2f} in {row['train_seconds']:.0f} s", flush=True)
     return row
 
@@ -194,7 +195,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict[str, Any]], out: Path, command: str, wall_seconds: float, load: str) -> None:
+def write_outputs(rows: list[dict[str, Any]], out: Path, command: str, wall_seconds: float, load: str,
+                  note: str = "") -> None:
     """study.csv, study.md and study.png from measured rows (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)
     fields = [k for k in rows[0] if k != "run_dir"]
@@ -203,7 +205,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, command: str, wall_seco
         writer.writeheader()
         writer.writerows(rows)
     info = env.environment(torch.device("cpu"))
-    header = [f"- command: `{command}`",
+    header = [f"- command: `{command}`", *([f"- {note}"] if note else []),
               f"- device {info['device']} ({os.cpu_count()} cores), torch {info['torch']}, timm {info['timm']}, "
               f"python {info['python']}, date {info['date']}",
               f"- wall time {wall_seconds / 60:.1f} min for {len(rows)} runs; load average (1/5/15 min) {load}",
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--measure-only", action="store_true",
                         help="train nothing: measure and tabulate the finished runs of --configs x --seeds in --out/runs "
                              "(e.g. after training the configurations in several invocations)")
+    parser.add_argument("--note", default="", help="one more line for study.md's header (e.g. how the runs that "
+                                                   "--measure-only tabulates were trained)")
     parser.add_argument("--from-csv", action="store_true",
                         help="train nothing: rewrite study.md and study.png from the study.csv in --out")
     argv = sys.argv[1:] if argv is None else argv
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = "{:.2f}/{:.2f}/{:.2f}".format(*os.getloadavg())
     jobs = [(c, s) for c in args.configs for s in args.seeds]
     if args.measure_only:
-        rows = [finished_row(c, s, args.out / "runs" / f"{c}_seed{s}") for c, s in jobs
+        rows = [finished_row(c, s, args.out / "runs" / f"{c}_seed{s}", args.epochs) for c, s in jobs
                 if (args.out / "runs" / f"{c}_seed{s}" / "log.txt").exists()]
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -260,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     measure_models(rows)
     load = "{} at the start, {:.2f}/{:.2f}/{:.2f} at the end".format(load_before, *os.getloadavg())
     write_outputs(rows, args.out, shlex.join(["python", "benchmarks/study.py", *argv]),
-                  time.perf_counter() - start, load)
+                  time.perf_counter() - start, load, args.note)
 
 
 if __name__ == "__main__":
