@@ -56,19 +56,26 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int, int]) -> Any:
-        epoch, position, index = key
-        seed = int(np.random.SeedSequence([self.seed, self.rank, epoch, position]).generate_state(1, np.uint64)[0])
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> list[Any]:
+        """A batch of samples (the DataLoader calls this with a batch's keys). In the main process the global RNG
+        states are saved once and put back after the batch: NumPy's state round trip alone costs ~0.2 ms, once per
+        sample it was ~15% of a DIGITS epoch. Every sample still draws from its own seed, so results are the same."""
         if get_worker_info() is not None:
-            _seed_all(seed)
-            return self.dataset[index]
+            return [self._seeded_sample(key) for key in keys]
         saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
         try:
-            _seed_all(seed)
-            return self.dataset[index]
+            return [self._seeded_sample(key) for key in keys]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.default_generator.set_state(saved[2])
+
+    def _seeded_sample(self, key: tuple[int, int, int]) -> Any:
+        epoch, position, index = key
+        _seed_all(int(np.random.SeedSequence([self.seed, self.rank, epoch, position]).generate_state(1, np.uint64)[0]))
+        return self.dataset[index]
 
 
 def _seed_all(seed: int) -> None:
