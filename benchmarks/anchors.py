@@ -2,8 +2,8 @@
 
 These are quotations, not measurements. docs/paper-numbers.md gives the source of each and the meaning of the tags (V
 verified in a public source, D digitized from the SViTE README figure, C computed with the MAC formula, R recalled
-from the paper and unconfirmed). They live here, as data, so that the README's results section can be generated
-without typing a number.
+from the paper and unconfirmed). They live here, as data, so that the results page (docs/results.md) can be
+generated without typing a number.
 """
 from __future__ import annotations
 

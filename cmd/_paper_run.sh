@@ -14,7 +14,7 @@ _paper_usage() {
   echo "usage: bash $script [--dry-run] DATA_PATH NUM_GPUS OUTPUT_DIR [extra main.py flags...]" >&2
   sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$script" >&2  # the script's header comment
   echo "--dry-run prints the torchrun command instead of running it. Batch and ΔT are per GPU for 8 GPUs:" >&2
-  echo "on another count, scale --update_frequency (README: Reproducing the paper)." >&2
+  echo "on another count, scale --update_frequency (docs/reproduction.md#another-gpu-count)." >&2
 }
 
 # ΔT counts optimizer steps, and the original's steps were for 8 GPUs: say how to keep its schedule on NUM_GPUS.
@@ -24,7 +24,7 @@ _update_frequency_note() {
   while [ $# -gt 1 ]; do
     if [ "$1" = "--update_frequency" ]; then
       echo "note: ΔT $2 is for 8 GPUs; on $gpus keep the same updates per epoch with" \
-           "--update_frequency $(( $2 * 8 / gpus )) (README: Reproducing the paper)" >&2
+           "--update_frequency $(( $2 * 8 / gpus )) (docs/reproduction.md#another-gpu-count)" >&2
     fi
     shift
   done

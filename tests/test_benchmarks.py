@@ -1,5 +1,5 @@
-"""Benchmark harness, suite, study and README section: the timing protocol's arithmetic on a fake clock, a tiny
-smoke run of every mode and of the suite, the study's tables and plot from fake runs.
+"""Benchmark harness, suite, study and results page (docs/results.md): the timing protocol's arithmetic on a fake
+clock, a tiny smoke run of every mode and of the suite, the study's tables and plot from fake runs.
 
 No timing assertions: benchmarks are measurements, not tests.
 """
@@ -258,12 +258,12 @@ def test_study_rebuilds_the_deployed_model_from_a_run_directory(tmp_path: Path) 
     assert study.deployed_model(compact).blocks[0].mlp.fc1.out_features < 128
 
 
-def test_readme_section_shows_every_suite_and_the_study_with_their_commands() -> None:
+def test_results_section_shows_every_suite_and_the_study_with_their_commands() -> None:
     text = readme_results.render()
     assert text.startswith(readme_results.START) and text.endswith(readme_results.END)
-    assert "### What could not be measured here" in text
+    assert "## What could not be measured here" in text
     for path in readme_results.suite_files():
         assert f"[{path.with_suffix('.md').name}]" in text and "- command: `python benchmarks/run.py --suite" in text
     if (readme_results.STUDY / "study.md").exists():
-        assert "![DIGITS top-1 against MACs](benchmarks/results/study/study.png)" in text
+        assert "![DIGITS top-1 against MACs](../benchmarks/results/study/study.png)" in text  # docs/results.md
         assert "- command: `python benchmarks/study.py" in text

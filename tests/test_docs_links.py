@@ -77,7 +77,7 @@ def test_the_checks_catch_a_missing_file_and_a_missing_heading(tmp_path: Path) -
     text = ("See `docs/nowhere.md`, `sviite-behaviour.md` and [x](README.md#no-such-heading); `checkpoint.pth` and "
             "`out/digits/log.txt` are outputs.\n```bash\nbash cmd/quickstart.sh\n```\n")
     assert file_references(text) == ["cmd/quickstart.sh", "docs/nowhere.md", "sviite-behaviour.md"]
-    assert "no-such-heading" not in anchors(ROOT / "README.md") and "models" in anchors(ROOT / "README.md")
+    assert "no-such-heading" not in anchors(ROOT / "README.md") and "models" in anchors(ROOT / "docs" / "flags.md")
     assert links(text) == ["README.md#no-such-heading"]
 
 

@@ -1,77 +1,58 @@
-"""The README tells the truth: it names every flag of main.py and the two set-up commands."""
+"""The README is a front door: short, the set-up commands first, one working example per method, and a table of
+links that reaches every docs/ page. What it leaves out lives in docs/ (tests/test_docs.py binds that)."""
 from __future__ import annotations
+
+import re
+import shlex
 
 import main
 from conftest import ROOT
 
+README = ROOT / "README.md"
+MAX_LINES = 150
 
-def test_readme_names_every_flag() -> None:
-    readme = (ROOT / "README.md").read_text()
+
+def test_readme_is_at_most_150_lines() -> None:
+    lines = len(README.read_text().splitlines())
+    assert lines <= MAX_LINES, f"README.md has {lines} lines; move detail into a docs/ page and link it"
+
+
+def test_readme_starts_with_the_setup_commands() -> None:
+    head = README.read_text()[:600]
+    assert "bash cmd/quickstart.sh" in head and "bash cmd/test.sh" in head and "bash cmd/test.sh --fast" in head
+
+
+def test_readme_links_every_docs_page_and_each_link_resolves() -> None:
+    linked = re.findall(r"\]\((docs/[^)#\s]+)(?:#[^)\s]*)?\)", README.read_text())
+    missing = [target for target in linked if not (ROOT / target).is_file()]
+    assert not missing, f"README.md links to docs pages that do not exist: {missing}"
+    pages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")}
+    assert pages - set(linked) == set(), f"README.md's table of links lacks: {sorted(pages - set(linked))}"
+
+
+def main_commands(text: str) -> list[list[str]]:
+    """The arguments of every `python main.py ...` command in the bash blocks of ``text``, continuations joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:2] == ["python", "main.py"]:
+                commands.append(words[2:])
+    return commands
+
+
+def test_readme_has_one_parsable_example_per_method() -> None:
     parser = main.get_args_parser()
-    flags = [opt for action in parser._actions for opt in action.option_strings if opt not in ("-h", "--help")]
-    missing = [flag for flag in flags if f"`{flag}`" not in readme]
-    assert not missing, f"README.md does not document: {missing}"
+    runs = [parser.parse_args(argv) for argv in main_commands(README.read_text())]
+    examples = {
+        "SViTE": [a for a in runs if a.density is not None and a.pruning_type == "unstructure" and not a.token_selection],
+        "S²ViTE": [a for a in runs if a.pruning_type.startswith("structure")],
+        "SViTE+": [a for a in runs if a.token_selection],
+        "evaluation": [a for a in runs if a.eval and a.resume],
+    }
+    assert all(examples.values()), {kind: len(found) for kind, found in examples.items()}
 
 
-def test_readme_starts_with_the_two_setup_commands() -> None:
-    head = (ROOT / "README.md").read_text()[:600]
-    assert "bash cmd/quickstart.sh" in head and "bash cmd/test.sh" in head
-
-
-def test_readme_results_section_is_the_generated_one() -> None:
-    from benchmarks import readme_results
-
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index(readme_results.START):readme.index(readme_results.END) + len(readme_results.END)]
-    assert section == readme_results.render(), "run `python benchmarks/readme_results.py` after new results"
-
-
-def markdown_table(text: str, header_start: str) -> list[list[str]]:
-    """The body rows (cells stripped) of the first markdown table whose header row starts with ``header_start``."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
-
-
-def test_readme_model_table_is_models_model_names_with_their_shapes() -> None:
-    import torch
-
-    import models
-
-    rows = markdown_table((ROOT / "README.md").read_text(), "| `--model` |")
-    names = [row[0].strip("`") for row in rows]
-    assert sorted(names) == sorted(models.MODEL_NAMES), "the table must list exactly the models --help offers"
-    for row in rows:
-        with torch.device("meta"):
-            model = models.create_model(row[0].strip("`"))
-        arch = models.architecture(model)
-        shape = f"{arch['embed_dim']} / {arch['depth']} / {arch['block_heads'][0]} / {arch['block_mlp_hidden'][0]}"
-        assert row[1] == shape and row[2] == f"{model.patch_embed.patch_size[0]} / {arch['img_size']}", row
-
-
-def test_every_difference_to_dense_is_configuration_minus_dense() -> None:
-    """One sign convention in both generated tables: Δ = configuration − dense, negative when below dense."""
-    from benchmarks import report, study
-    from benchmarks.paired import by_seed, paired_gap
-    from benchmarks.paired import read_rows as read_csv_rows
-
-    fake = [{"config": c, "seed": 0, "test_acc1": acc, "params": 1, "params_nonzero": 1, "mmacs_theoretical": 1,
-             "mmacs_executed": 1, "samples_per_sec": 1} for c, acc in (("dense", 90.0), ("sviite_d50", 80.0))]
-    assert [s["delta_vs_dense"].mean for s in study.summarize(fake)] == [0.0, -10.0]
-
-    readme = (ROOT / "README.md").read_text()
-    header = "| configuration | seeds | top-1 (mean ± std) | " + report.DELTA_VS_DENSE
-    assert header in readme and report.DELTA_VS_DENSE.endswith("(config − dense)")
-    ours = {row[0]: float(row[3].split()[0]) if row[3] else 0.0 for row in markdown_table(readme, header)}
-    beside = {row[0]: float(row[4]) for row in markdown_table(readme, "| configuration | paper setting")}
-    assert len(ours) > 2 and beside.keys() == ours.keys()
-    rows = read_csv_rows(ROOT / "benchmarks" / "results" / "study" / "study.csv")
-    for config, delta in ours.items():
-        assert delta == beside[config], config  # the same number, with the same sign, in both tables
-        paired = paired_gap(by_seed(rows, config), by_seed(rows, "dense")).mean  # configuration − dense, per seed
-        assert abs(delta - paired) <= 0.005, config
+def test_main_commands_reads_continued_lines() -> None:
+    text = "```bash\n# a comment\npython main.py --model m \\\n    --density 0.5  # note\nbash cmd/test.sh\n```\n"
+    assert main_commands(text) == [["--model", "m", "--density", "0.5"]]
