@@ -46,8 +46,7 @@ def test_the_checkers_see_lazy_and_dotted_imports_and_torch_io() -> None:
 
 def test_models_knows_no_file_format_and_sparselearning_imports_nothing_above_it() -> None:
     models = package_imports("models")
-    assert len(models) >= 6 and all("torch" in names or "timm" in names or "models" in names
-                                     for names in models.values())
+    assert len(models) >= 6 and "timm" in models["models/vit.py"]  # the walk found the package and reads it
     assert {path: names & FORMAT_MODULES for path, names in models.items() if names & FORMAT_MODULES} == {}
     io_calls = {str(p.relative_to(ROOT)): torch_io_calls(p.read_text()) for p in (ROOT / "models").rglob("*.py")}
     assert {path: calls for path, calls in io_calls.items() if calls} == {}
