@@ -31,8 +31,9 @@ from timm.utils import ModelEmaV3
 
 import datasets
 import engine
+import interop
 import models
-from models.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from interop.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 import sparselearning
 from sparselearning.base import combine
 from training.amp import choose_precision, device_supports_bf16, optimizer_supports_fused
@@ -264,7 +265,7 @@ class TrainingState:
         """
         ckpt = load_checkpoint(path, map_location="cpu")
         if "optimizer" not in ckpt:
-            models.load_weights(self.model, ckpt.get("model", ckpt), path, args.model)
+            interop.load_weights(self.model, ckpt.get("model", ckpt), path, args.model)
             raise ValueError(f"{path} holds weights only (no optimizer state) and cannot be resumed; "
                              "evaluate it with --eval")
         extends = check_resume(saved_settings(ckpt), run_settings(vars(args), world, steps_per_epoch), path,
@@ -273,7 +274,7 @@ class TrainingState:
             print(f"extending the run from {extends} to {args.epochs} epochs: from here on the lr schedule (and the "
                   f"death rate, t_end and tau where used) follows {args.epochs * steps_per_epoch} total steps",
                   flush=True)
-        models.load_weights(self.model, ckpt["model"], path, args.model)
+        interop.load_weights(self.model, ckpt["model"], path, args.model)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if extends is None:  # else the scheduler built for the new --epochs is the extended schedule
             self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -444,7 +445,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         small = models.compact_model(model, getattr(weight_sparsifier, "masks", None))
         path = None
         if is_main and output_dir is not None:
-            path = models.save_compact(small, args.model, output_dir / "compact.pth", vars(args))
+            path = interop.save_compact(small, args.model, output_dir / "compact.pth", vars(args))
             print_compaction(model, small, path)
         compact = (small, engine.evaluate(small.to(device), val_loader, device, amp_dtype), path)
     if is_main and output_dir is not None and token_cfg.visualize:
@@ -496,8 +497,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     if args.flops or args.report or args.eval:
         say("\n".join(macs))
     if args.export and rank == 0:
-        paths = models.export_model(model, model_name, tokens, args.export)
-        say(models.export_message(paths))
+        paths = interop.export_model(model, model_name, tokens, args.export)
+        say(interop.export_message(paths))
     if not args.eval:
         return {}
 
@@ -509,7 +510,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     amp_dtype = choose_precision(device.type, device_supports_bf16(device), False, args.amp, args.amp_dtype).amp_dtype
     stats = {f"test_{k}": v for k, v in engine.evaluate(model.to(device), val_loader, device, amp_dtype).items()}
     if contents is not None and contents.ema is not None:
-        ema = models.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection, model_name,
+        ema = interop.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection, model_name,
                                   tokens)
         stats.update({f"ema_test_{k}": v for k, v in engine.evaluate(ema.to(device), val_loader, device,
                                                                      amp_dtype).items()})
@@ -525,7 +526,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         if rank == 0:
             target = Path(args.output_dir or Path(args.resume).parent) / "compact.pth"
             run_args = {**contents.args, **tokens.as_flags()}  # the selection it was evaluated with
-            print_compaction(model, compact, models.save_compact(compact, model_name, target, run_args))
+            print_compaction(model, compact, interop.save_compact(compact, model_name, target, run_args))
             print(f"compact model: top-1 {compact_stats['acc1']:.2f}% (masked model {stats['test_acc1']:.2f}%)")
     return stats
 
@@ -535,19 +536,19 @@ def load_for_evaluation(args: argparse.Namespace, cli_tokens: models.TokenConfig
 
     Returns (contents, detection, token config, model).
     """
-    contents = models.read_checkpoint(args.resume)
+    contents = interop.read_checkpoint(args.resume)
     model_name = contents.architecture["model"] if contents.architecture else args.model
     if contents.architecture is None:
-        models.check_fits(contents.state_dict, args.model)
-    detection = models.detect(contents.state_dict, model_name)
-    tokens = models.resolve_tokens(contents, detection, cli_tokens)
-    model = models.build_model(contents, detection, model_name, tokens)
-    rows = models.audit_layers(contents)
-    say("\n".join(models.describe(contents) + [f"found {line}" for line in detection.lines()]
-                  + [models.token_summary(tokens, model)]))
+        interop.check_fits(contents.state_dict, args.model)
+    detection = interop.detect(contents.state_dict, model_name)
+    tokens = interop.resolve_tokens(contents, detection, cli_tokens)
+    model = interop.build_model(contents, detection, model_name, tokens)
+    rows = interop.audit_layers(contents)
+    say("\n".join(interop.describe(contents) + [f"found {line}" for line in detection.lines()]
+                  + [interop.token_summary(tokens, model)]))
     if args.report:
-        say(models.format_audit(rows))
-    for warning in models.audit_warnings(contents, detection, rows):
+        say(interop.format_audit(rows))
+    for warning in interop.audit_warnings(contents, detection, rows):
         say(f"WARNING: {warning}")
     return contents, detection, tokens, model
 

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import env  # noqa: E402
-from models.checkpoint import load_checkpoint, same_state  # noqa: E402
+from interop.checkpoint import load_checkpoint, same_state  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "deit_small_patch16_224"

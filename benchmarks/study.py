@@ -40,11 +40,12 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+import interop  # noqa: E402
 import models  # noqa: E402
 from benchmarks import env, report, steps  # noqa: E402
 from benchmarks.paired import by_seed, paired_gap  # noqa: E402
 from benchmarks.timing import measure  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
+from interop.checkpoint import load_checkpoint  # noqa: E402
 
 # The DIGITS recipe of cmd/quickstart.sh, shortened to EPOCHS epochs (40: 920 optimizer steps).
 EPOCHS = 40
@@ -106,7 +107,7 @@ def deployed_model(run_dir: Path) -> nn.Module:
     """The model a run ships, in eval mode: `compact.pth` (physically pruned) for structured runs, else the final
     checkpoint's weights in the architecture its flags describe (token selectors included, masked weights zero)."""
     if (run_dir / "compact.pth").exists():
-        return models.load_compact(run_dir / "compact.pth").eval()
+        return interop.load_compact(run_dir / "compact.pth").eval()
     ckpt = load_checkpoint(run_dir / "checkpoint.pth")
     args = argparse.Namespace(**ckpt["args"])
     model = models.create_model(args.model, num_classes=ckpt["model"]["head.weight"].shape[0], img_size=args.input_size)

@@ -9,20 +9,15 @@ bias of ``proj`` or ``fc2``.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from models.checkpoint import load_checkpoint, save_atomic
 from models.head_stats import prunable_blocks
 from models.vit import architecture, create_model
 from models.wrappers import unwrap_model
-
-COMPACT_FORMAT = "svite.compact/1"
 
 
 def _masked(param: torch.Tensor | None, fqn: str, masks: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
@@ -157,34 +152,8 @@ def random_compact_model(name: str, atten_density: float = 0.7, other_density: f
 
 
 def compact_architecture(model: nn.Module, model_name: str) -> dict[str, Any]:
-    """``models.architecture(model)`` plus the ``--model`` name it derives from: everything ``load_compact`` needs."""
+    """``models.architecture(model)`` plus the ``--model`` name it derives from: everything ``build_compact`` needs."""
     return {"model": model_name, **architecture(unwrap_model(model))}
-
-
-def save_compact(model: nn.Module, model_name: str, path: str | Path, args: Mapping[str, Any] | None = None) -> Path:
-    """Save a compact model as ``path`` (``compact.pth``) plus a JSON copy of its architecture beside it.
-
-    The checkpoint is ``{"format", "model": state_dict, "architecture", "args"}``, readable with
-    ``torch.load(weights_only=True)``. The architecture holds the base model name, img_size, num_classes, head_dim and
-    the per-block head counts and MLP widths.
-
-    Args:
-        model: the compact model (``compact_model`` output).
-        model_name: the ``--model`` it was trained as, e.g. ``deit_small_patch16_224``.
-        path: the ``.pth`` file; the config goes to the same path with suffix ``.json``.
-        args: the run's flags as plain values (the token selection among them, so the file evaluates on its own).
-    """
-    path = Path(path)
-    arch = compact_architecture(model, model_name)
-    save_atomic({"format": COMPACT_FORMAT, "model": unwrap_model(model).state_dict(), "architecture": arch,
-                 "args": dict(args or {})}, path)
-    path.with_suffix(".json").write_text(json.dumps(arch, indent=2) + "\n")
-    return path
-
-
-def is_compact_checkpoint(ckpt: Mapping[str, Any]) -> bool:
-    """Whether a loaded checkpoint dict is a ``save_compact`` file (so ``--eval --resume`` must rebuild the model)."""
-    return ckpt.get("format") == COMPACT_FORMAT and isinstance(ckpt.get("architecture"), Mapping)
 
 
 def build_compact(arch: Mapping[str, Any]) -> nn.Module:
@@ -192,13 +161,3 @@ def build_compact(arch: Mapping[str, Any]) -> nn.Module:
     return create_model(arch["model"], num_classes=arch["num_classes"], img_size=arch["img_size"],
                         block_heads=arch["block_heads"], block_mlp_hidden=arch["block_mlp_hidden"],
                         head_dim=arch["head_dim"])
-
-
-def load_compact(path: str | Path) -> nn.Module:
-    """Rebuild a ``save_compact`` model from its file alone (strict load, ``weights_only``), in eval mode."""
-    ckpt = load_checkpoint(path)
-    if not is_compact_checkpoint(ckpt):
-        raise ValueError(f"{path} is not a compact checkpoint (expected format {COMPACT_FORMAT!r})")
-    model = build_compact(ckpt["architecture"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval()

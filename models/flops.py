@@ -34,12 +34,19 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from models.compact import compact_model
-from models.detect import DENSE_FRACTION, is_weight_tensor
 from models.token_selection import TokenScorer, num_tokens
 from models.vit import architecture
 from models.wrappers import unwrap_model
 
 KINDS = ("dense", "theoretical", "executed")
+# A weight that keeps at least this fraction of its entries counts as dense (a trained dense weight is never
+# exactly zero anywhere; the margin only absorbs the odd exact zero).
+DENSE_FRACTION = 0.99
+
+
+def is_weight_tensor(name: str, tensor: torch.Tensor) -> bool:
+    """SViTE's maskable set: every 2-D / 4-D weight (patch embedding and head included), token scorers excluded."""
+    return tensor.dim() in (2, 4) and "gumbel" not in name
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import interop
 import main
 import models
 from benchmarks import env, readme_results, report, run, study
@@ -254,7 +255,7 @@ def test_study_rebuilds_the_deployed_model_from_a_run_directory(tmp_path: Path) 
     assert models.mac_summary(rebuilt)["gmacs_executed"] < models.mac_summary(rebuilt)["gmacs_dense"]
     compact = tmp_path / "compact"
     small = models.random_compact_model("vit_digits_micro", 0.5, 0.5, num_classes=10)
-    models.save_compact(small, "vit_digits_micro", compact / "compact.pth")
+    interop.save_compact(small, "vit_digits_micro", compact / "compact.pth")
     assert study.deployed_model(compact).blocks[0].mlp.fc1.out_features < 128
 
 

@@ -18,10 +18,11 @@ import pytest
 import timm
 import torch
 
+import interop
 import main
 import models
 from conftest import TINY_RUN, run_main
-from models.checkpoint import load_checkpoint
+from interop.checkpoint import load_checkpoint
 
 MICRO = "vit_digits_micro"  # 2 blocks, dim 32, 2 heads of 16, MLP 128; 16 px input, 17 tokens
 
@@ -117,7 +118,7 @@ def test_original_unstructured_checkpoint_detected_and_evaluated(tmp_path: Path,
     assert "an original SViTE training checkpoint, epoch 599" in out
     assert "token selector: none" in out and "unstructured sparsity" in out
     assert "WARNING" not in out, out
-    contents = models.read_checkpoint(path)
+    contents = interop.read_checkpoint(path)
     assert len(contents.masks) == 10 and all(m.dtype == torch.bool for m in contents.masks.values())
     # the evaluated model is exactly the file's weights
     model = models.create_model(MICRO, num_classes=10)
@@ -158,7 +159,7 @@ def test_original_structured_checkpoint_detected_compacted_and_identical(tmp_pat
     assert "structured sparsity (zero heads / neurons, dense survivors): heads per block [1, 1] of 2" in out
     assert "MLP neurons [76, 76] of 128" in out and "WARNING" not in out, out
     assert stats["compact_test_acc1"] == pytest.approx(stats["test_acc1"])
-    compact = models.read_checkpoint(tmp_path / "out" / "compact.pth")
+    compact = interop.read_checkpoint(tmp_path / "out" / "compact.pth")
     assert compact.state_dict["blocks.0.attn.qkv.weight"].shape == (3 * 16, 32)
 
 
@@ -174,11 +175,11 @@ def test_structured_claim_without_pruned_units_is_flagged(tmp_path: Path, capsys
 
 
 def test_mask_keys_map_by_name_never_by_index() -> None:
-    assert models.checkpoint_contents.mask_parameter_name("module.blocks.0.attn.qkv.weight_6") == \
+    assert interop.checkpoint_contents.mask_parameter_name("module.blocks.0.attn.qkv.weight_6") == \
         "blocks.0.attn.qkv.weight"
-    assert models.checkpoint_contents.mask_parameter_name("module.blocks.11.mlp.fc2.weight_mask") == \
+    assert interop.checkpoint_contents.mask_parameter_name("module.blocks.11.mlp.fc2.weight_mask") == \
         "blocks.11.mlp.fc2.weight"
-    assert models.checkpoint_contents.mask_parameter_name("head.weight_150") == "head.weight"
+    assert interop.checkpoint_contents.mask_parameter_name("head.weight_150") == "head.weight"
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -215,9 +216,9 @@ def test_compact_state_dict_is_detected_and_matches_the_compact_model(tmp_path: 
     torch.save(compact.state_dict(), tmp_path / "compact_weights.pth")
     _, out = run(capsys, "--flops", "--resume", str(tmp_path / "compact_weights.pth"))
     assert "compact shapes: heads per block [1, 1] of 2, MLP neurons [64, 64] of 128" in out
-    contents = models.read_checkpoint(tmp_path / "compact_weights.pth")
-    detection = models.detect(contents.state_dict, MICRO)
-    rebuilt = models.build_model(contents, detection, MICRO, models.TokenConfig())
+    contents = interop.read_checkpoint(tmp_path / "compact_weights.pth")
+    detection = interop.detect(contents.state_dict, MICRO)
+    rebuilt = interop.build_model(contents, detection, MICRO, models.TokenConfig())
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(rebuilt(x), compact(x))
     dense_macs = models.mac_views(model)["dense"]
@@ -263,19 +264,19 @@ def test_unstructured_export_loads_into_timm_with_the_same_logits(tmp_path: Path
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-        torch.testing.assert_close(models.load_export(tmp_path / "export")(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(interop.load_export(tmp_path / "export")(x), model(x), rtol=0, atol=0)
 
 
 def test_compact_and_selector_exports_reload_through_create_model(tmp_path: Path) -> None:
     model = micro_model(tokens=9)
     compact = models.compact_model(model, models.random_unit_masks(model, 0.5, 0.6, seed=1)).eval()
     tokens = models.TokenConfig(enabled=True, num_keep=9)
-    models.export_model(compact, MICRO, tokens, tmp_path / "e")
+    interop.export_model(compact, MICRO, tokens, tmp_path / "e")
     config = json.loads((tmp_path / "e" / "config.json").read_text())
     assert config["compact"] and not config["timm_loadable"] and config["token_selection"]["num_keep"] == 9
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(models.load_export(tmp_path / "e")(x), compact(x), rtol=0, atol=0)
+        torch.testing.assert_close(interop.load_export(tmp_path / "e")(x), compact(x), rtol=0, atol=0)
 
 
 def test_compressed_sparse_export_round_trips_exactly_within_the_size_bound(tmp_path: Path) -> None:
@@ -288,8 +289,8 @@ def test_compressed_sparse_export_round_trips_exactly_within_the_size_bound(tmp_
         for name, p in model.named_parameters():
             if name in densities:
                 p.mul_(torch.rand(p.shape, generator=generator) < densities[name])
-    paths = models.export_model(model, "vit_digits_tiny", models.TokenConfig(), tmp_path)
-    restored = models.load_sparse(paths["sparse"])
+    paths = interop.export_model(model, "vit_digits_tiny", models.TokenConfig(), tmp_path)
+    restored = interop.load_sparse(paths["sparse"])
     state = model.state_dict()
     assert restored.keys() == state.keys()
     assert all(torch.equal(restored[k], state[k]) and restored[k].dtype == state[k].dtype for k in state)
@@ -320,7 +321,7 @@ def test_a_malicious_pickle_is_refused_and_its_code_never_runs(tmp_path: Path) -
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"args": _CreatesAFile(target)}, protocol=2))  # a bare pickle
     for name in ("evil.pth", "evil.pkl"):
         with pytest.raises(ValueError, match=rf"refusing to load .*{name}: it pickles .*could run arbitrary code"):
-            models.read_checkpoint(tmp_path / name)
+            interop.read_checkpoint(tmp_path / name)
         proc = run_main(*TINY_RUN, "--eval", "--resume", str(tmp_path / name), check=False)
         assert proc.returncode == 1 and "refusing to load" in proc.stderr and "Traceback" not in proc.stderr
     assert not target.exists()
@@ -419,7 +420,7 @@ def test_compact_file_of_a_token_selecting_run_evaluates_on_its_own(tmp_path: Pa
     model = micro_model()
     models.apply_token_selection(model, tokens)
     compact = models.compact_model(model, models.random_unit_masks(model, 0.5, 0.5, seed=2)).eval()
-    models.save_compact(compact, MICRO, tmp_path / "compact.pth", {"model": MICRO, **tokens.as_flags()})
+    interop.save_compact(compact, MICRO, tmp_path / "compact.pth", {"model": MICRO, **tokens.as_flags()})
     stats, out = run(capsys, "--eval", "--resume", str(tmp_path / "compact.pth"))
     assert "a compact (physically pruned) model" in out and "k = 12 of 17 tokens, drop mode" in out
     loader = main.build_val_loader(parse(), main.datasets.DataConfig.from_args(parse("--input-size", "16")), 0, 1)[0]

@@ -10,15 +10,8 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 import datasets
 import main
 import models
-from models.compact import (
-    build_compact,
-    compact_model,
-    is_compact_checkpoint,
-    load_compact,
-    random_compact_model,
-    random_unit_masks,
-    save_compact,
-)
+from interop.compact_checkpoint import is_compact_checkpoint, load_compact, save_compact
+from models.compact import build_compact, compact_model, random_compact_model, random_unit_masks
 from models.head_stats import structure_units
 from sparselearning import StructuredDST
 

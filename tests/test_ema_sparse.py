@@ -11,7 +11,7 @@ import models
 import sparselearning
 from sparselearning.base import SparsifierChain
 from conftest import TINY_RUN, run_main
-from models.checkpoint import load_checkpoint
+from interop.checkpoint import load_checkpoint
 
 UNSTRUCTURED = ("--density", "0.1", "--sparse_init", "fixed_ERK", "--update_frequency", "20", "--growth", "gradient")
 STRUCTURED = ("--pruning_type", "structure_new", "--atten_head", "2", "--atten_density", "0.5",

@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 
+import interop
 import main
 import models
 from conftest import TINY_RUN
@@ -90,7 +91,7 @@ def test_resume_accepts_an_export_with_the_flags_its_config_records(tmp_path: Pa
     model = models.create_model(MICRO, num_classes=10)
     models.apply_token_selection(model, models.TokenConfig(enabled=True, num_keep=9, mode="drop"))
     model = sparsify(model)
-    models.export_model(model, MICRO, models.TokenConfig(enabled=True, num_keep=9, mode="drop"), tmp_path / "e")
+    interop.export_model(model, MICRO, models.TokenConfig(enabled=True, num_keep=9, mode="drop"), tmp_path / "e")
     stats = main.main(parse("--eval", "--resume", str(tmp_path / "e" / weights)))  # no --token_selection needed
     out = capsys.readouterr().out
     assert "token selection: global, k = 9 of 17 tokens, drop mode" in out
@@ -103,6 +104,6 @@ def test_resume_accepts_an_export_with_the_flags_its_config_records(tmp_path: Pa
 
 def test_training_resume_from_a_sparse_export_says_it_holds_weights_only(tmp_path: Path) -> None:
     model = sparsify(models.create_model(MICRO, num_classes=10))
-    paths = models.export_model(model, MICRO, models.TokenConfig(), tmp_path)
+    paths = interop.export_model(model, MICRO, models.TokenConfig(), tmp_path)
     with pytest.raises(ValueError, match="holds weights only .* evaluate it with --eval"):
         main.main(parse("--epochs", "1", "--resume", str(paths["sparse"])))

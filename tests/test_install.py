@@ -47,7 +47,7 @@ def test_pip_install_gives_only_sparselearning_and_the_readme_loop_runs(tmp_path
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     installed = {p.name for p in target.iterdir()}
     assert "sparselearning" in installed
-    assert not installed & {"models", "datasets", "main.py", "engine.py", "benchmarks", "training", "tests"}, installed
+    assert not installed & {"models", "interop", "datasets", "main.py", "engine.py", "benchmarks", "training", "tests"}, installed
     assert not [p for p in installed if p != "sparselearning" and not p.endswith(".dist-info")], installed
 
     check = textwrap.dedent(f"""

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import interop
 import main
 import models
 from benchmarks import quickstart_table
@@ -27,7 +28,7 @@ def fake_run(root: Path, name: str, *flags: str) -> Path:
     (run_dir / "config.json").write_text(json.dumps(vars(args)))
     if args.pruning_type == "structure":
         masks = models.random_unit_masks(model, args.atten_density, args.other_density)
-        models.save_compact(models.compact_model(model, masks), MICRO, run_dir / "compact.pth", vars(args))
+        interop.save_compact(models.compact_model(model, masks), MICRO, run_dir / "compact.pth", vars(args))
     elif args.density is not None:
         with torch.no_grad():
             for p in model.parameters():
@@ -50,7 +51,7 @@ def test_table_evaluates_counts_and_times_every_run(tmp_path: Path, capsys) -> N
     dense = by_run["dense"]
     assert by_run["svite"]["params_nonzero"] < 0.7 * dense["params_nonzero"]
     assert by_run["svite"]["theoretical"] < dense["theoretical"] and by_run["svite"]["executed"] == dense["executed"]
-    compact = models.load_compact(runs[2] / "compact.pth")
+    compact = interop.load_compact(runs[2] / "compact.pth")
     assert by_run["s2vite"]["params_nonzero"] == sum(p.numel() for p in compact.parameters())
     assert by_run["s2vite"]["executed"] == by_run["s2vite"]["theoretical"] < dense["executed"]
     assert by_run["sviteplus"]["executed"] < dense["executed"]  # drop mode really shortens the sequence

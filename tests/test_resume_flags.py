@@ -12,7 +12,7 @@ import torch
 
 import main as entry
 from conftest import TINY_RUN, run_main
-from models.checkpoint import load_checkpoint, save_atomic
+from interop.checkpoint import load_checkpoint, save_atomic
 from models.token_selection import tau_at
 from sparselearning import Masking
 from sparselearning.schedules import death_rate_at

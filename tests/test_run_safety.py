@@ -16,7 +16,7 @@ import torch
 
 import main as entry
 from conftest import ROOT, TINY_RUN, run_main
-from models.checkpoint import load_checkpoint, save_atomic
+from interop.checkpoint import load_checkpoint, save_atomic
 from sparselearning import layer_counts, layer_densities
 from test_train import read_log
 from training import run_dir

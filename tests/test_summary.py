@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import models
+import interop
 from conftest import TINY_RUN, run_main
 from training import summary
 
@@ -28,7 +28,7 @@ def test_structured_run_ends_with_a_summary_in_one_count(tmp_path: Path) -> None
     assert f"EMA top-1 {epoch['ema_test_acc1']:.2f}%" in tail
     assert "final density 0.5000 of the masked weights" in tail
     # one count: the sparsifier's record, the log's n_nonzero_parameters, the MAC report and the compact model
-    compact = models.load_compact(out / "compact.pth")
+    compact = interop.load_compact(out / "compact.pth")
     size = sum(p.numel() for p in compact.parameters())
     assert epoch["nonzero_parameters"] == epoch["n_nonzero_parameters"] == size
     assert f"{size:,} non-zero" in tail

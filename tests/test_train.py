@@ -17,7 +17,7 @@ import main as entry
 import models
 import sparselearning
 from conftest import ROOT, TINY_RUN, run_main
-from models.checkpoint import load_checkpoint, same_state
+from interop.checkpoint import load_checkpoint, same_state
 
 
 def read_log(output_dir: Path) -> list[dict]:

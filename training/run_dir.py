@@ -16,7 +16,7 @@ from pathlib import Path
 
 CHECKPOINT = "checkpoint.pth"
 LOCK_FILE = ".lock"
-# models.checkpoint.save_atomic writes ".<name>.<8 random characters>.tmp" and renames it when complete.
+# interop.checkpoint.save_atomic writes ".<name>.<8 random characters>.tmp" and renames it when complete.
 _TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 _held: dict[Path, int] = {}  # lock file -> descriptor, for the life of the process
 

@@ -97,11 +97,11 @@ def timm_snippet(model_name: str, arch: dict[str, Any], weights: Path) -> str:
 
 
 def project_snippet(out_dir: Path) -> str:
-    """Python that rebuilds any export (compact, token-selecting) through this checkout's ``models`` package."""
+    """Python that rebuilds any export (compact, token-selecting) through this checkout's ``interop`` package."""
     return "\n".join([
         "import sys",
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})  # this checkout",
-        "from models import load_export",
+        "from interop import load_export",
         f"model = load_export({str(out_dir)!r})",
     ])
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from models.checkpoint_contents import CheckpointContents
-from models.detect import Detection, is_weight_tensor
+from interop.checkpoint_contents import CheckpointContents
+from interop.detect import Detection
+from models.flops import is_weight_tensor
 
 # Densities closer than this agree (masks and weights of a healthy checkpoint agree exactly).
 TOLERANCE = 0.01

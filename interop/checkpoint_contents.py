@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import file_kind, load_checkpoint
-from models.compact import is_compact_checkpoint
-from models.export import export_args, is_sparse_file
+from interop.checkpoint import file_kind, load_checkpoint
+from interop.compact_checkpoint import is_compact_checkpoint
+from interop.export import export_args, is_sparse_file
 
 ORIGINAL_MASK_ENTRIES = ("mask", "atten_mask", "other_mask")
 _MASK_SUFFIX = re.compile(r"_(\d+|mask)$")

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from models.checkpoint_contents import CheckpointContents
+from interop.checkpoint_contents import CheckpointContents
+from interop.detect import Detection, check_fits
 from models.compact import build_compact
-from models.detect import Detection, check_fits
 from models.token_selection import TokenConfig, apply_token_selection
 from models.vit import create_model
 

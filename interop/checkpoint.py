@@ -106,7 +106,7 @@ def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from models.export import is_sparse_file, load_sparse  # export builds models; imported only when needed
+    from interop.export import is_sparse_file, load_sparse  # export builds models; imported only when needed
 
     try:
         if is_sparse_file(path):

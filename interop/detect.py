@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from models.flops import DENSE_FRACTION, is_weight_tensor
 from models.vit import MODEL_NAMES, architecture, create_model
 
-# A weight that keeps at least this fraction of its entries counts as dense (a trained dense weight is never
-# exactly zero anywhere; the margin only absorbs the odd exact zero).
-DENSE_FRACTION = 0.99
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -69,11 +67,6 @@ class Detection:
             out.append(f"dense weights ({self.weight_density:.4f} of the maskable weights are non-zero)")
         out.append(f"{depth} blocks, {self.img_size} px input, {self.num_classes} classes")
         return out
-
-
-def is_weight_tensor(name: str, tensor: torch.Tensor) -> bool:
-    """SViTE's maskable set: every 2-D / 4-D weight (patch embedding and head included), token scorers excluded."""
-    return tensor.dim() in (2, 4) and "gumbel" not in name
 
 
 def selector_kind(state_dict: Mapping[str, torch.Tensor]) -> str | None:
