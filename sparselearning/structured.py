@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -22,77 +21,15 @@ from sparselearning.config import SparsityConfig
 from sparselearning.criteria import derive_seed, drop_lowest, grow_highest, random_scores, topk_mask
 from sparselearning.masks import MaskSet, unwrap_model
 from sparselearning.scheduled import LogFn, ScheduledMasks, collective_device
+from sparselearning.units import UnitGroup, UnitSlice, expand_units, unit_l1, unit_positions
 
 logger = logging.getLogger(__name__)
 
-UNIT_KINDS = ("head", "neuron")
-SLICE_ROLES = ("in", "bias", "out")
 GATED_SECOND_MOMENT = 1e-3
 """An Adam second moment below this fraction of the squared gradient marks an entry whose gradient was gated while its
 unit was pruned; a valid running mean of g² is practically never that far below one sample of g²."""
 REGROWTH_STD = 0.02
 """Std of the fresh init of a regrown unit's input rows: timm's ``trunc_normal_(std=.02)`` for ViT Linear layers."""
-
-
-@dataclass(frozen=True)
-class UnitSlice:
-    """The part of one tensor that belongs to the units of a group.
-
-    Along ``dim`` the tensor holds ``sections`` consecutive blocks of ``num_units * width`` entries, and unit u owns
-    the ``width`` entries at offset ``u * width`` of every block. For example, a head owns one block of rows in each
-    of the q, k and v sections of ``qkv.weight``: 3 sections of H heads of head_dim rows.
-
-    Args:
-        param: parameter FQN.
-        dim: the axis the units split.
-        sections: blocks along ``dim``.
-        width: entries per unit per block.
-        role: ``in`` is an input-side weight: always masked, and freshly initialised when its unit regrows.
-            ``bias`` is an input-side bias, masked unless in compat mode. ``out`` is an output-side weight (``proj``
-            columns, ``fc2`` columns): left unmasked, so a pruned unit still receives an informative gradient at its
-            output. Only compat mode masks the fc2 columns of neurons, as SViTE did.
-    """
-
-    param: str
-    dim: int
-    sections: int
-    width: int
-    role: str
-
-
-@dataclass(frozen=True)
-class UnitGroup:
-    """One block's heads or one block's MLP neurons.
-
-    Args:
-        name: FQN of the owning module (``blocks.3.attn``); keys scores, records and random draws.
-        kind: ``head`` or ``neuron``.
-        num_units: heads or hidden neurons in the block.
-        slices: the tensor slices that make up the units.
-    """
-
-    name: str
-    kind: str
-    num_units: int
-    slices: tuple[UnitSlice, ...]
-
-    @classmethod
-    def from_dict(cls, spec: Mapping[str, Any]) -> UnitGroup:
-        """Parse the plain-dict form a model adapter returns (``models.structure_units(model).groups``)."""
-        slices = tuple(UnitSlice(str(s["param"]), int(s["dim"]), int(s["sections"]), int(s["width"]), str(s["role"]))
-                       for s in spec["slices"])
-        group = cls(str(spec["name"]), str(spec["kind"]), int(spec["num_units"]), slices)
-        if group.kind not in UNIT_KINDS or group.num_units < 1:
-            raise ValueError(f"unit group {group.name}: kind must be one of {UNIT_KINDS} with at least one unit, "
-                             f"got {group.kind!r} with {group.num_units}")
-        if any(s.role not in SLICE_ROLES for s in slices) or not any(s.role == "in" for s in slices):
-            raise ValueError(f"unit group {group.name}: roles must be in {SLICE_ROLES}, with at least one 'in' slice")
-        return group
-
-    @property
-    def primary(self) -> UnitSlice:
-        """The first input-side slice; its mask says which units are active."""
-        return next(s for s in self.slices if s.role == "in")
 
 
 class HeadScores(Protocol):
@@ -125,35 +62,6 @@ class StructureSource(Protocol):
 
     def attach_stats(self) -> HeadScores:
         """Install the score hooks (only structured runs call this) and return the object they fill."""
-
-
-def unit_positions(spec: UnitSlice, num_units: int, units: torch.Tensor) -> torch.Tensor:
-    """Indices along ``spec.dim`` of the entries owned by ``units`` (int64 unit ids), section by section."""
-    sections = torch.arange(spec.sections)[:, None, None] * (num_units * spec.width)
-    offsets = units.reshape(1, -1, 1).cpu() * spec.width + torch.arange(spec.width)[None, None, :]
-    return (sections + offsets).reshape(-1)
-
-
-def expand_units(unit_mask: torch.Tensor, spec: UnitSlice, shape: Sequence[int]) -> torch.Tensor:
-    """The full-tensor bool mask of a slice whose units are on where ``unit_mask`` (shape [num_units]) is True."""
-    moved = [shape[spec.dim], *(size for i, size in enumerate(shape) if i != spec.dim)]
-    rest = math.prod(moved[1:])
-    full = unit_mask.reshape(1, -1, 1, 1).expand(spec.sections, unit_mask.numel(), spec.width, rest)
-    return full.reshape(moved).movedim(0, spec.dim).contiguous()
-
-
-def unit_l1(tensor: torch.Tensor, spec: UnitSlice, num_units: int) -> torch.Tensor:
-    """Per-unit L1 norm, in float32 (float64 for a float64 tensor), of the entries a slice owns in ``tensor`` (shape
-    [num_units]); a bool mask gives its active entries per unit."""
-    if not tensor.is_floating_point():
-        tensor = tensor.float()
-    other = [i for i in range(tensor.dim()) if i != spec.dim]
-    if other:
-        per_entry = torch.linalg.vector_norm(tensor, ord=1, dim=other,
-                                             dtype=torch.promote_types(tensor.dtype, torch.float32))
-    else:
-        per_entry = tensor.abs().float()
-    return per_entry.reshape(spec.sections, num_units, spec.width).sum(dim=(0, 2))
 
 
 def swap_units(active: torch.Tensor, death_scores: torch.Tensor, growth_scores: torch.Tensor, n: int,
