@@ -3,8 +3,8 @@
 ``structure_units(model, scaler)`` describes a timm ViT's units as plain dicts (FQNs, axes, widths), built from the
 one definition of a head and a neuron in ``sparselearning.units``. So ``sparselearning`` can prune heads and neurons
 without importing this package. Head scores come from hooks that leave the attention math untouched. A forward
-pre-hook on ``attn.proj`` passes the merged head outputs O, exactly the input of ``proj``, through an identity autograd function
-whose backward sees G = dLoss/dO. Nothing is installed until the structured sparsifier asks for it
+pre-hook on ``attn.proj`` passes the merged head outputs O, exactly the input of ``proj``, through an identity
+autograd function whose backward sees G = dLoss/dO. Nothing is installed until the structured sparsifier asks for it
 (``StructureUnits.attach_stats``), so dense and unstructured runs pay nothing.
 """
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """Structured dynamic sparse training (S²ViTE): SViTE's prune-and-grow loop on whole attention heads and MLP neurons.
 
-Only the granularity differs from ``Masking``. A unit is a set of tensor slices: a head's q, k and v rows, or a
-neuron's fc1 row and fc2 column. Every group of units gets one score per unit. The rest is shared: the exact-count
-selection (``drop_lowest``, ``grow_highest``), the schedule, ``MaskSet`` enforcement and the digest all-reduce.
-This package never imports the model code. The model side (``models.structure_units``) describes the units as plain
-dicts of FQNs and axes, and it supplies per-head scores collected by hooks.
+Only the granularity differs from ``Masking``: a unit is a set of tensor slices (``sparselearning.units``: a head's q,
+k and v rows, a neuron's fc1 row and fc2 column), every group of units gets one score per unit from the score window
+(``sparselearning.unit_scores``), and regrown units get fresh input rows and a restart of their gated optimizer state
+(``sparselearning.optimizer_state``). The update loop, the schedule, ``MaskSet`` enforcement and the digest all-reduce
+are the shared ones (``sparselearning.scheduled``). This package never imports the model code. The model side
+(``models.structure_units``) describes the units as plain dicts of FQNs and axes, and it supplies per-head scores
+collected by hooks.
 """
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -20,39 +21,18 @@ from torch import nn
 from sparselearning.config import SparsityConfig
 from sparselearning.criteria import derive_seed, drop_lowest, grow_highest, random_scores, topk_mask
 from sparselearning.masks import MaskSet, unwrap_model
-from sparselearning.scheduled import LogFn, ScheduledMasks, collective_device
+from sparselearning.optimizer_state import restart_gated_entries
+from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores
+from sparselearning.unit_scores import HeadScores, UnitScoreWindow
 from sparselearning.units import UnitGroup, UnitSlice, expand_units, unit_l1, unit_positions
+
+__all__ = ["HeadScores", "StructureSource", "StructuredDST", "UnitGroup", "UnitSlice", "expand_units", "swap_units",
+           "unit_l1", "unit_positions"]
 
 logger = logging.getLogger(__name__)
 
-GATED_SECOND_MOMENT = 1e-3
-"""An Adam second moment below this fraction of the squared gradient marks an entry whose gradient was gated while its
-unit was pruned; a valid running mean of g² is practically never that far below one sample of g²."""
 REGROWTH_STD = 0.02
 """Std of the fresh init of a regrown unit's input rows: timm's ``trunc_normal_(std=.02)`` for ViT Linear layers."""
-
-
-class HeadScores(Protocol):
-    """Per-head sums over the committed steps since the last reset, filled by hooks on the model
-    (``models.HeadStats``)."""
-
-    def sums(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Group name -> ``taylor`` and ``grad_l1`` (per-head sums over samples) and ``samples`` (a 0-d count)."""
-
-    def commit(self, found_inf: torch.Tensor | None) -> None:
-        """Add the step just taken to the window unless ``found_inf`` (a device tensor) says it was skipped."""
-
-    def remove(self) -> None:
-        """Uninstall the hooks."""
-
-    def reset(self) -> None:
-        """Start a new window."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The running sums, for an exact resume."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``."""
 
 
 class StructureSource(Protocol):
@@ -112,7 +92,7 @@ class StructuredDST(ScheduledMasks):
     gradient. ``compat=True`` keeps SViTE's quirks: unmasked biases, fc2 columns masked, and zero-initialised
     regrowth. The optimizer state is kept through updates, except that Adam entries of a joined unit whose gradient
     was gated while it was pruned (its q and k rows) restart from their first gradient at the next step (a pre-step
-    hook; see ``_restart_joined_units``).
+    hook; see ``sparselearning.optimizer_state``).
 
     Args:
         model: the model (DDP or compiled wrappers are fine; FQNs are those of the wrapped module).
@@ -160,6 +140,7 @@ class StructuredDST(ScheduledMasks):
             atten_head=atten_head, atten_density=atten_density, other_density=other_density, structure_compat=compat,
         )
         self._start_schedule(optimizer, total_steps, seed, log_fn)
+        self._death_rule = drop_lowest
         self._swapped = {"head": 0, "neuron": 0}
 
         net = unwrap_model(model)
@@ -176,18 +157,8 @@ class StructuredDST(ScheduledMasks):
         self._enforce(MaskSet({name: self.params[name] for name in masks}, masks), "structured sparsity", model)
         self.active = active
 
-        self.stats = units.attach_stats()
-        missing = [g.name for g in self.groups if g.kind == "head" and g.name not in self.stats.sums()]
-        if missing:
-            raise ValueError(f"the head-score hooks cover no statistics for {missing}")
-        device = self.params[self.groups[0].primary.param].device
-        self._grad_sums: dict[str, torch.Tensor] = {}
-        self._grad_steps = torch.zeros((), dtype=torch.float64, device=device)
-        if growth == "gradient":
-            for g in self.groups:
-                if g.kind == "neuron":
-                    self._grad_sums[g.name] = torch.zeros(g.num_units, dtype=torch.float64, device=device)
-        self._window_hook = optimizer.register_step_post_hook(self._accumulate_window)
+        self.window = UnitScoreWindow(self.groups, self.params, units.attach_stats(), optimizer, growth)
+        self.stats = self.window.stats
         self._joined: dict[str, torch.Tensor] = {}
         self._restart_hook = optimizer.register_step_pre_hook(self._restart_joined_units)
         self.check_consistency()
@@ -264,113 +235,38 @@ class StructuredDST(ScheduledMasks):
 
     # ------------------------------------------------------------------------------------------------ training
 
-    @torch.no_grad()
-    def _accumulate_window(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
-                           kwargs: dict[str, Any]) -> None:
-        """Optimizer post-step hook: add this step's head scores and per-neuron gradient L1 norms to the window.
+    def _units(self) -> dict[str, torch.Tensor]:
+        return self.active
 
-        A step that GradScaler skipped must not count. A non-fused optimizer is then not stepped (this hook does not
-        run), and a fused one runs with ``optimizer.found_inf`` set, its kernel skipping internally; the statistics
-        are then masked out on the device with ``torch.where``, without a host sync. Gradients are unscaled here:
-        the optimizer has run (a fused kernel writes the unscaled gradients back).
-        """
-        found_inf = getattr(optimizer, "found_inf", None)
-        self.stats.commit(found_inf)
-        if self._grad_sums:
-            self._accumulate_gradients(found_inf)
+    def _active_counts(self) -> dict[str, int]:
+        return {name: int(active.sum()) for name, active in self.active.items()}
 
-    def _accumulate_gradients(self, found_inf: torch.Tensor | None) -> None:
-        """Per-neuron gradient L1 norms of this step into the window; the whole step is left out if any norm is not
-        finite or ``found_inf`` is set."""
-        norms = {}
-        for g in self.groups:
-            if g.name in self._grad_sums:
-                per_slice = [unit_l1(grad, s, g.num_units) for s in g.slices
-                             if s.role != "bias" and (grad := self.params[s.param].grad) is not None]
-                if per_slice:
-                    norms[g.name] = torch.stack(per_slice).double().sum(0)
-        if not norms:
-            return
-        device = next(iter(norms.values())).device
-        if self._grad_steps.device != device:  # the model moved: the window follows
-            self._grad_steps = self._grad_steps.to(device)
-            self._grad_sums = {name: total.to(device) for name, total in self._grad_sums.items()}
-        keep = torch.isfinite(torch.cat(list(norms.values()))).all()
-        if found_inf is not None:
-            keep &= found_inf.to(device) == 0
-        for name, norm in norms.items():
-            self._grad_sums[name] += torch.where(keep, norm, 0.0)
-        self._grad_steps += keep
+    def _tie_seeds(self, name: str, step: int) -> tuple[int, int]:
+        """The seeds ``swap_units`` derives from ``derive_seed(seed, group, step, "ties")``."""
+        ties = derive_seed(self.seed, name, step, "ties")
+        return derive_seed(ties, "death"), derive_seed(ties, "growth")
 
-    def _window_scores(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-        """Death and growth scores per group (float64 on CPU), averaged over the window and all-reduced across ranks.
-
-        Returns None, after logging and recording the skip, when the window holds no finite statistics.
-        """
-        sums = self.stats.sums()
-        heads = [g for g in self.groups if g.kind == "head"]
-        parts = [sums[g.name][key].reshape(-1) for g in heads for key in ("taylor", "grad_l1", "samples")]
-        parts += [self._grad_sums[name] for name in self._grad_sums]
-        parts.append(self._grad_steps.reshape(1))
-        flat = torch.cat([p.detach().to("cpu", torch.float64) for p in parts])
-        if dist.is_available() and dist.is_initialized():
-            flat = flat.to(collective_device())
-            dist.all_reduce(flat)
-            flat = flat.cpu()
-        values = iter(flat.split([p.numel() for p in parts]))
-        death: dict[str, torch.Tensor] = {}
-        growth: dict[str, torch.Tensor] = {}
-        counts = []
-        for g in heads:
-            taylor, grad_l1, samples = next(values), next(values), next(values)
-            death[g.name], growth[g.name] = taylor / samples, grad_l1 / samples
-            counts.append(samples)
-        grad_sums = {name: next(values) for name in self._grad_sums}
-        grad_steps = next(values)
-        for g in self.groups:
-            if g.kind == "neuron":
-                magnitude = sum(unit_l1(self.params[s.param], s, g.num_units) for s in g.slices if s.role != "bias")
-                death[g.name] = magnitude.to("cpu", torch.float64)
-                if g.name in grad_sums:
-                    growth[g.name] = grad_sums[g.name] / grad_steps
-                    counts.append(grad_steps)
-            if self.config.growth == "random":
-                growth[g.name] = random_scores((g.num_units,), derive_seed(self.seed, g.name, step, "grow")).double()
-        scores = torch.cat([*death.values(), *growth.values()])
-        if min((float(c) for c in counts), default=1.0) <= 0 or not bool(torch.isfinite(scores).all()):
+    def _read_window(self, step: int) -> UpdateScores | None:
+        """The window's scores; the window restarts whether they are used or not."""
+        scores = self.window.read(step, self.seed)
+        self.window.reset()
+        if scores is None:
             logger.warning("sparsity: no finite head/neuron statistics or non-finite weights at step %d; structured "
                            "update skipped", step)
-            self.skipped_updates.append(step)
             return None
-        return death, growth
-
-    def _reset_window(self) -> None:
-        self.stats.reset()
-        for total in self._grad_sums.values():
-            total.zero_()
-        self._grad_steps.zero_()
-
-    @torch.no_grad()
-    def _update(self, step: int) -> bool:
-        """One topology update: swap units in every group, re-mask, initialise regrown units, mark them for an
-        optimizer-state restart at the next step, restart the score window, check agreement across ranks and log."""
-        scores = self._window_scores(step)
-        self._reset_window()
-        if scores is None:
-            return False
         death, growth = scores
-        rate = self.death_rate(step)
-        changed: dict[str, torch.Tensor] = {}
-        fresh: dict[str, torch.Tensor] = {}
+        return UpdateScores(death=death.__getitem__, growth=growth.__getitem__)
+
+    def _commit(self, new: dict[str, torch.Tensor], step: int) -> bool:
+        """Re-mask the unit slices, initialise regrown units and mark them for an optimizer-state restart at the
+        next step."""
+        changed, fresh = {}, {}
         self._swapped = {"head": 0, "neuron": 0}
         for g in self.groups:
             old = self.active[g.name]
-            active = int(old.sum())
-            new = swap_units(old, death[g.name], growth[g.name], min(active, math.ceil(rate * active)),
-                             derive_seed(self.seed, g.name, step, "ties"))
-            changed[g.name], fresh[g.name] = old ^ new, new & ~old
+            changed[g.name], fresh[g.name] = old ^ new[g.name], new[g.name] & ~old
             self._swapped[g.kind] += int(fresh[g.name].sum())
-            self.active[g.name] = new
+            self.active[g.name] = new[g.name]
         for g, s in self.masked:
             mask = self.mask_set.masks[s.param]
             mask.copy_(expand_units(self.active[g.name].to(mask.device), s, mask.shape))
@@ -379,17 +275,14 @@ class StructuredDST(ScheduledMasks):
         if not self.config.structure_compat:
             self._initialise(fresh, step)
         self._joined = {name: units.cpu() for name, units in fresh.items() if bool(units.any())}
-        self.check_consistency()
-        self.log_fn(self.record("update"))
         return any(bool(c.any()) for c in changed.values())
 
     def remove(self) -> None:
         """Detach the mask enforcement, the window and restart hooks on the optimizer and the head-score hooks on the
         model."""
         super().remove()
-        self._window_hook.remove()
+        self.window.remove()
         self._restart_hook.remove()
-        self.stats.remove()
 
     def _initialise(self, fresh: dict[str, torch.Tensor], step: int) -> None:
         """Give units that were inactive before this update fresh input rows, as a new timm Linear would get them.
@@ -412,47 +305,17 @@ class StructuredDST(ScheduledMasks):
                 values = nn.init.trunc_normal_(torch.empty(shape), std=REGROWTH_STD, generator=generator)
                 param.index_copy_(s.dim, index.to(param.device), values.to(param.device, param.dtype))
 
-    @torch.no_grad()
     def _restart_joined_units(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
                               kwargs: dict[str, Any]) -> None:
-        """Pre-step hook, on the first optimizer step after an update: Adam state entries of the units that joined
-        whose gradient was gated while the unit was pruned restart from this step's gradient (``exp_avg`` = g,
-        ``exp_avg_sq`` = g², so this step is Adam's bias-corrected first step, sign(g) * lr). The rest of the
-        optimizer state is kept, as in ``Masking``.
-
-        Why: a pruned unit's own zero weights gate the gradient of some of its input rows (a pruned head's q and k
-        rows get none), so their second moment is zero or decayed while AdamW's per-tensor ``step`` has long ended
-        the bias correction: kept or zeroed, such rows stepped about 2x more than the survivors. Entries with a valid
-        second moment (v rows, fc1 rows: dense gradients) keep it. SGD's momentum is zero where the gradient was
-        gated, which is how torch starts a new buffer, so it is kept too. Under GradScaler with a fused optimizer the
-        gradients are still scaled here and the step may be skipped: they are unscaled with
-        ``optimizer.grad_scale``, and nothing changes where ``optimizer.found_inf`` is set.
-        """
+        """Pre-step hook, on the first optimizer step after an update: the masked slices of the units that joined
+        restart their gated Adam entries from this step's gradient (``optimizer_state.restart_gated_entries``)."""
         if not self._joined:
             return
-        scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
-        for g in self.groups:
+        for g, s in self.masked:
             joined = self._joined.get(g.name)
-            if joined is None:
-                continue
-            for s in g.slices:
+            if joined is not None:
                 param = self.params[s.param]
-                state = optimizer.state.get(param)
-                if not self._is_masked(g, s) or not state or param.grad is None:
-                    continue
-                where = expand_units(joined.to(param.device), s, param.shape)
-                if found_inf is not None:
-                    where = where & (found_inf.to(param.device) == 0)
-                second = state.get("exp_avg_sq")
-                if not isinstance(second, torch.Tensor) or second.shape != param.shape:
-                    continue  # not Adam-like: SGD's momentum is zero where the gradient was gated, torch's own start
-                grad = param.grad.float() if scale is None else param.grad.float() / scale.to(param.device)
-                square = grad.square()
-                where = where & (second < GATED_SECOND_MOMENT * square)
-                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    value = state.get(key)
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value.copy_(torch.where(where, (grad if key == "exp_avg" else square).to(value.dtype), value))
+                restart_gated_entries(optimizer, param, expand_units(joined.to(param.device), s, param.shape))
         self._joined = {}
 
     # ------------------------------------------------------------------------------------------------ reporting
@@ -529,9 +392,7 @@ class StructuredDST(ScheduledMasks):
         """
         return {
             **self._schedule_state(),
-            "head_stats": self.stats.state_dict(),
-            "grad_sums": {name: t.detach().to("cpu", copy=True) for name, t in self._grad_sums.items()},
-            "grad_steps": int(self._grad_steps),
+            **self.window.state_dict(),
             "joined_units": {name: units.clone() for name, units in self._joined.items()},
         }
 
@@ -562,10 +423,7 @@ class StructuredDST(ScheduledMasks):
                                                                          self.params[s.param].shape)):
                     raise ValueError(f"the checkpoint's masks of {g.name} disagree about which units are active")
         self.active = active
-        self.stats.load_state_dict(state["head_stats"])
-        for name, total in self._grad_sums.items():
-            total.copy_(state["grad_sums"][name])
-        self._grad_steps.fill_(int(state["grad_steps"]))
+        self.window.load_state_dict(state)
         self._joined = {name: units.clone() for name, units in state.get("joined_units", {}).items()}
         self._load_schedule_state(state)
         self.check_consistency()
