@@ -273,24 +273,9 @@ class Masking(ScheduledMasks):
         keys = ("density", "density_all", "explored_rate", "nonzero_parameters", "death_rate")
         return {key: record[key] for key in keys}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Masks and explored masks (CPU bool tensors keyed by FQN), step, death-rate state, seed and config.
-
-        Only plain tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
-        """
-        return self._schedule_state()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output: masks (re-applied to the weights), explored masks, step and seed.
-
-        Load the model and optimizer first; the masks are then enforced on the loaded weights.
-        """
-        self._check_state_format(state)
+    def _load_own_state(self, state: dict[str, Any]) -> None:
         self.mask_set.load_state_dict(state)
-        self._load_schedule_state(state)
         self._refresh_counts()
-        self.check_consistency()
-        self.log_fn(self.record("resume"))
 
 
 def build_sparsifier(

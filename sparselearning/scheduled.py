@@ -10,7 +10,8 @@ DDP ranks agree, and checkpoint the same schedule fields; that part lives here o
 * ``_read_window``: its score window at an update (``UpdateScores``), or None to skip the update;
 * ``_death_rule`` and ``_tie_seeds``: its death criterion, chosen at construction, and its tie-breaking seeds;
 * ``_allocate``: how many units each layer regrows (default: what it lost);
-* ``_commit``: writing the new unit masks into the weight masks, the weights and the optimizer state.
+* ``_commit``: writing the new unit masks into the weight masks, the weights and the optimizer state;
+* ``_own_state``/``_load_own_state``: what it checkpoints besides the masks and the schedule.
 
 A selection rule across layers (one global ranking of all heads and neurons, say) replaces ``_select``.
 """
@@ -240,6 +241,36 @@ class ScheduledMasks(ABC):
     def check_consistency(self) -> None:
         """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed)."""
         check_masks_agree(self.mask_set, self._step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and explored masks (CPU bool tensors keyed by FQN), step, death-rate state, seed, config and what
+        the granularity adds (``_own_state``).
+
+        Only plain tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
+        """
+        return {**self._schedule_state(), **self._own_state()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output. Load the model and optimizer first: the masks are re-applied to the
+        loaded weights.
+
+        Raises:
+            ValueError: for another method's state, or one made with other settings or for other tensors.
+        """
+        self._check_state_format(state)
+        self._load_own_state(state)
+        self._load_schedule_state(state)
+        self.check_consistency()
+        self.log_fn(self.record("resume"))
+
+    def _own_state(self) -> dict[str, Any]:
+        """What the granularity saves besides the masks and the schedule; nothing by default."""
+        return {}
+
+    @abstractmethod
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        """Load the masks (``mask_set.load_state_dict``) and what ``_own_state`` saved, checking they fit."""
 
     def _schedule_state(self) -> dict[str, Any]:
         """Masks, explored masks, step, death-rate state, seed and config: plain values ``weights_only`` reads."""

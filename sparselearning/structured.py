@@ -383,27 +383,16 @@ class StructuredDST(ScheduledMasks):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        """Masks and explored masks (CPU bool, by FQN), the open score window, step, seed and config.
+    def _own_state(self) -> dict[str, Any]:
+        """The open score window and the units awaiting an optimizer-state restart. Active heads and neurons are not
+        stored separately: loading derives them from the masks, so the two can never disagree (SViTE saved the masks
+        but not its head list)."""
+        return {**self.window.state_dict(),
+                "joined_units": {name: units.clone() for name, units in self._joined.items()}}
 
-        Active heads and neurons are not stored separately; ``load_state_dict`` derives them from the masks, so the
-        two can never disagree (SViTE saved the masks but not its head list). Only plain tensors, numbers, strings,
-        lists and dicts, so ``torch.load(weights_only=True)`` reads it.
-        """
-        return {
-            **self._schedule_state(),
-            **self.window.state_dict(),
-            "joined_units": {name: units.clone() for name, units in self._joined.items()},
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output; load the model and optimizer first (the masks are re-applied).
-
-        Raises:
-            ValueError: for another method's state, a different compat mode, or masks that do not cover whole units.
-        """
-        self._check_state_format(state)
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        """Masks, active units, window and pending restart; a ValueError for a different compat mode, or masks that
+        do not cover whole units."""
         saved_compat = bool(state["config"].get("structure_compat"))
         if saved_compat != self.config.structure_compat:
             raise ValueError(f"the checkpoint was trained with structure_compat={saved_compat}, which masks other "
@@ -425,6 +414,3 @@ class StructuredDST(ScheduledMasks):
         self.active = active
         self.window.load_state_dict(state)
         self._joined = {name: units.clone() for name, units in state.get("joined_units", {}).items()}
-        self._load_schedule_state(state)
-        self.check_consistency()
-        self.log_fn(self.record("resume"))
