@@ -21,6 +21,7 @@ from torch import nn
 from sparselearning.config import SparsityConfig
 from sparselearning.criteria import derive_seed, drop_lowest, grow_highest, random_scores, topk_mask
 from sparselearning.masks import MaskSet, unwrap_model
+from sparselearning.metrics import UnitCount, unit_record
 from sparselearning.optimizer_state import restart_gated_entries
 from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores
 from sparselearning.unit_scores import HeadScores, UnitScoreWindow
@@ -320,56 +321,16 @@ class StructuredDST(ScheduledMasks):
 
     # ------------------------------------------------------------------------------------------------ reporting
 
-    def _unit_counts(self, group: UnitGroup) -> tuple[int, int]:
-        """(active units, units ever active) of a group."""
-        fired = unit_l1(self.mask_set.fired[group.primary.param], group.primary, group.num_units) > 0
-        return int(self.active[group.name].sum()), int(fired.sum())
-
     def record(self, event: str = "report") -> dict[str, Any]:
-        """The current topology as a plain dict that ``format_table`` prints and JSON stores.
-
-        ``layers`` has one row per block and kind (``blocks.3.attn.heads``: shape [H], nonzero = heads kept).
-        ``density`` and ``explored_rate`` are weighted by parameters over all unit slices (masked or not).
-        ``nonzero_parameters`` is the parameter count of the compacted model. ``explored_heads`` and
-        ``explored_neurons`` are the fractions of units ever active. ``swapped_*`` counts the units that joined in
-        the last update.
-        """
-        layers: dict[str, dict[str, Any]] = {}
-        kept: dict[str, list[int]] = {"head": [], "neuron": []}
-        units = {"head": [0, 0], "neuron": [0, 0]}  # total, explored
-        unit_params = active_params = explored_params = 0
+        """The current topology as a ``unit_record`` (per block and kind, plus totals)."""
+        groups = []
         for g in self.groups:
-            active, explored = self._unit_counts(g)
-            per_unit = sum(self.params[s.param].numel() for s in g.slices) // g.num_units
-            unit_params += per_unit * g.num_units
-            active_params += per_unit * active
-            explored_params += per_unit * explored
-            kept[g.kind].append(active)
-            units[g.kind][0] += g.num_units
-            units[g.kind][1] += explored
-            label = f"{g.name}.{'heads' if g.kind == 'head' else 'neurons'}"
-            layers[label] = {"shape": [g.num_units], "nonzero": active, "numel": g.num_units,
-                             "density": active / g.num_units}
-        nonzero = self.total_parameters - unit_params + active_params
-        return {
-            "event": event,
-            "step": self._step,
-            "death_rate": self.death_rate(self._step),
-            "pruning_type": "structure",
-            "layers": layers,
-            "density": active_params / unit_params,
-            "density_all": nonzero / self.total_parameters,
-            "explored_rate": explored_params / unit_params,
-            "nonzero_parameters": nonzero,
-            "unit_parameters": unit_params,
-            "total_parameters": self.total_parameters,
-            "heads_kept": kept["head"],
-            "neurons_kept": kept["neuron"],
-            "explored_heads": units["head"][1] / max(units["head"][0], 1),
-            "explored_neurons": units["neuron"][1] / max(units["neuron"][0], 1),
-            "swapped_heads": self._swapped["head"],
-            "swapped_neurons": self._swapped["neuron"],
-        }
+            fired = unit_l1(self.mask_set.fired[g.primary.param], g.primary, g.num_units) > 0
+            size = sum(self.params[s.param].numel() for s in g.slices) // g.num_units
+            active = int(self.active[g.name].sum())
+            groups.append(UnitCount(g.name, g.kind, g.num_units, size, active, int(fired.sum())))
+        return unit_record(event, self._step, self.death_rate(self._step), groups, self.total_parameters,
+                           self._swapped)
 
     def report(self) -> dict[str, float]:
         """Scalars for the epoch log: density, density_all, explored_rate, nonzero_parameters, death_rate, heads_kept
