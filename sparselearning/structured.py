@@ -50,7 +50,8 @@ def swap_units(active: torch.Tensor, death_scores: torch.Tensor, growth_scores: 
     """SViTE's structured update of one group: the ``n`` active units with the lowest death scores leave, then the
     ``n`` inactive units with the highest growth scores join. Units that just left count as inactive.
 
-    Counts are exact, so the active count never changes. Tied scores are taken in an order drawn from ``tie_seed``
+    It is what the shared loop (``ScheduledMasks._select``) does to each group of a ``StructuredDST``, as one pure
+    function. Counts are exact, so the active count never changes. Tied scores are taken in an order drawn from ``tie_seed``
     (by unit index when None), so the result is a pure function of the inputs and the seed. The original code grew
     every unit whose score reached the n-th best score. When fewer than n units had a nonzero score, that threshold
     was 0, and the whole layer became dense.
