@@ -15,6 +15,7 @@ import torch
 
 from models.flops import DENSE_FRACTION, is_weight_tensor
 from models.vit import MODEL_NAMES, architecture, create_model
+from sparselearning.units import head_group, heads_in_qkv, neuron_group, select_units, units_alive
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -112,22 +113,24 @@ def mismatches(state_dict: Mapping[str, torch.Tensor], model_name: str) -> list[
 def detect(state_dict: Mapping[str, torch.Tensor], model_name: str) -> Detection:
     """Detect selector, compact shapes and sparsity of a state_dict that ``check_fits`` accepted for ``model_name``."""
     arch = architecture(_meta_model(model_name, state_dict))
-    heads, head_dim, dim = arch["block_heads"][0], arch["head_dim"], arch["embed_dim"]
+    heads, head_dim = arch["block_heads"][0], arch["head_dim"]
     hidden = arch["block_mlp_hidden"][0]
     depth = arch["depth"]
     block_heads, block_mlp, survivors_dense, some_unit_zero = [], [], True, False
     compact = False
     for i in range(depth):
         qkv, fc1 = state_dict[f"blocks.{i}.attn.qkv.weight"], state_dict[f"blocks.{i}.mlp.fc1.weight"]
-        kept_heads = qkv.shape[0] // (3 * head_dim)
+        kept_heads = heads_in_qkv(qkv.shape[0], head_dim)
         compact |= kept_heads != heads or fc1.shape[0] != hidden
-        head_alive = qkv.reshape(3, kept_heads, head_dim, dim).ne(0).flatten(2).any(dim=2).any(dim=0)
-        row_alive = fc1.ne(0).any(dim=1)
+        head_spec = head_group(f"blocks.{i}.attn", kept_heads, head_dim).primary
+        neuron_spec = neuron_group(f"blocks.{i}.mlp", fc1.shape[0]).primary
+        head_alive = units_alive(qkv, head_spec, kept_heads)
+        row_alive = units_alive(fc1, neuron_spec, fc1.shape[0])
         block_heads.append(int(head_alive.sum()))
         block_mlp.append(int(row_alive.sum()))
         some_unit_zero |= not bool(head_alive.all()) or not bool(row_alive.all())
-        live_qkv = qkv.reshape(3, kept_heads, head_dim, dim)[:, head_alive]
-        for live in (live_qkv, fc1[row_alive]):
+        for live in (select_units(qkv, head_spec, kept_heads, head_alive.nonzero().flatten()),
+                     select_units(fc1, neuron_spec, fc1.shape[0], row_alive.nonzero().flatten())):
             if live.numel() and live.ne(0).float().mean().item() < DENSE_FRACTION:
                 survivors_dense = False
     total = nonzero = 0

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.head_stats import prunable_blocks
+from models.head_stats import block_units, prunable_blocks
 from models.vit import architecture, create_model
 from models.wrappers import unwrap_model
+from sparselearning.units import V_SECTION, expand_units, select_units, units_alive
 
 
 def _masked(param: torch.Tensor | None, fqn: str, masks: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
@@ -32,12 +33,6 @@ def _kept(active: torch.Tensor) -> torch.Tensor:
     """Indices of the active units, or unit 0 if none is: a block needs one unit, and keeping a dead unit is exact."""
     kept = active.nonzero().flatten()
     return kept if kept.numel() else torch.zeros(1, dtype=torch.long, device=active.device)
-
-
-def _rows(units: torch.Tensor, sections: int, num_units: int, width: int) -> torch.Tensor:
-    """Indices of ``units``' entries in a tensor axis made of ``sections`` blocks of ``num_units * width``."""
-    base = torch.arange(sections, device=units.device)[:, None, None] * (num_units * width)
-    return (base + units[None, :, None] * width + torch.arange(width, device=units.device)[None, None, :]).reshape(-1)
 
 
 def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -85,40 +80,45 @@ def compact_model(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = N
     """
     compact = copy.deepcopy(unwrap_model(model))
     for name, attn, mlp in prunable_blocks(compact):
-        h, d = attn.num_heads, attn.head_dim
-        qkv_w = _masked(attn.qkv.weight, f"{name}.attn.qkv.weight", masks)
+        heads_of, neurons_of = block_units(name, attn, mlp)
+        h, qkv, proj = heads_of.num_units, heads_of.primary, heads_of.output
+        qkv_w = _masked(attn.qkv.weight, qkv.param, masks)
         qkv_b = _masked(attn.qkv.bias, f"{name}.attn.qkv.bias", masks)
-        proj_w = _masked(attn.proj.weight, f"{name}.attn.proj.weight", masks)
+        proj_w = _masked(attn.proj.weight, proj.param, masks)
         proj_b = _masked(attn.proj.bias, f"{name}.attn.proj.bias", masks)
-        qkv_mask = None if masks is None else masks.get(f"{name}.attn.qkv.weight")
+        qkv_mask = None if masks is None else masks.get(qkv.param)
         alive = qkv_w.ne(0) if qkv_mask is None else qkv_mask.to(qkv_w.device)
-        heads_active = alive.any(dim=1).reshape(3, h, d).any(dim=2).any(dim=0)
-        heads = _kept(heads_active)
+        heads = _kept(units_alive(alive, qkv, h))
         pruned = torch.ones(h, dtype=torch.bool, device=heads.device)
         pruned[heads] = False
-        cols, pruned_cols = _rows(heads, 1, h, d), _rows(pruned.nonzero().flatten(), 1, h, d)
+        pruned = pruned.nonzero().flatten()
         leak = torch.zeros(proj_w.shape[0], dtype=proj_w.dtype, device=proj_w.device)
-        if qkv_b is not None:
-            leak = proj_w[:, pruned_cols] @ qkv_b[2 * h * d + pruned_cols]
-        rows = _rows(heads, 3, h, d)
-        attn.qkv = _linear_like(attn.qkv, qkv_w[rows], None if qkv_b is None else qkv_b[rows])
-        attn.proj = _linear_like(attn.proj, proj_w[:, cols], _fold(proj_b, leak, f"{name}.attn.proj"))
+        if qkv_b is not None:  # a pruned head outputs its v bias at every token
+            leak = select_units(proj_w, proj, h, pruned) @ select_units(qkv_b, qkv, h, pruned, sections=[V_SECTION])
+        attn.qkv = _linear_like(attn.qkv, select_units(qkv_w, qkv, h, heads),
+                                None if qkv_b is None else select_units(qkv_b, qkv, h, heads))
+        attn.proj = _linear_like(attn.proj, select_units(proj_w, proj, h, heads),
+                                 _fold(proj_b, leak, f"{name}.attn.proj"))
         attn.num_heads = heads.numel()
-        attn.attn_dim = heads.numel() * d
+        attn.attn_dim = heads.numel() * attn.head_dim
 
-        fc1_w = _masked(mlp.fc1.weight, f"{name}.mlp.fc1.weight", masks)
+        fc1, fc2 = neurons_of.primary, neurons_of.output
+        fc1_w = _masked(mlp.fc1.weight, fc1.param, masks)
         fc1_b = _masked(mlp.fc1.bias, f"{name}.mlp.fc1.bias", masks)
-        fc2_w = _masked(mlp.fc2.weight, f"{name}.mlp.fc2.weight", masks)
+        fc2_w = _masked(mlp.fc2.weight, fc2.param, masks)
         fc2_b = _masked(mlp.fc2.bias, f"{name}.mlp.fc2.bias", masks)
-        fc1_mask = None if masks is None else masks.get(f"{name}.mlp.fc1.weight")
+        fc1_mask = None if masks is None else masks.get(fc1.param)
         alive = fc1_w.ne(0) if fc1_mask is None else fc1_mask.to(fc1_w.device)
-        neurons = _kept(alive.any(dim=1))
-        dropped = torch.ones(fc1_w.shape[0], dtype=torch.bool, device=neurons.device)
+        n = neurons_of.num_units
+        neurons = _kept(units_alive(alive, fc1, n))
+        dropped = torch.ones(n, dtype=torch.bool, device=neurons.device)
         dropped[neurons] = False
+        dropped = dropped.nonzero().flatten()
         hidden = mlp.act(fc1_b if fc1_b is not None else torch.zeros_like(fc1_w[:, 0]))
-        leak = fc2_w[:, dropped] @ hidden[dropped]
-        mlp.fc1 = _linear_like(mlp.fc1, fc1_w[neurons], None if fc1_b is None else fc1_b[neurons])
-        mlp.fc2 = _linear_like(mlp.fc2, fc2_w[:, neurons], _fold(fc2_b, leak, f"{name}.mlp.fc2"))
+        leak = select_units(fc2_w, fc2, n, dropped) @ select_units(hidden, fc1, n, dropped)
+        mlp.fc1 = _linear_like(mlp.fc1, select_units(fc1_w, fc1, n, neurons),
+                               None if fc1_b is None else select_units(fc1_b, fc1, n, neurons))
+        mlp.fc2 = _linear_like(mlp.fc2, select_units(fc2_w, fc2, n, neurons), _fold(fc2_b, leak, f"{name}.mlp.fc2"))
     return compact
 
 
@@ -128,18 +128,16 @@ def random_unit_masks(model: nn.Module, atten_density: float, other_density: flo
     every block (the counts of ``--pruning_type structure``), over qkv/fc1 weights and biases; for benchmarks."""
     generator = torch.Generator().manual_seed(seed)
     masks = {}
+    params = dict(unwrap_model(model).named_parameters())
     for name, attn, mlp in prunable_blocks(model):
-        h, d, hidden = attn.num_heads, attn.head_dim, mlp.fc1.out_features
-        heads = torch.zeros(h, dtype=torch.bool)
-        heads[torch.randperm(h, generator=generator)[: max(int(h * atten_density), 1)]] = True
-        neurons = torch.zeros(hidden, dtype=torch.bool)
-        neurons[torch.randperm(hidden, generator=generator)[: max(int(hidden * other_density), 1)]] = True
-        rows = heads.reshape(1, h, 1).expand(3, h, d).reshape(-1)
-        for prefix, linear, active in ((f"{name}.attn.qkv", attn.qkv, rows), (f"{name}.mlp.fc1", mlp.fc1, neurons)):
-            device = linear.weight.device
-            masks[f"{prefix}.weight"] = active[:, None].expand_as(linear.weight).to(device).contiguous()
-            if linear.bias is not None:
-                masks[f"{prefix}.bias"] = active.to(device)
+        for group, density in zip(block_units(name, attn, mlp), (atten_density, other_density)):
+            n = group.num_units
+            active = torch.zeros(n, dtype=torch.bool)
+            active[torch.randperm(n, generator=generator)[: max(int(n * density), 1)]] = True
+            for spec in group.slices:
+                if spec.role != "out":
+                    param = params[spec.param]
+                    masks[spec.param] = expand_units(active, spec, param.shape).to(param.device)
     return masks
 
 

@@ -37,6 +37,7 @@ from models.compact import compact_model
 from models.token_selection import TokenScorer, num_tokens
 from models.vit import architecture
 from models.wrappers import unwrap_model
+from sparselearning.units import head_group, units_alive
 
 KINDS = ("dense", "theoretical", "executed")
 # A weight that keeps at least this fraction of its entries counts as dense (a trained dense weight is never
@@ -258,7 +259,8 @@ def _has_removed_unit(net: VisionTransformer, masks: Mapping[str, torch.Tensor])
         qkv, fc1 = blk.attn.qkv.weight, blk.mlp.fc1.weight
         qkv_alive = masks.get(f"blocks.{i}.attn.qkv.weight", qkv.ne(0))
         fc1_alive = masks.get(f"blocks.{i}.mlp.fc1.weight", fc1.ne(0))
-        heads = qkv_alive.reshape(3, blk.attn.num_heads, -1).any(dim=2).any(dim=0)
+        heads = units_alive(qkv_alive, head_group(f"blocks.{i}.attn", blk.attn.num_heads, blk.attn.head_dim).primary,
+                            blk.attn.num_heads)
         if not bool(heads.all()) or not bool(fc1_alive.any(dim=1).all()):
             return True
     return False

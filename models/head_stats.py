@@ -1,10 +1,10 @@
 """The model side of structured sparsity: which tensor slices make up each head and neuron, and per-head scores.
 
-``structure_units(model, scaler)`` describes a timm ViT's units as plain dicts (FQNs, axes, widths). So
-``sparselearning`` can prune heads and neurons without importing this package, and this package never imports
-``sparselearning``. Head scores come from hooks that leave the attention math untouched. A forward pre-hook on
-``attn.proj`` passes the merged head outputs O, exactly the input of ``proj``, through an identity autograd function
-whose backward sees G = dLoss/dO. Nothing is installed until the structured sparsifier asks for it
+``structure_units(model, scaler)`` describes a timm ViT's units as plain dicts (FQNs, axes, widths), built from the
+one definition of a head and a neuron in ``sparselearning.units``. So ``sparselearning`` can prune heads and neurons
+without importing this package. Head scores come from hooks that leave the attention math untouched. A forward
+pre-hook on ``attn.proj`` passes the merged head outputs O, exactly the input of ``proj``, through an identity
+autograd function whose backward sees G = dLoss/dO. Nothing is installed until the structured sparsifier asks for it
 (``StructureUnits.attach_stats``), so dense and unstructured runs pay nothing.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from models.wrappers import unwrap_model
+from sparselearning.units import UnitGroup, head_group, neuron_group
 
 
 def prunable_blocks(model: nn.Module) -> list[tuple[str, Attention, Mlp]]:
@@ -47,6 +48,12 @@ def prunable_blocks(model: nn.Module) -> list[tuple[str, Attention, Mlp]]:
     return found
 
 
+def block_units(name: str, attn: Attention, mlp: Mlp) -> tuple[UnitGroup, UnitGroup]:
+    """The heads and the MLP neurons of block ``name``, as ``sparselearning.units`` defines them."""
+    return (head_group(f"{name}.attn", attn.num_heads, attn.head_dim, qkv_bias=attn.qkv.bias is not None),
+            neuron_group(f"{name}.mlp", mlp.fc1.out_features, fc1_bias=mlp.fc1.bias is not None))
+
+
 def unit_groups(model: nn.Module) -> list[dict[str, Any]]:
     """Per block, its heads and its MLP neurons as plain dicts (the ``UnitGroup.from_dict`` format).
 
@@ -54,20 +61,7 @@ def unit_groups(model: nn.Module) -> list[dict[str, Any]]:
     columns of ``proj``. Neuron i owns row i of ``fc1`` (weight and bias) and column i of ``fc2``. The roles say what
     is masked: ``in`` rows and ``bias`` by default, never the ``out`` columns.
     """
-    groups = []
-    for name, attn, mlp in prunable_blocks(model):
-        d = attn.head_dim
-        heads = [dict(param=f"{name}.attn.qkv.weight", dim=0, sections=3, width=d, role="in"),
-                 dict(param=f"{name}.attn.proj.weight", dim=1, sections=1, width=d, role="out")]
-        if attn.qkv.bias is not None:
-            heads.insert(1, dict(param=f"{name}.attn.qkv.bias", dim=0, sections=3, width=d, role="bias"))
-        neurons = [dict(param=f"{name}.mlp.fc1.weight", dim=0, sections=1, width=1, role="in"),
-                   dict(param=f"{name}.mlp.fc2.weight", dim=1, sections=1, width=1, role="out")]
-        if mlp.fc1.bias is not None:
-            neurons.insert(1, dict(param=f"{name}.mlp.fc1.bias", dim=0, sections=1, width=1, role="bias"))
-        groups.append(dict(name=f"{name}.attn", kind="head", num_units=attn.num_heads, slices=heads))
-        groups.append(dict(name=f"{name}.mlp", kind="neuron", num_units=mlp.fc1.out_features, slices=neurons))
-    return groups
+    return [group.to_dict() for name, attn, mlp in prunable_blocks(model) for group in block_units(name, attn, mlp)]
 
 
 class _HeadScoreTap(torch.autograd.Function):

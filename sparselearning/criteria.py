@@ -174,6 +174,10 @@ def set_death(weight: torch.Tensor, active: torch.Tensor, n: int, tie_seed: int 
             | drop_lowest(-weight, negative, drop_negative, seeds[1]))
 
 
+DEATH_RULES = {"magnitude": magnitude_death, "SET": set_death}
+"""``--death`` -> the rule that picks the weights to drop from (weights, active mask, count, tie seed)."""
+
+
 def derive_seed(seed: int, *keys: object) -> int:
     """A 63-bit seed that is a pure function of ``seed`` and ``keys`` (e.g. layer name, step, purpose).
 

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,22 +10,43 @@ from torch import nn
 
 from sparselearning.base import DenseSparsifier, Sparsifier
 from sparselearning.config import SparsityConfig
-from sparselearning.criteria import (
-    derive_seed,
-    grow_highest,
-    magnitude_death,
-    random_scores,
-    set_death,
-)
+from sparselearning.criteria import DEATH_RULES, derive_seed, random_scores
 from sparselearning.distributions import layer_counts, layer_densities, redistribute
 from sparselearning.masks import MaskSet, momentum_of, select_parameters, unwrap_model
 from sparselearning.metrics import density_record
-from sparselearning.scheduled import LogFn, ScheduledMasks
+from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores
 
 if TYPE_CHECKING:
     from sparselearning.structured import StructureSource
 
 logger = logging.getLogger(__name__)
+
+GrowthSignal = Callable[[str, torch.Tensor, torch.optim.Optimizer], torch.Tensor]
+
+
+def gradient_of(name: str, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """SViTE's ``gradient`` growth signal: the dense ``param.grad``."""
+    if param.grad is None:
+        raise RuntimeError(
+            f"gradient growth needs {name}.grad at the update step: call masking.step(step) after "
+            "optimizer.step() and before zero_grad()"
+        )
+    return param.grad
+
+
+def first_moment_of(name: str, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The ``momentum`` growth signal: the optimizer's first moment of ``param``."""
+    return momentum_of(optimizer, param)
+
+
+GROWTH_SIGNALS: dict[str, GrowthSignal] = {"gradient": gradient_of, "momentum": first_moment_of}
+"""Growth by a signal's magnitude; ``random`` growth has none."""
+LAYER_STATS: dict[str, Callable[[torch.Tensor, int], float]] = {
+    # masked weights are exactly zero, so the sum runs over the active ones
+    "magnitude": lambda param, active: float(param.abs().sum()) / max(active, 1),
+    "nonzero": lambda param, active: active / param.numel(),
+}
+"""The per-layer statistic that ``redistribution`` splits the regrowth by; ``none`` keeps each layer's loss."""
 
 
 class Masking(ScheduledMasks):
@@ -111,6 +131,9 @@ class Masking(ScheduledMasks):
             sparse_exclude=sparse_exclude, sparse_include=sparse_include, erk_power=erk_power,
         )
         self._start_schedule(optimizer, total_steps, seed, log_fn)
+        self._death_rule = DEATH_RULES[death]
+        self._signal = GROWTH_SIGNALS.get(growth)
+        self._layer_stat = LAYER_STATS.get(redistribution)
         params = select_parameters(model, sparse_include, sparse_exclude)
         self.total_parameters = sum(p.numel() for p in unwrap_model(model).parameters())
         self.shapes = {name: tuple(p.shape) for name, p in params.items()}
@@ -146,20 +169,19 @@ class Masking(ScheduledMasks):
         """FQN -> bool mask of weights that have ever been active (for the ITOP explored rate)."""
         return self.mask_set.fired
 
-    def _growth_signal(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        if self.config.growth == "gradient":
-            if param.grad is None:
-                raise RuntimeError(
-                    f"gradient growth needs {name}.grad at the update step: call masking.step(step) after "
-                    "optimizer.step() and before zero_grad()"
-                )
-            return param.grad
-        return momentum_of(self.optimizer, param)
-
-    def _growth_scores(self, name: str, param: torch.Tensor, step: int) -> torch.Tensor:
-        if self.config.growth == "random":
+    def _growth_scores(self, name: str, step: int) -> torch.Tensor:
+        param = self.mask_set.params[name]
+        if self._signal is None:
             return random_scores(param.shape, derive_seed(self.seed, name, step, "grow"), param.device)
-        return self._growth_signal(name, param).abs()
+        return self._signal(name, param, self.optimizer).abs()
+
+    def _read_window(self, step: int) -> UpdateScores | None:
+        """Masking has no window: the weights die by the death rule and the growth signal (gradient, momentum) is
+        read as it is now, when all of it is finite (else None, logged). Layers whose signal is all zero are frozen."""
+        if not self._finite_inputs(step):
+            return None
+        return UpdateScores(death=self.mask_set.params.__getitem__, growth=lambda name: self._growth_scores(name, step),
+                            frozen=self._dead_growth_signals(step))
 
     def _finite_inputs(self, step: int) -> bool:
         """Whether everything the update reads is finite; otherwise the update is skipped and logged.
@@ -169,97 +191,69 @@ class Masking(ScheduledMasks):
         """
         for name, param in self.mask_set.params.items():
             tensors = [param.detach()]
-            if self.config.growth != "random":
-                tensors.append(self._growth_signal(name, param))
+            if self._signal is not None:
+                tensors.append(self._signal(name, param, self.optimizer))
             if not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in tensors])).all()):
                 signal = "gradient" if self.config.growth == "gradient" else "momentum"
                 logger.warning(
                     "sparsity: non-finite weight or %s of %s at step %d; topology update skipped", signal, name, step
                 )
-                self.skipped_updates.append(step)
                 return False
         return True
 
-    @torch.no_grad()
-    def _update(self, step: int) -> bool:
-        """One topology update: death per layer, growth allocation, growth, bookkeeping.
-
-        The optimizer state is kept (SViTE's handling): masked weights receive dense gradients, so the moments of a
-        regrown weight are valid statistics of its gradient, and AdamW's per-tensor ``step`` matches them. Zeroing
-        them while ``step`` kept counting left regrown weights without bias correction: 2-3x the survivors' steps.
-        """
-        if not self._finite_inputs(step):
-            return False
-        frozen = self._dead_growth_signals(step)
-        kept, dropped = self._death(self.death_rate(step), frozen, step)
-        changed = self._grow(kept, self._growth_counts(dropped, frozen), step)
-        self._refresh_counts()
-        self.check_consistency()
-        self.log_fn(self.record("update"))
-        return any(bool(where.any()) for where in changed.values())
-
-    def _dead_growth_signals(self, step: int) -> set[str]:
+    def _dead_growth_signals(self, step: int) -> frozenset[str]:
         """Layers whose growth signal is all zero: they skip death and growth in this update, with a warning.
 
         Growing there would pick among equal scores only (a random block, or by index the lowest rows), and skipping
         death too keeps the layer's density exact.
         """
-        if self.config.growth == "random":
-            return set()
+        if self._signal is None:
+            return frozenset()
         frozen = set()
         for name, param in self.mask_set.params.items():
-            if int(torch.count_nonzero(self._growth_signal(name, param))) == 0:
+            if int(torch.count_nonzero(self._signal(name, param, self.optimizer))) == 0:
                 frozen.add(name)
                 cause = ("zero_grad() called before masking.step(step), or a frozen layer" if
                          self.config.growth == "gradient" else "a frozen layer (its optimizer moments never moved)")
                 logger.warning("sparsity: the %s growth signal of %s is all zero at step %d (likely %s); death and "
                                "growth skipped for this layer, so its density stays exact", self.config.growth, name,
                                step, cause)
-        return frozen
+        return frozenset(frozen)
 
-    def _death(self, rate: float, frozen: set[str], step: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """Per layer, the surviving mask after ``ceil(rate * active)`` weights die (SViTE's count; none in a
-        ``frozen`` layer), and that count. Ties in the death score are broken by (seed, layer, step)."""
-        death = magnitude_death if self.config.death == "magnitude" else set_death
-        kept, dropped = {}, {}
-        for name, param in self.mask_set.params.items():
-            active = 0 if name in frozen else self._active[name]
-            dropped[name] = min(active, math.ceil(rate * active))
-            mask = self.mask_set.masks[name]
-            kept[name] = mask & ~death(param, mask, dropped[name], derive_seed(self.seed, name, step, "death ties"))
-        return kept, dropped
+    def _units(self) -> dict[str, torch.Tensor]:
+        return self.mask_set.masks
 
-    def _growth_counts(self, dropped: dict[str, int], frozen: set[str]) -> dict[str, int]:
+    def _active_counts(self) -> dict[str, int]:
+        return self._active
+
+    def _tie_seeds(self, name: str, step: int) -> tuple[int, int]:
+        """Ties in the death and growth scores are broken by (seed, layer, step)."""
+        return derive_seed(self.seed, name, step, "death ties"), derive_seed(self.seed, name, step, "growth ties")
+
+    def _allocate(self, dropped: dict[str, int], frozen: frozenset[str]) -> dict[str, int]:
         """How many weights each layer regrows: what it lost (``none``), or the total lost split by mean magnitude
         or density of the layer's active weights (measured before death), capped by its free slots; a ``frozen``
         layer gets none."""
-        mode = self.config.redistribution
-        if mode == "none":
+        if self._layer_stat is None:
             return dropped
         params, active = self.mask_set.params, self._active
-        if mode == "magnitude":  # masked weights are exactly zero, so the sum runs over the active ones
-            stats = {n: float(p.abs().sum()) / max(active[n], 1) for n, p in params.items()}
-        else:
-            stats = {n: active[n] / p.numel() for n, p in params.items()}
+        stats = {n: self._layer_stat(p, active[n]) for n, p in params.items()}
         free = {n: 0 if n in frozen else p.numel() - active[n] + dropped[n] for n, p in params.items()}
         return redistribute(sum(dropped.values()), stats, free)
 
-    def _grow(self, kept: dict[str, torch.Tensor], counts: dict[str, int], step: int) -> dict[str, torch.Tensor]:
-        """Grow ``counts[name]`` weights among the inactive ones (just-dropped included), write the new masks and
-        weights in place, and return the positions whose mask changed."""
-        changed = {}
+    def _commit(self, new: dict[str, torch.Tensor], step: int) -> bool:
+        """Write the new masks and weights in place: only weights active before and after keep their value
+        (dropped-and-regrown ones included); the ones that died are zeroed and the new ones start at zero. The
+        optimizer state is kept (``sparselearning.optimizer_state``)."""
+        changed = []
         for name, param in self.mask_set.params.items():
             old = self.mask_set.masks[name]
-            grown = grow_highest(self._growth_scores(name, param, step), ~kept[name], counts[name],
-                                 derive_seed(self.seed, name, step, "growth ties"))
-            new = kept[name] | grown
-            # only weights active before and after keep their value (dropped-and-regrown ones included): the ones
-            # that died are zeroed and the new ones start at zero
-            param.mul_(new & old)
-            changed[name] = new ^ old
-            old.copy_(new)
-            self.mask_set.fired[name] |= new
-        return changed
+            param.mul_(new[name] & old)
+            changed.append((new[name] ^ old).any())
+            old.copy_(new[name])
+            self.mask_set.fired[name] |= new[name]
+        self._refresh_counts()
+        return any(bool(c) for c in changed)
 
     def _refresh_counts(self) -> None:
         self._active = self.mask_set.counts()
@@ -279,24 +273,9 @@ class Masking(ScheduledMasks):
         keys = ("density", "density_all", "explored_rate", "nonzero_parameters", "death_rate")
         return {key: record[key] for key in keys}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Masks and explored masks (CPU bool tensors keyed by FQN), step, death-rate state, seed and config.
-
-        Only plain tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
-        """
-        return self._schedule_state()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output: masks (re-applied to the weights), explored masks, step and seed.
-
-        Load the model and optimizer first; the masks are then enforced on the loaded weights.
-        """
-        self._check_state_format(state)
+    def _load_own_state(self, state: dict[str, Any]) -> None:
         self.mask_set.load_state_dict(state)
-        self._load_schedule_state(state)
         self._refresh_counts()
-        self.check_consistency()
-        self.log_fn(self.record("resume"))
 
 
 def build_sparsifier(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def density_record(
@@ -57,6 +57,63 @@ def density_record(
         "total_parameters": total_parameters,
     }
 
+
+
+class UnitCount(NamedTuple):
+    """One group of heads or neurons in a ``unit_record``: its units, parameters per unit, active and ever active."""
+
+    name: str
+    kind: str
+    num_units: int
+    unit_size: int
+    active: int
+    explored: int
+
+
+def unit_record(event: str, step: int, death_rate: float, groups: Sequence[UnitCount], total_parameters: int,
+                swapped: Mapping[str, int]) -> dict[str, Any]:
+    """One report of a structured topology, as plain values that ``format_table`` prints and JSON stores.
+
+    ``layers`` has one row per block and kind (``blocks.3.attn.heads``: shape [H], nonzero = heads kept).
+    ``density`` and ``explored_rate`` are weighted by parameters over all unit slices (masked or not).
+    ``nonzero_parameters`` is the parameter count of the compacted model. ``explored_heads`` and ``explored_neurons``
+    are the fractions of units ever active. ``swapped_*`` counts the units that joined in the last update
+    (``swapped`` by kind).
+    """
+    layers: dict[str, dict[str, Any]] = {}
+    kept: dict[str, list[int]] = {"head": [], "neuron": []}
+    units = {"head": [0, 0], "neuron": [0, 0]}  # total, explored
+    unit_params = active_params = explored_params = 0
+    for g in groups:
+        unit_params += g.unit_size * g.num_units
+        active_params += g.unit_size * g.active
+        explored_params += g.unit_size * g.explored
+        kept[g.kind].append(g.active)
+        units[g.kind][0] += g.num_units
+        units[g.kind][1] += g.explored
+        label = f"{g.name}.{'heads' if g.kind == 'head' else 'neurons'}"
+        layers[label] = {"shape": [g.num_units], "nonzero": g.active, "numel": g.num_units,
+                         "density": g.active / g.num_units}
+    nonzero = total_parameters - unit_params + active_params
+    return {
+        "event": event,
+        "step": step,
+        "death_rate": death_rate,
+        "pruning_type": "structure",
+        "layers": layers,
+        "density": active_params / unit_params,
+        "density_all": nonzero / total_parameters,
+        "explored_rate": explored_params / unit_params,
+        "nonzero_parameters": nonzero,
+        "unit_parameters": unit_params,
+        "total_parameters": total_parameters,
+        "heads_kept": kept["head"],
+        "neurons_kept": kept["neuron"],
+        "explored_heads": units["head"][1] / max(units["head"][0], 1),
+        "explored_neurons": units["neuron"][1] / max(units["neuron"][0], 1),
+        "swapped_heads": swapped["head"],
+        "swapped_neurons": swapped["neuron"],
+    }
 
 def format_table(record: Mapping[str, Any]) -> str:
     """A fixed-width per-layer table of a ``density_record``, with the global numbers in the last line."""

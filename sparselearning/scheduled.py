@@ -1,15 +1,28 @@
-"""What unstructured and structured dynamic sparse training share: SViTE's update schedule and its saved state.
+"""What every granularity of dynamic sparse training shares: SViTE's schedule, its prune-and-regrow loop, its state.
 
-``Masking`` (weights) and ``StructuredDST`` (heads and neurons) differ only in what a unit is and how it is scored.
-Both hold a ``MaskSet`` that the optimizer hook enforces, update the topology every ΔT steps until ``t_end`` with a
-decaying rate, check that DDP ranks agree, and checkpoint the same schedule fields; that part lives here once.
+``Masking`` (weights) and ``StructuredDST`` (heads and neurons) differ only in what a unit is, what is accumulated
+between updates and how units are scored. Both hold a ``MaskSet`` that the optimizer hook enforces, update the
+topology every ΔT steps until ``t_end`` with a decaying rate by the same loop (``ScheduledMasks._update``: the
+``ceil(rate * active)`` weakest active units of each layer die, as many grow, ties broken by seeded draws), check that
+DDP ranks agree, and checkpoint the same schedule fields; that part lives here once. A granularity supplies:
+
+* ``_units``/``_active_counts``: its unit masks per layer (a weight mask, or one bool per head or neuron);
+* ``_read_window``: its score window at an update (``UpdateScores``), or None to skip the update;
+* ``_death_rule`` and ``_tie_seeds``: its death criterion, chosen at construction, and its tie-breaking seeds;
+* ``_allocate``: how many units each layer regrows (default: what it lost);
+* ``_commit``: writing the new unit masks into the weight masks, the weights and the optimizer state;
+* ``_own_state``/``_load_own_state``: what it checkpoints besides the masks and the schedule.
+
+A selection rule across layers (one global ranking of all heads and neurons, say) replaces ``_select``.
 """
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparselearning.config import SparsityConfig
+from sparselearning.criteria import grow_highest
 from sparselearning.masks import MaskSet, unwrap_model
 from sparselearning.metrics import format_table
 from sparselearning.schedules import death_rate_at, is_update_step
@@ -24,6 +38,24 @@ from sparselearning.schedules import death_rate_at, is_update_step
 logger = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, Any]], None]
+DeathRule = Callable[[torch.Tensor, torch.Tensor, int, int | None], torch.Tensor]
+"""(scores, active, n, tie_seed) -> the ``n`` active entries that die, e.g. ``criteria.magnitude_death``."""
+
+
+@dataclass(frozen=True)
+class UpdateScores:
+    """What a granularity's score window yields at one update, read layer by layer so that only one layer's scores
+    are alive at a time.
+
+    Args:
+        death: layer name -> the scores its ``_death_rule`` reads (weights, or per-unit importance).
+        growth: layer name -> growth scores (the highest inactive units grow).
+        frozen: layers that neither die nor grow in this update.
+    """
+
+    death: Callable[[str], torch.Tensor]
+    growth: Callable[[str], torch.Tensor]
+    frozen: frozenset[str] = frozenset()
 
 
 def print_table(record: dict[str, Any]) -> None:
@@ -62,15 +94,17 @@ def check_masks_agree(mask_set: MaskSet, step: int) -> None:
 
 
 class ScheduledMasks(ABC):
-    """Base of the dynamic sparse training methods: the schedule, mask enforcement and the schedule's state.
+    """Base of the dynamic sparse training methods: the schedule, the update loop, mask enforcement and the
+    schedule's state.
 
-    A subclass calls ``_start_schedule`` first in its constructor and ``_enforce`` once it has its masks, and
-    implements ``_update`` and ``record``.
+    A granularity calls ``_start_schedule`` first in its constructor, sets ``_death_rule`` and ``_enforce``s its
+    masks, and implements the hooks named in the module docstring and ``record``.
     """
 
     STATE_FORMAT = ""
     config: SparsityConfig
     mask_set: MaskSet
+    _death_rule: DeathRule
 
     def _start_schedule(self, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
                         log_fn: LogFn | None) -> None:
@@ -85,8 +119,8 @@ class ScheduledMasks(ABC):
         self._last_update_step = 0
 
     def _enforce(self, mask_set: MaskSet, what: str, model: nn.Module) -> None:
-        """Hook the optimizer so masked entries of ``model`` stay zero and zero them now; warn when the schedule leaves no room
-        for a single update of ``what``.
+        """Hook the optimizer so masked entries of ``model`` stay zero and zero them now; warn when the schedule leaves
+        no room for a single update of ``what``.
 
         The optimizer state of masked entries is left alone: their gradients are dense, so their moments (SGD
         momentum included) keep tracking what those weights would see, which growth by momentum and regrown weights
@@ -145,9 +179,60 @@ class ScheduledMasks(ABC):
         self._last_update_step = step
         return self._update(step)
 
-    @abstractmethod
+    @torch.no_grad()
     def _update(self, step: int) -> bool:
-        """One topology update at ``step``; True when the topology changed."""
+        """One topology update at ``step``: read the window, select the new units, commit them, check that ranks
+        agree and log. True when the topology changed."""
+        scores = self._read_window(step)
+        if scores is None:
+            self.skipped_updates.append(step)
+            return False
+        changed = self._commit(self._select(scores, self.death_rate(step), step), step)
+        self.check_consistency()
+        self.log_fn(self.record("update"))
+        return changed
+
+    def _select(self, scores: UpdateScores, rate: float, step: int) -> dict[str, torch.Tensor]:
+        """SViTE's per-layer rule: ``ceil(rate * active)`` active units die by the death rule (none in a frozen
+        layer), then each layer grows its ``_allocate``d count among its inactive units (just-dropped ones included)
+        by the growth scores. Returns the new unit masks."""
+        units, active = self._units(), self._active_counts()
+        kept, dropped = {}, {}
+        for name, mask in units.items():
+            count = 0 if name in scores.frozen else active[name]
+            dropped[name] = min(count, math.ceil(rate * count))
+            death = self._death_rule(scores.death(name), mask, dropped[name], self._tie_seeds(name, step)[0])
+            kept[name] = mask & ~death
+        counts = self._allocate(dropped, scores.frozen)
+        for name, mask in kept.items():
+            mask |= grow_highest(scores.growth(name), ~mask, counts[name], self._tie_seeds(name, step)[1])
+        return kept
+
+    @abstractmethod
+    def _units(self) -> Mapping[str, torch.Tensor]:
+        """Layer name -> its live bool unit mask (True = active)."""
+
+    @abstractmethod
+    def _active_counts(self) -> Mapping[str, int]:
+        """Layer name -> active units now."""
+
+    @abstractmethod
+    def _read_window(self, step: int) -> UpdateScores | None:
+        """The scores of this update, or None (after logging why) when they are not usable and the update is
+        skipped."""
+
+    @abstractmethod
+    def _tie_seeds(self, name: str, step: int) -> tuple[int, int]:
+        """Seeds of the order among tied death and growth scores of layer ``name`` at ``step``."""
+
+    def _allocate(self, dropped: dict[str, int], frozen: frozenset[str]) -> dict[str, int]:
+        """How many units each layer grows: by default exactly what it lost, so every layer keeps its count."""
+        return dropped
+
+    @abstractmethod
+    def _commit(self, new: dict[str, torch.Tensor], step: int) -> bool:
+        """Make ``new`` (layer name -> unit mask) the topology: masks, explored masks, weights, optimizer state.
+        True when some unit changed."""
 
     @abstractmethod
     def record(self, event: str = "report") -> dict[str, Any]:
@@ -156,6 +241,36 @@ class ScheduledMasks(ABC):
     def check_consistency(self) -> None:
         """Raise RuntimeError unless every torch.distributed rank holds the same masks (no-op when not distributed)."""
         check_masks_agree(self.mask_set, self._step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and explored masks (CPU bool tensors keyed by FQN), step, death-rate state, seed, config and what
+        the granularity adds (``_own_state``).
+
+        Only plain tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it.
+        """
+        return {**self._schedule_state(), **self._own_state()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output. Load the model and optimizer first: the masks are re-applied to the
+        loaded weights.
+
+        Raises:
+            ValueError: for another method's state, or one made with other settings or for other tensors.
+        """
+        self._check_state_format(state)
+        self._load_own_state(state)
+        self._load_schedule_state(state)
+        self.check_consistency()
+        self.log_fn(self.record("resume"))
+
+    def _own_state(self) -> dict[str, Any]:
+        """What the granularity saves besides the masks and the schedule; nothing by default."""
+        return {}
+
+    @abstractmethod
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        """Load the masks (``mask_set.load_state_dict``) and what ``_own_state`` saved, checking they fit."""
 
     def _schedule_state(self) -> dict[str, Any]:
         """Masks, explored masks, step, death-rate state, seed and config: plain values ``weights_only`` reads."""

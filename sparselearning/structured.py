@@ -1,17 +1,17 @@
 """Structured dynamic sparse training (S²ViTE): SViTE's prune-and-grow loop on whole attention heads and MLP neurons.
 
-Only the granularity differs from ``Masking``. A unit is a set of tensor slices: a head's q, k and v rows, or a
-neuron's fc1 row and fc2 column. Every group of units gets one score per unit. The rest is shared: the exact-count
-selection (``drop_lowest``, ``grow_highest``), the schedule, ``MaskSet`` enforcement and the digest all-reduce.
-This package never imports the model code. The model side (``models.structure_units``) describes the units as plain
-dicts of FQNs and axes, and it supplies per-head scores collected by hooks.
+Only the granularity differs from ``Masking``: a unit is a set of tensor slices (``sparselearning.units``: a head's q,
+k and v rows, a neuron's fc1 row and fc2 column), every group of units gets one score per unit from the score window
+(``sparselearning.unit_scores``), and regrown units get fresh input rows and a restart of their gated optimizer state
+(``sparselearning.optimizer_state``). The update loop, the schedule, ``MaskSet`` enforcement and the digest all-reduce
+are the shared ones (``sparselearning.scheduled``). This package never imports the model code. The model side
+(``models.structure_units``) describes the units as plain dicts of FQNs and axes, and it supplies per-head scores
+collected by hooks.
 """
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -21,101 +21,19 @@ from torch import nn
 from sparselearning.config import SparsityConfig
 from sparselearning.criteria import derive_seed, drop_lowest, grow_highest, random_scores, topk_mask
 from sparselearning.masks import MaskSet, unwrap_model
-from sparselearning.scheduled import LogFn, ScheduledMasks, collective_device
+from sparselearning.metrics import UnitCount, unit_record
+from sparselearning.optimizer_state import restart_gated_entries
+from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores
+from sparselearning.unit_scores import HeadScores, UnitScoreWindow
+from sparselearning.units import UnitGroup, UnitSlice, expand_units, unit_l1, unit_positions
+
+__all__ = ["HeadScores", "StructureSource", "StructuredDST", "UnitGroup", "UnitSlice", "expand_units", "swap_units",
+           "unit_l1", "unit_positions"]
 
 logger = logging.getLogger(__name__)
 
-UNIT_KINDS = ("head", "neuron")
-SLICE_ROLES = ("in", "bias", "out")
-GATED_SECOND_MOMENT = 1e-3
-"""An Adam second moment below this fraction of the squared gradient marks an entry whose gradient was gated while its
-unit was pruned; a valid running mean of g² is practically never that far below one sample of g²."""
 REGROWTH_STD = 0.02
 """Std of the fresh init of a regrown unit's input rows: timm's ``trunc_normal_(std=.02)`` for ViT Linear layers."""
-
-
-@dataclass(frozen=True)
-class UnitSlice:
-    """The part of one tensor that belongs to the units of a group.
-
-    Along ``dim`` the tensor holds ``sections`` consecutive blocks of ``num_units * width`` entries, and unit u owns
-    the ``width`` entries at offset ``u * width`` of every block. For example, a head owns one block of rows in each
-    of the q, k and v sections of ``qkv.weight``: 3 sections of H heads of head_dim rows.
-
-    Args:
-        param: parameter FQN.
-        dim: the axis the units split.
-        sections: blocks along ``dim``.
-        width: entries per unit per block.
-        role: ``in`` is an input-side weight: always masked, and freshly initialised when its unit regrows.
-            ``bias`` is an input-side bias, masked unless in compat mode. ``out`` is an output-side weight (``proj``
-            columns, ``fc2`` columns): left unmasked, so a pruned unit still receives an informative gradient at its
-            output. Only compat mode masks the fc2 columns of neurons, as SViTE did.
-    """
-
-    param: str
-    dim: int
-    sections: int
-    width: int
-    role: str
-
-
-@dataclass(frozen=True)
-class UnitGroup:
-    """One block's heads or one block's MLP neurons.
-
-    Args:
-        name: FQN of the owning module (``blocks.3.attn``); keys scores, records and random draws.
-        kind: ``head`` or ``neuron``.
-        num_units: heads or hidden neurons in the block.
-        slices: the tensor slices that make up the units.
-    """
-
-    name: str
-    kind: str
-    num_units: int
-    slices: tuple[UnitSlice, ...]
-
-    @classmethod
-    def from_dict(cls, spec: Mapping[str, Any]) -> UnitGroup:
-        """Parse the plain-dict form a model adapter returns (``models.structure_units(model).groups``)."""
-        slices = tuple(UnitSlice(str(s["param"]), int(s["dim"]), int(s["sections"]), int(s["width"]), str(s["role"]))
-                       for s in spec["slices"])
-        group = cls(str(spec["name"]), str(spec["kind"]), int(spec["num_units"]), slices)
-        if group.kind not in UNIT_KINDS or group.num_units < 1:
-            raise ValueError(f"unit group {group.name}: kind must be one of {UNIT_KINDS} with at least one unit, "
-                             f"got {group.kind!r} with {group.num_units}")
-        if any(s.role not in SLICE_ROLES for s in slices) or not any(s.role == "in" for s in slices):
-            raise ValueError(f"unit group {group.name}: roles must be in {SLICE_ROLES}, with at least one 'in' slice")
-        return group
-
-    @property
-    def primary(self) -> UnitSlice:
-        """The first input-side slice; its mask says which units are active."""
-        return next(s for s in self.slices if s.role == "in")
-
-
-class HeadScores(Protocol):
-    """Per-head sums over the committed steps since the last reset, filled by hooks on the model
-    (``models.HeadStats``)."""
-
-    def sums(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Group name -> ``taylor`` and ``grad_l1`` (per-head sums over samples) and ``samples`` (a 0-d count)."""
-
-    def commit(self, found_inf: torch.Tensor | None) -> None:
-        """Add the step just taken to the window unless ``found_inf`` (a device tensor) says it was skipped."""
-
-    def remove(self) -> None:
-        """Uninstall the hooks."""
-
-    def reset(self) -> None:
-        """Start a new window."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The running sums, for an exact resume."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``."""
 
 
 class StructureSource(Protocol):
@@ -127,41 +45,13 @@ class StructureSource(Protocol):
         """Install the score hooks (only structured runs call this) and return the object they fill."""
 
 
-def unit_positions(spec: UnitSlice, num_units: int, units: torch.Tensor) -> torch.Tensor:
-    """Indices along ``spec.dim`` of the entries owned by ``units`` (int64 unit ids), section by section."""
-    sections = torch.arange(spec.sections)[:, None, None] * (num_units * spec.width)
-    offsets = units.reshape(1, -1, 1).cpu() * spec.width + torch.arange(spec.width)[None, None, :]
-    return (sections + offsets).reshape(-1)
-
-
-def expand_units(unit_mask: torch.Tensor, spec: UnitSlice, shape: Sequence[int]) -> torch.Tensor:
-    """The full-tensor bool mask of a slice whose units are on where ``unit_mask`` (shape [num_units]) is True."""
-    moved = [shape[spec.dim], *(size for i, size in enumerate(shape) if i != spec.dim)]
-    rest = math.prod(moved[1:])
-    full = unit_mask.reshape(1, -1, 1, 1).expand(spec.sections, unit_mask.numel(), spec.width, rest)
-    return full.reshape(moved).movedim(0, spec.dim).contiguous()
-
-
-def unit_l1(tensor: torch.Tensor, spec: UnitSlice, num_units: int) -> torch.Tensor:
-    """Per-unit L1 norm, in float32 (float64 for a float64 tensor), of the entries a slice owns in ``tensor`` (shape
-    [num_units]); a bool mask gives its active entries per unit."""
-    if not tensor.is_floating_point():
-        tensor = tensor.float()
-    other = [i for i in range(tensor.dim()) if i != spec.dim]
-    if other:
-        per_entry = torch.linalg.vector_norm(tensor, ord=1, dim=other,
-                                             dtype=torch.promote_types(tensor.dtype, torch.float32))
-    else:
-        per_entry = tensor.abs().float()
-    return per_entry.reshape(spec.sections, num_units, spec.width).sum(dim=(0, 2))
-
-
 def swap_units(active: torch.Tensor, death_scores: torch.Tensor, growth_scores: torch.Tensor, n: int,
                tie_seed: int | None = None) -> torch.Tensor:
     """SViTE's structured update of one group: the ``n`` active units with the lowest death scores leave, then the
     ``n`` inactive units with the highest growth scores join. Units that just left count as inactive.
 
-    Counts are exact, so the active count never changes. Tied scores are taken in an order drawn from ``tie_seed``
+    It is what the shared loop (``ScheduledMasks._select``) does to each group of a ``StructuredDST``, as one pure
+    function. Counts are exact, so the active count never changes. Tied scores are taken in an order drawn from ``tie_seed``
     (by unit index when None), so the result is a pure function of the inputs and the seed. The original code grew
     every unit whose score reached the n-th best score. When fewer than n units had a nonzero score, that threshold
     was 0, and the whole layer became dense.
@@ -204,7 +94,7 @@ class StructuredDST(ScheduledMasks):
     gradient. ``compat=True`` keeps SViTE's quirks: unmasked biases, fc2 columns masked, and zero-initialised
     regrowth. The optimizer state is kept through updates, except that Adam entries of a joined unit whose gradient
     was gated while it was pruned (its q and k rows) restart from their first gradient at the next step (a pre-step
-    hook; see ``_restart_joined_units``).
+    hook; see ``sparselearning.optimizer_state``).
 
     Args:
         model: the model (DDP or compiled wrappers are fine; FQNs are those of the wrapped module).
@@ -252,6 +142,7 @@ class StructuredDST(ScheduledMasks):
             atten_head=atten_head, atten_density=atten_density, other_density=other_density, structure_compat=compat,
         )
         self._start_schedule(optimizer, total_steps, seed, log_fn)
+        self._death_rule = drop_lowest
         self._swapped = {"head": 0, "neuron": 0}
 
         net = unwrap_model(model)
@@ -268,18 +159,8 @@ class StructuredDST(ScheduledMasks):
         self._enforce(MaskSet({name: self.params[name] for name in masks}, masks), "structured sparsity", model)
         self.active = active
 
-        self.stats = units.attach_stats()
-        missing = [g.name for g in self.groups if g.kind == "head" and g.name not in self.stats.sums()]
-        if missing:
-            raise ValueError(f"the head-score hooks cover no statistics for {missing}")
-        device = self.params[self.groups[0].primary.param].device
-        self._grad_sums: dict[str, torch.Tensor] = {}
-        self._grad_steps = torch.zeros((), dtype=torch.float64, device=device)
-        if growth == "gradient":
-            for g in self.groups:
-                if g.kind == "neuron":
-                    self._grad_sums[g.name] = torch.zeros(g.num_units, dtype=torch.float64, device=device)
-        self._window_hook = optimizer.register_step_post_hook(self._accumulate_window)
+        self.window = UnitScoreWindow(self.groups, self.params, units.attach_stats(), optimizer, growth)
+        self.stats = self.window.stats
         self._joined: dict[str, torch.Tensor] = {}
         self._restart_hook = optimizer.register_step_pre_hook(self._restart_joined_units)
         self.check_consistency()
@@ -356,113 +237,38 @@ class StructuredDST(ScheduledMasks):
 
     # ------------------------------------------------------------------------------------------------ training
 
-    @torch.no_grad()
-    def _accumulate_window(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
-                           kwargs: dict[str, Any]) -> None:
-        """Optimizer post-step hook: add this step's head scores and per-neuron gradient L1 norms to the window.
+    def _units(self) -> dict[str, torch.Tensor]:
+        return self.active
 
-        A step that GradScaler skipped must not count. A non-fused optimizer is then not stepped (this hook does not
-        run), and a fused one runs with ``optimizer.found_inf`` set, its kernel skipping internally; the statistics
-        are then masked out on the device with ``torch.where``, without a host sync. Gradients are unscaled here:
-        the optimizer has run (a fused kernel writes the unscaled gradients back).
-        """
-        found_inf = getattr(optimizer, "found_inf", None)
-        self.stats.commit(found_inf)
-        if self._grad_sums:
-            self._accumulate_gradients(found_inf)
+    def _active_counts(self) -> dict[str, int]:
+        return {name: int(active.sum()) for name, active in self.active.items()}
 
-    def _accumulate_gradients(self, found_inf: torch.Tensor | None) -> None:
-        """Per-neuron gradient L1 norms of this step into the window; the whole step is left out if any norm is not
-        finite or ``found_inf`` is set."""
-        norms = {}
-        for g in self.groups:
-            if g.name in self._grad_sums:
-                per_slice = [unit_l1(grad, s, g.num_units) for s in g.slices
-                             if s.role != "bias" and (grad := self.params[s.param].grad) is not None]
-                if per_slice:
-                    norms[g.name] = torch.stack(per_slice).double().sum(0)
-        if not norms:
-            return
-        device = next(iter(norms.values())).device
-        if self._grad_steps.device != device:  # the model moved: the window follows
-            self._grad_steps = self._grad_steps.to(device)
-            self._grad_sums = {name: total.to(device) for name, total in self._grad_sums.items()}
-        keep = torch.isfinite(torch.cat(list(norms.values()))).all()
-        if found_inf is not None:
-            keep &= found_inf.to(device) == 0
-        for name, norm in norms.items():
-            self._grad_sums[name] += torch.where(keep, norm, 0.0)
-        self._grad_steps += keep
+    def _tie_seeds(self, name: str, step: int) -> tuple[int, int]:
+        """The seeds ``swap_units`` derives from ``derive_seed(seed, group, step, "ties")``."""
+        ties = derive_seed(self.seed, name, step, "ties")
+        return derive_seed(ties, "death"), derive_seed(ties, "growth")
 
-    def _window_scores(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-        """Death and growth scores per group (float64 on CPU), averaged over the window and all-reduced across ranks.
-
-        Returns None, after logging and recording the skip, when the window holds no finite statistics.
-        """
-        sums = self.stats.sums()
-        heads = [g for g in self.groups if g.kind == "head"]
-        parts = [sums[g.name][key].reshape(-1) for g in heads for key in ("taylor", "grad_l1", "samples")]
-        parts += [self._grad_sums[name] for name in self._grad_sums]
-        parts.append(self._grad_steps.reshape(1))
-        flat = torch.cat([p.detach().to("cpu", torch.float64) for p in parts])
-        if dist.is_available() and dist.is_initialized():
-            flat = flat.to(collective_device())
-            dist.all_reduce(flat)
-            flat = flat.cpu()
-        values = iter(flat.split([p.numel() for p in parts]))
-        death: dict[str, torch.Tensor] = {}
-        growth: dict[str, torch.Tensor] = {}
-        counts = []
-        for g in heads:
-            taylor, grad_l1, samples = next(values), next(values), next(values)
-            death[g.name], growth[g.name] = taylor / samples, grad_l1 / samples
-            counts.append(samples)
-        grad_sums = {name: next(values) for name in self._grad_sums}
-        grad_steps = next(values)
-        for g in self.groups:
-            if g.kind == "neuron":
-                magnitude = sum(unit_l1(self.params[s.param], s, g.num_units) for s in g.slices if s.role != "bias")
-                death[g.name] = magnitude.to("cpu", torch.float64)
-                if g.name in grad_sums:
-                    growth[g.name] = grad_sums[g.name] / grad_steps
-                    counts.append(grad_steps)
-            if self.config.growth == "random":
-                growth[g.name] = random_scores((g.num_units,), derive_seed(self.seed, g.name, step, "grow")).double()
-        scores = torch.cat([*death.values(), *growth.values()])
-        if min((float(c) for c in counts), default=1.0) <= 0 or not bool(torch.isfinite(scores).all()):
+    def _read_window(self, step: int) -> UpdateScores | None:
+        """The window's scores; the window restarts whether they are used or not."""
+        scores = self.window.read(step, self.seed)
+        self.window.reset()
+        if scores is None:
             logger.warning("sparsity: no finite head/neuron statistics or non-finite weights at step %d; structured "
                            "update skipped", step)
-            self.skipped_updates.append(step)
             return None
-        return death, growth
-
-    def _reset_window(self) -> None:
-        self.stats.reset()
-        for total in self._grad_sums.values():
-            total.zero_()
-        self._grad_steps.zero_()
-
-    @torch.no_grad()
-    def _update(self, step: int) -> bool:
-        """One topology update: swap units in every group, re-mask, initialise regrown units, mark them for an
-        optimizer-state restart at the next step, restart the score window, check agreement across ranks and log."""
-        scores = self._window_scores(step)
-        self._reset_window()
-        if scores is None:
-            return False
         death, growth = scores
-        rate = self.death_rate(step)
-        changed: dict[str, torch.Tensor] = {}
-        fresh: dict[str, torch.Tensor] = {}
+        return UpdateScores(death=death.__getitem__, growth=growth.__getitem__)
+
+    def _commit(self, new: dict[str, torch.Tensor], step: int) -> bool:
+        """Re-mask the unit slices, initialise regrown units and mark them for an optimizer-state restart at the
+        next step."""
+        changed, fresh = {}, {}
         self._swapped = {"head": 0, "neuron": 0}
         for g in self.groups:
             old = self.active[g.name]
-            active = int(old.sum())
-            new = swap_units(old, death[g.name], growth[g.name], min(active, math.ceil(rate * active)),
-                             derive_seed(self.seed, g.name, step, "ties"))
-            changed[g.name], fresh[g.name] = old ^ new, new & ~old
+            changed[g.name], fresh[g.name] = old ^ new[g.name], new[g.name] & ~old
             self._swapped[g.kind] += int(fresh[g.name].sum())
-            self.active[g.name] = new
+            self.active[g.name] = new[g.name]
         for g, s in self.masked:
             mask = self.mask_set.masks[s.param]
             mask.copy_(expand_units(self.active[g.name].to(mask.device), s, mask.shape))
@@ -471,17 +277,14 @@ class StructuredDST(ScheduledMasks):
         if not self.config.structure_compat:
             self._initialise(fresh, step)
         self._joined = {name: units.cpu() for name, units in fresh.items() if bool(units.any())}
-        self.check_consistency()
-        self.log_fn(self.record("update"))
         return any(bool(c.any()) for c in changed.values())
 
     def remove(self) -> None:
         """Detach the mask enforcement, the window and restart hooks on the optimizer and the head-score hooks on the
         model."""
         super().remove()
-        self._window_hook.remove()
+        self.window.remove()
         self._restart_hook.remove()
-        self.stats.remove()
 
     def _initialise(self, fresh: dict[str, torch.Tensor], step: int) -> None:
         """Give units that were inactive before this update fresh input rows, as a new timm Linear would get them.
@@ -504,101 +307,31 @@ class StructuredDST(ScheduledMasks):
                 values = nn.init.trunc_normal_(torch.empty(shape), std=REGROWTH_STD, generator=generator)
                 param.index_copy_(s.dim, index.to(param.device), values.to(param.device, param.dtype))
 
-    @torch.no_grad()
     def _restart_joined_units(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
                               kwargs: dict[str, Any]) -> None:
-        """Pre-step hook, on the first optimizer step after an update: Adam state entries of the units that joined
-        whose gradient was gated while the unit was pruned restart from this step's gradient (``exp_avg`` = g,
-        ``exp_avg_sq`` = g², so this step is Adam's bias-corrected first step, sign(g) * lr). The rest of the
-        optimizer state is kept, as in ``Masking``.
-
-        Why: a pruned unit's own zero weights gate the gradient of some of its input rows (a pruned head's q and k
-        rows get none), so their second moment is zero or decayed while AdamW's per-tensor ``step`` has long ended
-        the bias correction: kept or zeroed, such rows stepped about 2x more than the survivors. Entries with a valid
-        second moment (v rows, fc1 rows: dense gradients) keep it. SGD's momentum is zero where the gradient was
-        gated, which is how torch starts a new buffer, so it is kept too. Under GradScaler with a fused optimizer the
-        gradients are still scaled here and the step may be skipped: they are unscaled with
-        ``optimizer.grad_scale``, and nothing changes where ``optimizer.found_inf`` is set.
-        """
+        """Pre-step hook, on the first optimizer step after an update: the masked slices of the units that joined
+        restart their gated Adam entries from this step's gradient (``optimizer_state.restart_gated_entries``)."""
         if not self._joined:
             return
-        scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
-        for g in self.groups:
+        for g, s in self.masked:
             joined = self._joined.get(g.name)
-            if joined is None:
-                continue
-            for s in g.slices:
+            if joined is not None:
                 param = self.params[s.param]
-                state = optimizer.state.get(param)
-                if not self._is_masked(g, s) or not state or param.grad is None:
-                    continue
-                where = expand_units(joined.to(param.device), s, param.shape)
-                if found_inf is not None:
-                    where = where & (found_inf.to(param.device) == 0)
-                second = state.get("exp_avg_sq")
-                if not isinstance(second, torch.Tensor) or second.shape != param.shape:
-                    continue  # not Adam-like: SGD's momentum is zero where the gradient was gated, torch's own start
-                grad = param.grad.float() if scale is None else param.grad.float() / scale.to(param.device)
-                square = grad.square()
-                where = where & (second < GATED_SECOND_MOMENT * square)
-                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    value = state.get(key)
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value.copy_(torch.where(where, (grad if key == "exp_avg" else square).to(value.dtype), value))
+                restart_gated_entries(optimizer, param, expand_units(joined.to(param.device), s, param.shape))
         self._joined = {}
 
     # ------------------------------------------------------------------------------------------------ reporting
 
-    def _unit_counts(self, group: UnitGroup) -> tuple[int, int]:
-        """(active units, units ever active) of a group."""
-        fired = unit_l1(self.mask_set.fired[group.primary.param], group.primary, group.num_units) > 0
-        return int(self.active[group.name].sum()), int(fired.sum())
-
     def record(self, event: str = "report") -> dict[str, Any]:
-        """The current topology as a plain dict that ``format_table`` prints and JSON stores.
-
-        ``layers`` has one row per block and kind (``blocks.3.attn.heads``: shape [H], nonzero = heads kept).
-        ``density`` and ``explored_rate`` are weighted by parameters over all unit slices (masked or not).
-        ``nonzero_parameters`` is the parameter count of the compacted model. ``explored_heads`` and
-        ``explored_neurons`` are the fractions of units ever active. ``swapped_*`` counts the units that joined in
-        the last update.
-        """
-        layers: dict[str, dict[str, Any]] = {}
-        kept: dict[str, list[int]] = {"head": [], "neuron": []}
-        units = {"head": [0, 0], "neuron": [0, 0]}  # total, explored
-        unit_params = active_params = explored_params = 0
+        """The current topology as a ``unit_record`` (per block and kind, plus totals)."""
+        groups = []
         for g in self.groups:
-            active, explored = self._unit_counts(g)
-            per_unit = sum(self.params[s.param].numel() for s in g.slices) // g.num_units
-            unit_params += per_unit * g.num_units
-            active_params += per_unit * active
-            explored_params += per_unit * explored
-            kept[g.kind].append(active)
-            units[g.kind][0] += g.num_units
-            units[g.kind][1] += explored
-            label = f"{g.name}.{'heads' if g.kind == 'head' else 'neurons'}"
-            layers[label] = {"shape": [g.num_units], "nonzero": active, "numel": g.num_units,
-                             "density": active / g.num_units}
-        nonzero = self.total_parameters - unit_params + active_params
-        return {
-            "event": event,
-            "step": self._step,
-            "death_rate": self.death_rate(self._step),
-            "pruning_type": "structure",
-            "layers": layers,
-            "density": active_params / unit_params,
-            "density_all": nonzero / self.total_parameters,
-            "explored_rate": explored_params / unit_params,
-            "nonzero_parameters": nonzero,
-            "unit_parameters": unit_params,
-            "total_parameters": self.total_parameters,
-            "heads_kept": kept["head"],
-            "neurons_kept": kept["neuron"],
-            "explored_heads": units["head"][1] / max(units["head"][0], 1),
-            "explored_neurons": units["neuron"][1] / max(units["neuron"][0], 1),
-            "swapped_heads": self._swapped["head"],
-            "swapped_neurons": self._swapped["neuron"],
-        }
+            fired = unit_l1(self.mask_set.fired[g.primary.param], g.primary, g.num_units) > 0
+            size = sum(self.params[s.param].numel() for s in g.slices) // g.num_units
+            active = int(self.active[g.name].sum())
+            groups.append(UnitCount(g.name, g.kind, g.num_units, size, active, int(fired.sum())))
+        return unit_record(event, self._step, self.death_rate(self._step), groups, self.total_parameters,
+                           self._swapped)
 
     def report(self) -> dict[str, float]:
         """Scalars for the epoch log: density, density_all, explored_rate, nonzero_parameters, death_rate, heads_kept
@@ -612,29 +345,16 @@ class StructuredDST(ScheduledMasks):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        """Masks and explored masks (CPU bool, by FQN), the open score window, step, seed and config.
+    def _own_state(self) -> dict[str, Any]:
+        """The open score window and the units awaiting an optimizer-state restart. Active heads and neurons are not
+        stored separately: loading derives them from the masks, so the two can never disagree (SViTE saved the masks
+        but not its head list)."""
+        return {**self.window.state_dict(),
+                "joined_units": {name: units.clone() for name, units in self._joined.items()}}
 
-        Active heads and neurons are not stored separately; ``load_state_dict`` derives them from the masks, so the
-        two can never disagree (SViTE saved the masks but not its head list). Only plain tensors, numbers, strings,
-        lists and dicts, so ``torch.load(weights_only=True)`` reads it.
-        """
-        return {
-            **self._schedule_state(),
-            "head_stats": self.stats.state_dict(),
-            "grad_sums": {name: t.detach().to("cpu", copy=True) for name, t in self._grad_sums.items()},
-            "grad_steps": int(self._grad_steps),
-            "joined_units": {name: units.clone() for name, units in self._joined.items()},
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output; load the model and optimizer first (the masks are re-applied).
-
-        Raises:
-            ValueError: for another method's state, a different compat mode, or masks that do not cover whole units.
-        """
-        self._check_state_format(state)
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        """Masks, active units, window and pending restart; a ValueError for a different compat mode, or masks that
+        do not cover whole units."""
         saved_compat = bool(state["config"].get("structure_compat"))
         if saved_compat != self.config.structure_compat:
             raise ValueError(f"the checkpoint was trained with structure_compat={saved_compat}, which masks other "
@@ -654,11 +374,5 @@ class StructuredDST(ScheduledMasks):
                                                                          self.params[s.param].shape)):
                     raise ValueError(f"the checkpoint's masks of {g.name} disagree about which units are active")
         self.active = active
-        self.stats.load_state_dict(state["head_stats"])
-        for name, total in self._grad_sums.items():
-            total.copy_(state["grad_sums"][name])
-        self._grad_steps.fill_(int(state["grad_steps"]))
+        self.window.load_state_dict(state)
         self._joined = {name: units.clone() for name, units in state.get("joined_units", {}).items()}
-        self._load_schedule_state(state)
-        self.check_consistency()
-        self.log_fn(self.record("resume"))
