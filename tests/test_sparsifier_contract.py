@@ -161,14 +161,14 @@ def test_an_update_leaves_the_optimizer_state_alone(case: Case) -> None:
     run = make(case)
     train(run, range(1, UPDATE_FREQUENCY))
     before_masks = masked_entries(case, run.sparsifier)
-    changed = []
+    before_update = []
 
     def snapshot(step: int) -> None:
-        changed.append({p: {k: v.clone() for k, v in s.items()} for p, s in run.optimizer.state.items()})
+        before_update.append({p: {k: v.clone() for k, v in s.items()} for p, s in run.optimizer.state.items()})
 
     assert train(run, [UPDATE_FREQUENCY], snapshot) == [UPDATE_FREQUENCY]
     assert differs(before_masks, masked_entries(case, run.sparsifier)), "non-vacuous: the masks moved"
-    for param, state in changed[0].items():
+    for param, state in before_update[0].items():
         for key, value in state.items():
             assert torch.equal(run.optimizer.state[param][key], value), key
 
@@ -186,7 +186,7 @@ def parts(name: str, shape: torch.Size) -> dict[str, torch.Tensor]:
     return {kind: torch.ones(shape, dtype=torch.bool)}
 
 
-def in_line(optimizer: str, part: str, ratio: float) -> bool:
+def in_line(optimizer: str, ratio: float) -> bool:
     """Within 1.5x of the survivors. Adam's steps are scale-free, so both ways; plain SGD's steps scale with the
     gradient, and a regrown head's small fresh q/k rows genuinely get a small gradient, so only from above."""
     return ratio <= 1.5 and (optimizer.startswith("sgd") or ratio >= 1 / 1.5)
@@ -228,7 +228,8 @@ def test_regrown_weights_step_like_survivors(case: Case, optimizer: str) -> None
             for name in old:
                 if not name.endswith("weight"):
                     continue
-                regrown, kept = old[name] & ~new.get(name, torch.zeros_like(old[name])), ~old[name] & ~new[name]
+                now = new.get(name, torch.zeros_like(old[name]))
+                regrown, kept = old[name] & ~now, ~old[name] & ~now
                 for part, section in parts(name, old[name].shape).items():
                     sets.setdefault(part, []).append((name, regrown & section))
                     sets.setdefault(part + " survivors", []).append((name, kept & section))
@@ -237,7 +238,7 @@ def test_regrown_weights_step_like_survivors(case: Case, optimizer: str) -> None
     assert regrown_parts, "non-vacuous: the update regrew entries"
     for part in regrown_parts:
         ratio = totals[part] / totals[part + " survivors"]
-        assert in_line(optimizer, part, ratio), f"{optimizer}: regrown {part} move {ratio:.2f}x the survivors' step"
+        assert in_line(optimizer, ratio), f"{optimizer}: regrown {part} move {ratio:.2f}x the survivors' step"
 
 
 # ---------------------------------------------------------------------------------------------- DDP
