@@ -1,4 +1,7 @@
-"""Shared test setup: one thread (results and timings independent of machine load), repo root importable."""
+"""Shared test setup: one thread (results and timings independent of machine load), repo root importable, and the
+`slow` marker kept honest: a test that starts a subprocess (main.py through `run_main`, torchrun, bash, pip) must be
+marked `@pytest.mark.slow`, so that `bash cmd/test.sh --fast` (`-m "not slow"`) leaves it out; an unmarked one fails
+at its first subprocess."""
 from __future__ import annotations
 
 import os
@@ -12,6 +15,31 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
+
+_running: pytest.Item | None = None  # the test being set up, run or torn down (module fixtures included)
+_start_process = subprocess.Popen.__init__
+
+
+def _start_process_if_slow(self: subprocess.Popen, *args, **kwargs) -> None:
+    if _running is not None and _running.get_closest_marker("slow") is None:
+        command = args[0] if args else kwargs.get("args")
+        pytest.fail(f"{_running.nodeid} starts a subprocess ({command!r:.120}) but is not marked slow; add "
+                    "@pytest.mark.slow (or `pytestmark = pytest.mark.slow` for a whole module) so that "
+                    "`cmd/test.sh --fast` leaves it out", pytrace=False)
+    _start_process(self, *args, **kwargs)
+
+
+subprocess.Popen.__init__ = _start_process_if_slow
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    global _running
+    _running = item
+    try:
+        return (yield)
+    finally:
+        _running = None
 
 
 def run_main(*flags: str, cwd: Path = ROOT, timeout: float = 300, check: bool = True,

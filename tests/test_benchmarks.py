@@ -123,6 +123,7 @@ def test_every_mode_runs_and_writes_timm_columns(mode: str, tmp_path: Path) -> N
     assert mode in csv_path.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_entry_point_runs_from_the_repo_root_and_appends(tmp_path: Path) -> None:
     csv_path = tmp_path / "bench.csv"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -164,6 +165,7 @@ def test_suite_measures_every_kind_at_two_batches_and_tabulates_speedups_against
     assert table.count("| vit_digits_micro |") == len(rows)
 
 
+@pytest.mark.slow  # torch.compile's inductor runs the C++ compiler
 def test_suite_compiles_where_the_device_can(tmp_path: Path) -> None:
     if env.compile_unsupported_reason(torch.device("cpu")):
         pytest.skip(env.compile_unsupported_reason(torch.device("cpu")))

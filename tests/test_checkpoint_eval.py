@@ -314,6 +314,7 @@ class _CreatesAFile:
         return (Path.touch, (self.target,))
 
 
+@pytest.mark.slow
 def test_a_malicious_pickle_is_refused_and_its_code_never_runs(tmp_path: Path) -> None:
     target = tmp_path / "pwned"
     payload = {"model": micro_model().state_dict(), "args": _CreatesAFile(target)}
@@ -337,6 +338,7 @@ def test_only_argparse_namespace_is_allowed_beyond_tensors(tmp_path: Path) -> No
         load_checkpoint(tmp_path / "re.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "truncated", "text", "no_weights"])
 def test_bad_checkpoint_files_get_clear_errors(tmp_path: Path, case: str) -> None:
     path = tmp_path / "bad.pth"

@@ -88,6 +88,7 @@ def test_every_paper_script_has_a_table_row() -> None:
     assert set(PAPER_SCRIPTS) == set(EXPECTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER_SCRIPTS)
 def test_dry_run_launches_the_configuration(name: str) -> None:
     torchrun, args = launch(name)
@@ -110,6 +111,7 @@ def test_dry_run_launches_the_configuration(name: str) -> None:
         assert sparse_cfg.structured == (args.pruning_type == "structure_new")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER_SCRIPTS)
 def test_flags_build_a_valid_run(name: str) -> None:
     """What main.main checks before it loads data: the configs build, and the model takes the heads and tokens."""
@@ -126,11 +128,13 @@ def test_flags_build_a_valid_run(name: str) -> None:
             models.apply_token_selection(models.create_model(args.model), token_cfg)  # raises for k > N
 
 
+@pytest.mark.slow
 def test_output_dirs_are_unique() -> None:
     dirs = [parsed(name).output_dir for name in PAPER_SCRIPTS]
     assert len(set(dirs)) == len(dirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER_SCRIPTS)
 def test_bad_arguments_print_usage(name: str) -> None:
     for argv in ((DATA, "8"), ("--dry-run", DATA, "8"), ("--dry-run", DATA, "eight", OUT), ()):
@@ -138,6 +142,7 @@ def test_bad_arguments_print_usage(name: str) -> None:
         assert proc.returncode != 0 and "usage: bash" in proc.stderr and not proc.stdout, argv
 
 
+@pytest.mark.slow
 def test_num_gpus_sets_the_process_count_and_the_delta_t_hint() -> None:
     torchrun, _ = launch("svite_small_sparse50", "4")
     assert "--nproc_per_node=4" in torchrun
@@ -145,6 +150,7 @@ def test_num_gpus_sets_the_process_count_and_the_delta_t_hint() -> None:
     assert "--update_frequency 30000" in proc.stderr  # half the GPUs: twice the steps per epoch
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_extra_flags_override(tmp_path: Path) -> None:
     run_dir = tmp_path / "s2vite_small_sparse40"
     run_dir.mkdir()

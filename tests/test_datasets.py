@@ -357,6 +357,7 @@ def test_skip_unreadable_images_serves_the_next_image_and_counts(tmp_path):
     assert datasets.take_skipped_count() == 1 and datasets.take_skipped_count() == 0
 
 
+@pytest.mark.slow
 def test_unreadable_image_through_main_names_the_file_or_is_skipped_and_logged(tmp_path):
     import main as entry
     from conftest import TINY_RUN, run_main

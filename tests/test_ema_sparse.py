@@ -37,6 +37,7 @@ def run(request, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", list(RUNS), indirect=True)
 def test_ema_has_exactly_the_zero_pattern_of_the_masks(run: Path) -> None:
     ckpt = load_checkpoint(run / "checkpoint.pth")
@@ -50,6 +51,7 @@ def test_ema_has_exactly_the_zero_pattern_of_the_masks(run: Path) -> None:
     assert not torch.equal(ema["blocks.0.mlp.fc1.weight"], ckpt["model"]["blocks.0.mlp.fc1.weight"])  # a real EMA
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["structured"], indirect=True)
 def test_structured_ema_compacts_to_the_model_architecture(run: Path) -> None:
     ckpt = load_checkpoint(run / "checkpoint.pth")

@@ -48,6 +48,7 @@ def snippet(out: str, header: str) -> str:
     return block.split("\n\n", 1)[0]
 
 
+@pytest.mark.slow
 def test_printed_snippets_load_the_exported_models_with_equal_logits(tmp_path: Path, capsys) -> None:
     torch.manual_seed(0)
     deit = sparsify(timm.create_model("deit_tiny_patch16_224", num_classes=7, img_size=32))

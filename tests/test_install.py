@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 import sparselearning
@@ -35,6 +36,7 @@ def test_readme_loop_example_is_the_masking_docstring_example() -> None:
     assert "masking = Masking(model, optimizer" in readme and "masking.step(step)" in readme
 
 
+@pytest.mark.slow
 def test_pip_install_gives_only_sparselearning_and_the_readme_loop_runs(tmp_path: Path) -> None:
     source, target, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
     shutil.copytree(ROOT / "sparselearning", source / "sparselearning", ignore=shutil.ignore_patterns("__pycache__"))

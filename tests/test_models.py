@@ -38,6 +38,7 @@ def test_small_models_are_timm_vits(name: str) -> None:
     assert ours.blocks[0].attn.fused_attn, "attention must use scaled_dot_product_attention"
 
 
+@pytest.mark.slow
 def test_importing_project_changes_nothing_in_timm() -> None:
     code = (
         "import warnings; warnings.simplefilter('error');"

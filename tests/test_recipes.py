@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 import main
 from conftest import run_main
 from training import recipes
@@ -54,6 +56,7 @@ def test_loader_defaults_fit_this_machine() -> None:
     assert default.pin_mem is None  # resolved per device by the recipe step
 
 
+@pytest.mark.slow
 def test_digits_run_prints_and_records_its_recipe_without_loader_warnings(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = run_main("--model", "vit_digits_micro", "--data-set", "DIGITS", "--epochs", "1", "--batch-size", "32",

@@ -123,6 +123,7 @@ def updates_of(output_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["death_rate"]) for r in records if r and r["event"] == "update"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run,flags,listed", [
     ("sparse1", (*SPARSE, "--epochs", "1", "--density", "0.3"), ["--density: 0.5 → 0.3"]),
     ("dense2", ("--epochs", "1", "--density", "0.5", "--model", "vit_digits_tiny"),
@@ -141,6 +142,7 @@ def test_other_experiment_flags_stop_before_training(runs: dict[str, Path], run:
     assert ((runs[run] / "config.json").read_text(), (runs[run] / "checkpoint.pth").read_bytes()) == before
 
 
+@pytest.mark.slow
 def test_extending_epochs_rescales_every_schedule_to_the_longer_run(runs: dict[str, Path], tmp_path: Path) -> None:
     """1 epoch (44 steps) resumed with --epochs 3: lr, death rate, t_end and tau follow 132 steps from step 44 on.
 
@@ -164,6 +166,7 @@ def test_extending_epochs_rescales_every_schedule_to_the_longer_run(runs: dict[s
     assert ckpt["total_steps"] == 132 and ckpt["args"]["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_old_dense_checkpoint_extends_bit_exactly_with_other_runtime_flags(runs: dict[str, Path],
                                                                            tmp_path: Path) -> None:
     """A checkpoint without total_steps (written before it was recorded) resumed with --epochs 2, another

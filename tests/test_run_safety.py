@@ -56,6 +56,7 @@ def wait_for_line(proc: subprocess.Popen, pattern: str) -> None:
     raise AssertionError(f"the run ended before printing {pattern!r}: {proc.stderr.read()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_step_and_the_printed_command_resumes_bit_exactly(tmp_path: Path,
                                                                                 straight: Path) -> None:
     signum = signal.SIGINT  # SIGTERM takes the same path: test_sigterm_is_recorded_and_a_second_sigint_aborts
@@ -89,6 +90,7 @@ def test_sigterm_is_recorded_and_a_second_sigint_aborts() -> None:
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_auto_resume_is_bit_exact_and_clears_temp_files(tmp_path: Path, straight: Path) -> None:
     """--save-every-steps writes within the epoch; samples are seeded by position, so the worker count may change."""
     out = tmp_path / "run"
@@ -106,6 +108,7 @@ def test_kill_9_mid_epoch_then_auto_resume_is_bit_exact_and_clears_temp_files(tm
     assert_same_run(straight, out)
 
 
+@pytest.mark.slow
 def test_an_output_dir_holding_a_run_is_not_trained_into(tmp_path: Path) -> None:
     flags = (*TINY_RUN, "--epochs", "1", "--no-model-ema", "--output_dir", str(tmp_path))
     entry.main(entry.get_args_parser().parse_args(flags))
@@ -120,6 +123,7 @@ def test_an_output_dir_holding_a_run_is_not_trained_into(tmp_path: Path) -> None
     assert run_dir.checkpoint_to_resume(tmp_path / "new", "", True) == ""
 
 
+@pytest.mark.slow
 def test_a_second_process_is_stopped_by_the_lock_until_the_holder_dies(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from training import run_dir; run_dir.lock(Path(sys.argv[1])); print('held', "

@@ -14,6 +14,7 @@ from training import summary
 TABLE_HEADER = re.compile(r"^layer\s+shape\s+density\s+nonzero\s+numel$", re.M)
 
 
+@pytest.mark.slow
 def test_structured_run_ends_with_a_summary_in_one_count(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = run_main(*TINY_RUN, "--epochs", "1", "--pruning_type", "structure", "--atten_density", "0.5",

@@ -35,6 +35,7 @@ def trained(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_logs_deit_keys(trained: Path) -> None:
     log = read_log(trained)
     assert [r["epoch"] for r in log] == [0, 1, 2, 3, 4]
@@ -46,6 +47,7 @@ def test_training_lowers_the_loss_and_logs_deit_keys(trained: Path) -> None:
     assert log[-1]["test_images"] == 360
 
 
+@pytest.mark.slow
 def test_checkpoint_contents_load_safely(trained: Path) -> None:
     ckpt = torch.load(trained / "checkpoint.pth", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "scaler", "model_ema", "epoch", "step", "rng", "args",
@@ -57,6 +59,7 @@ def test_checkpoint_contents_load_safely(trained: Path) -> None:
     assert not list(trained.glob(".*.tmp")), "temporary files must not be left behind"
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_the_logged_accuracy(trained: Path) -> None:
     proc = run_main(*TINY_RUN, "--model", "vit_digits_tiny", "--eval", "--resume", str(trained / "checkpoint.pth"))
     top1 = float(re.search(r"top-1 ([\d.]+)%", proc.stdout).group(1))
@@ -70,6 +73,7 @@ SPARSE = ("--density", "0.5", "--sparse_init", "fixed_ERK", "--update_frequency"
 SPARSE_TOKENS = (*SPARSE, "--token_selection", "--token-ratio", "0.7", "--token-mode", "drop")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), SPARSE_TOKENS], ids=["dense", "sparse+tokens"])
 def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, extra: tuple[str, ...]) -> None:
     flags = (*TINY_RUN, "--epochs", "3", "--model-ema-decay", "0.9", "--num_workers", "1", *extra)
@@ -97,6 +101,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, extra: tuple[str, ...
     assert [r["train_loss"] for r in read_log(straight)] == [r["train_loss"] for r in read_log(killed)][-3:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), SPARSE_TOKENS], ids=["dense", "sparse+tokens"])
 def test_torchrun_two_processes_keep_identical_weights(tmp_path: Path, extra: tuple[str, ...]) -> None:
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -117,6 +122,7 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path: Path, extra: tu
     assert top1 == pytest.approx(log[-1]["test_acc1"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     # Epoch 0 trains at the warm-up lr; epoch 1 jumps to an absurd lr and the loss diverges.
     proc = run_main(*TINY_RUN, "--epochs", "4", "--lr", "1e9", "--warmup-epochs", "1", "--warmup-lr", "1e-6", "--no-model-ema",
@@ -145,12 +151,14 @@ def test_bad_input_gives_a_clear_error(flags: tuple[str, ...], error: type, mess
         entry.main(args)
 
 
+@pytest.mark.slow
 def test_unknown_dataset_lists_the_choices_without_a_traceback() -> None:
     proc = run_main(*TINY_RUN, "--data-set", "MNIST", check=False)
     assert proc.returncode == 2
     assert re.search(r"invalid choice: 'MNIST'.*DIGITS", proc.stderr) and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_for_another_model_lists_the_mismatch(trained: Path) -> None:
     proc = run_main(*TINY_RUN, "--eval", "--resume", str(trained / "checkpoint.pth"),
                     check=False)
@@ -159,6 +167,7 @@ def test_checkpoint_for_another_model_lists_the_mismatch(trained: Path) -> None:
     assert "the weights fit --model vit_digits_tiny" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_refused(tmp_path: Path, trained: Path) -> None:
     data = (trained / "checkpoint.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
@@ -166,6 +175,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path: Path, trained: Path) -> None:
     assert proc.returncode != 0 and "not a readable PyTorch checkpoint" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sparse_run_keeps_exact_layer_densities(tmp_path: Path) -> None:
     run_main(*TINY_RUN, "--epochs", "1", "--no-model-ema", "--output_dir", str(tmp_path), *SPARSE)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
@@ -199,6 +209,7 @@ def test_original_unstructured_flag_lines_parse_and_build_masks() -> None:
     assert densities["head.weight"] == pytest.approx(0.4182, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_cotrained_run_keeps_block_weights_sparse_and_selector_dense(tmp_path: Path) -> None:
     """The original's mask-index bug left SViTE+ runs dense; here the block weights must really be sparse."""
     run_main(*TINY_RUN, "--epochs", "1", "--no-model-ema", "--output_dir", str(tmp_path), *SPARSE_TOKENS)
@@ -216,6 +227,7 @@ STRUCTURED = ("--pruning_type", "structure_new", "--atten_head", "2", "--atten_d
               "--other_density", "0.5", "--update_frequency", "20", "--density", "0.5", "--sparse_init", "fixed_ERK")
 
 
+@pytest.mark.slow
 def test_structured_run_writes_a_compact_model_that_evaluates_identically(tmp_path: Path) -> None:
     run_main(*TINY_RUN, "--epochs", "1", "--no-model-ema", "--output_dir", str(tmp_path), *STRUCTURED)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
