@@ -33,11 +33,12 @@ from training.loaders import LoaderConfig, build_val_loader
 def get_args_parser() -> argparse.ArgumentParser:
     """The flags that matter for a checkpoint: main.py's groups for it, without the training ones."""
     parser = argparse.ArgumentParser("SViTE checkpoint tool: evaluate, inspect, compact and export checkpoints",
-                                     add_help=True)
+                                     add_help=True, conflict_handler="resolve")
     flags.add_checkpoint_args(parser)
     flags.add_model_args(parser)
     flags.add_method_args(parser)
     flags.add_runtime_args(parser)
+    flags.drop_training_flags(parser)
     return flags.finish(parser)
 
 
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {}
 
     data_cfg = datasets.DataConfig.from_args(args)
-    val_loader, num_classes = build_val_loader(data_cfg, LoaderConfig.from_args(args), proc.rank, proc.world)
+    loader_cfg = LoaderConfig(args.batch_size, args.num_workers, args.pin_mem, seed=args.seed)
+    val_loader, num_classes = build_val_loader(data_cfg, loader_cfg, proc.rank, proc.world)
     if contents is not None and num_classes != detection.num_classes:
         raise ValueError(f"{args.resume} classifies {detection.num_classes} classes but --data-set {args.data_set} "
                          f"has {num_classes}; evaluate it on the dataset it was trained for")

@@ -131,6 +131,31 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                         "sparse model.sparse.safetensors into DIR")
 
 
+# Flags of the shared data, sparsity and token groups that only training reads (augmentation, the topology-update
+# schedule, the temperature schedule): checkpoint_tool.py hides and refuses them.
+TRAINING_ONLY = ("color_jitter", "aa", "train_interpolation", "hflip", "reprob", "remode", "recount",
+                 "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule", "t_end",
+                 "atten_head", "structure_compat", "tau_schedule")
+
+
+class _TrainingOnly(argparse.Action):
+    """Stands in for a training flag in a parser that does not take it: hidden from --help, an error when given,
+    its default kept for the component configs that read every field."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: object = None, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs="*", default=default, help=argparse.SUPPRESS)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} is a training flag; checkpoint_tool.py does not take it (main.py does)")
+
+
+def drop_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Replace the ``TRAINING_ONLY`` flags by refusing stand-ins (the parser needs ``conflict_handler="resolve"``)."""
+    for action in [a for a in parser._actions if a.dest in TRAINING_ONLY]:  # argparse lists its actions nowhere else
+        parser.add_argument(*action.option_strings, dest=action.dest, default=action.default, action=_TrainingOnly)
+
+
 def finish(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Defaults every parser shares, and --help showing each default (and each dataset recipe's)."""
     # The model's own resolution is the right default; DeiT's 224 would break the small models.

@@ -23,7 +23,7 @@ class LoaderConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LoaderConfig:
         return cls(batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem,
-                   repeated_aug=getattr(args, "repeated_aug", False), seed=args.seed)
+                   repeated_aug=args.repeated_aug, seed=args.seed)
 
 
 def build_train_loader(data: datasets.DataConfig, cfg: LoaderConfig, rank: int,
