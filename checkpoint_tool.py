@@ -34,12 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The flags that matter for a checkpoint: main.py's groups for it, without the training ones."""
     parser = argparse.ArgumentParser("SViTE checkpoint tool: evaluate, inspect, compact and export checkpoints",
                                      add_help=True, conflict_handler="resolve")
-    flags.add_checkpoint_args(parser)
-    flags.add_model_args(parser)
-    flags.add_method_args(parser)
-    flags.add_runtime_args(parser)
-    flags.drop_training_flags(parser)
-    return flags.finish(parser)
+    return flags.add_flags(parser, training=False)
 
 
 def asked_for(args: argparse.Namespace) -> bool:

@@ -23,14 +23,7 @@ from training.resume_check import flag_names
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Every flag: training's, and the checkpoint tool's (so that ``main.py --eval`` works as the original's)."""
-    parser = argparse.ArgumentParser("SViTE training and evaluation", add_help=True)
-    flags.add_training_args(parser)
-    flags.add_model_args(parser)
-    flags.add_method_args(parser)
-    flags.add_runtime_args(parser)
-    flags.add_run_args(parser)
-    flags.add_checkpoint_args(parser)
-    return flags.finish(parser)
+    return flags.add_flags(argparse.ArgumentParser("SViTE training and evaluation", add_help=True))
 
 
 def validate_args(args: argparse.Namespace, mixup_active: bool) -> None:

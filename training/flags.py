@@ -13,13 +13,73 @@ import sparselearning
 from training import recipes
 
 
-def add_training_args(parser: argparse.ArgumentParser) -> None:
-    """Run length, model regularisation and EMA, optimizer, learning-rate schedule and augmentation: training only."""
-    parser.add_argument("--epochs", default=300, type=int,
-                        help="with --resume, a larger value extends the run: the lr, death-rate and tau schedules and "
-                             "t_end then follow the new length from the resumed step on (docs/resume.md)")
+def add_flags(parser: argparse.ArgumentParser, training: bool = True) -> argparse.ArgumentParser:
+    """main.py's flags, or with ``training=False`` the groups of them that checkpoint_tool.py takes.
 
-    g = parser.add_argument_group("model training")
+    The flags are added in their historical order: it is the order of a checkpoint's ``args`` and of the flags a
+    refused resume lists. The help groups them by what they are for.
+    """
+    parser.add_argument("--batch-size", default=64, type=int, help="per-process batch size")
+    if training:
+        parser.add_argument("--epochs", default=300, type=int,
+                            help="with --resume, a larger value extends the run: the lr, death-rate and tau schedules "
+                                 "and t_end then follow the new length from the resumed step on (docs/resume.md)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="vit_digits_tiny", choices=models.MODEL_NAMES)
+    if training:
+        _add_model_training_args(model)
+        _add_optimization_args(parser)
+    datasets.add_data_args(parser)
+    sparselearning.add_sparse_args(parser)
+    models.add_token_args(parser)
+
+    runtime = parser.add_argument_group("runtime")
+    run = parser.add_argument_group("training run") if training else None
+    checkpoint = parser.add_argument_group("checkpoint evaluation and inspection (with --resume FILE; no data "
+                                           "needed unless --eval is given)")
+    runtime.add_argument("--output_dir", default="",
+                         help="checkpoints, log.txt and config.json go here; empty: no saving (checkpoint_tool.py: "
+                              "compact.pth and token pictures; empty: next to the checkpoint)")
+    runtime.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    runtime.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                         help="native mixed precision (torch.amp); default: on for CUDA, off for CPU")
+    runtime.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
+                         help="default: bfloat16 where the device supports it, else float16 (with a GradScaler, as "
+                              "the original's AMP)")
+    if run is not None:
+        run.add_argument("--compile", action="store_true",
+                         help="torch.compile the model (after the DDP wrap) for training and evaluation; masks, EMA "
+                              "and checkpoints keep the uncompiled parameter names")
+    runtime.add_argument("--seed", default=0, type=int)
+    runtime.add_argument("--resume", default="",
+                         help="checkpoint to continue from (or to evaluate with --eval); the flags that define the "
+                              "experiment must equal the checkpoint's (docs/resume.md)")
+    if run is not None:
+        run.add_argument("--auto-resume", action="store_true",
+                         help="continue from <output_dir>/checkpoint.pth if it exists, else start fresh (for job "
+                              "scripts); without it or --resume, an --output_dir holding a checkpoint is refused")
+        run.add_argument("--save-every-steps", type=int, default=0, metavar="N",
+                         help="also write checkpoint.pth every N optimizer steps within an epoch (0: at epoch ends "
+                              "only)")
+        run.add_argument("--start_epoch", default=0, type=int, help="overwritten by --resume")
+    _add_checkpoint_args(checkpoint)
+    runtime.add_argument("--dist_url", default="env://", help="torch.distributed init method; torchrun sets env://")
+    if run is not None:
+        run.add_argument("--print-freq", default=50, type=int, help="steps between progress lines")
+        run.add_argument("--verbose", action="store_true",
+                         help="print the per-layer density table at every topology update (default: one line per "
+                              "update; the table at start and end)")
+        run.add_argument("--tensorboard", action="store_true",
+                         help="write TensorBoard scalars to <output_dir>/tensorboard")
+    else:
+        _drop_training_flags(parser)
+    # The model's own resolution is the right default; DeiT's 224 would break the small models.
+    parser.set_defaults(input_size=None)
+    recipes.document_defaults(parser)
+    return parser
+
+
+def _add_model_training_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     g.add_argument("--model-ema", action="store_true", default=True, help="keep and evaluate an EMA of the weights")
@@ -27,6 +87,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema-decay", type=float, default=0.99996)
     g.add_argument("--model-ema-force-cpu", action="store_true", default=False)
 
+
+def _add_optimization_args(parser: argparse.ArgumentParser) -> None:
+    """Optimizer, learning-rate schedule and the regularisation of training."""
     g = parser.add_argument_group("optimizer (timm create_optimizer_v2)")
     g.add_argument("--opt", default="adamw", help="timm optimizer name")
     g.add_argument("--opt-eps", default=1e-8, type=float)
@@ -61,62 +124,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The architecture (a checkpoint that records its own overrides it)."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default="vit_digits_tiny", choices=models.MODEL_NAMES)
-
-
-def add_method_args(parser: argparse.ArgumentParser) -> None:
-    """Data, sparsity and token selection: what a run trains on and how, and what a checkpoint is evaluated with."""
-    datasets.add_data_args(parser)
-    sparselearning.add_sparse_args(parser)
-    models.add_token_args(parser)
-
-
-def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """Batch, output, device, precision, seed, the checkpoint to read and the process group."""
-    g = parser.add_argument_group("runtime")
-    g.add_argument("--batch-size", default=64, type=int, help="per-process batch size")
-    g.add_argument("--output_dir", default="",
-                   help="checkpoints, log.txt and config.json go here; empty: no saving (checkpoint_tool.py: "
-                        "compact.pth and token pictures, default next to the checkpoint)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="native mixed precision (torch.amp); default: on for CUDA, off for CPU")
-    g.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
-                   help="default: bfloat16 where the device supports it, else float16 (with a GradScaler, as the "
-                        "original's AMP)")
-    g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="",
-                   help="checkpoint to continue from (or to evaluate with --eval); the flags that define the "
-                        "experiment must equal the checkpoint's (docs/resume.md)")
-    g.add_argument("--dist_url", default="env://", help="torch.distributed init method; torchrun sets env://")
-
-
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    """Compilation, resuming, periodic checkpoints and progress output of a training run."""
-    g = parser.add_argument_group("training run")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (after the DDP wrap) for training and evaluation; masks, EMA and "
-                        "checkpoints keep the uncompiled parameter names")
-    g.add_argument("--auto-resume", action="store_true",
-                   help="continue from <output_dir>/checkpoint.pth if it exists, else start fresh (for job scripts); "
-                        "without it or --resume, an --output_dir holding a checkpoint is refused")
-    g.add_argument("--save-every-steps", type=int, default=0, metavar="N",
-                   help="also write checkpoint.pth every N optimizer steps within an epoch (0: at epoch ends only)")
-    g.add_argument("--start_epoch", default=0, type=int, help="overwritten by --resume")
-    g.add_argument("--print-freq", default=50, type=int, help="steps between progress lines")
-    g.add_argument("--verbose", action="store_true",
-                   help="print the per-layer density table at every topology update (default: one line per update; "
-                        "the table at start and end)")
-    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <output_dir>/tensorboard")
-
-
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(g: argparse._ArgumentGroup) -> None:
     """What checkpoint_tool.py does with --resume FILE (main.py takes them too, as the original's scripts do)."""
-    g = parser.add_argument_group("checkpoint evaluation and inspection (with --resume FILE; no data needed unless "
-                                  "--eval is given)")
     g.add_argument("--eval", action="store_true", help="evaluate and exit")
     g.add_argument("--compact", action="store_true",
                    help="with --eval on a structured checkpoint: write the physically pruned model as compact.pth")
@@ -150,15 +159,7 @@ class _TrainingOnly(argparse.Action):
         parser.error(f"{option_string} is a training flag; checkpoint_tool.py does not take it (main.py does)")
 
 
-def drop_training_flags(parser: argparse.ArgumentParser) -> None:
+def _drop_training_flags(parser: argparse.ArgumentParser) -> None:
     """Replace the ``TRAINING_ONLY`` flags by refusing stand-ins (the parser needs ``conflict_handler="resolve"``)."""
     for action in [a for a in parser._actions if a.dest in TRAINING_ONLY]:  # argparse lists its actions nowhere else
         parser.add_argument(*action.option_strings, dest=action.dest, default=action.default, action=_TrainingOnly)
-
-
-def finish(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Defaults every parser shares, and --help showing each default (and each dataset recipe's)."""
-    # The model's own resolution is the right default; DeiT's 224 would break the small models.
-    parser.set_defaults(input_size=None)
-    recipes.document_defaults(parser)
-    return parser
