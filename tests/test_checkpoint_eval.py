@@ -427,7 +427,8 @@ def test_compact_file_of_a_token_selecting_run_evaluates_on_its_own(tmp_path: Pa
     models.save_compact(compact, MICRO, tmp_path / "compact.pth", {"model": MICRO, **tokens.as_flags()})
     stats, out = run(capsys, "--eval", "--resume", str(tmp_path / "compact.pth"))
     assert "a compact (physically pruned) model" in out and "k = 12 of 17 tokens, drop mode" in out
-    loader = build_val_loader(DataConfig.from_args(parse("--input-size", "16")), LoaderConfig.from_args(parse()), 0, 1)[0]
+    loader = build_val_loader(DataConfig.from_args(parse("--input-size", "16")), LoaderConfig.from_args(parse()),
+                              0, 1)[0]
     assert stats["test_acc1"] == pytest.approx(engine.evaluate(compact, loader, torch.device("cpu"), None)["acc1"])
 
 

@@ -99,7 +99,8 @@ def test_resume_accepts_an_export_with_the_flags_its_config_records(tmp_path: Pa
     assert "token selection: global, k = 9 of 17 tokens, drop mode" in out
     if weights == "model.sparse.safetensors":
         assert "a compressed sparse export of this project" in out
-    loader = build_val_loader(DataConfig.from_args(parse("--input-size", "16")), LoaderConfig.from_args(parse()), 0, 1)[0]
+    loader = build_val_loader(DataConfig.from_args(parse("--input-size", "16")), LoaderConfig.from_args(parse()),
+                              0, 1)[0]
     reference = engine.evaluate(model, loader, torch.device("cpu"), None)
     assert stats["test_acc1"] == pytest.approx(reference["acc1"]) and stats["test_images"] == 360
 

@@ -208,7 +208,8 @@ def build_criterion(cfg: MixupConfig) -> nn.Module:
 
 
 def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = None,
-              log_fn: Callable[[dict[str, Any]], None] | None = None, say: Callable[[str], None] = lambda line: None) -> Run:
+              log_fn: Callable[[dict[str, Any]], None] | None = None,
+              say: Callable[[str], None] = lambda line: None) -> Run:
     """Assemble ``cfg`` on ``process``'s device, drawing from the global RNG in main.py's order.
 
     Args:

@@ -84,7 +84,7 @@ def train(run: Run, cfg: LoopConfig, start: Start) -> dict[str, Any]:
         resumed = start.position is not None and epoch == start.epoch
         first_batch, loss_sum = (start.position["batch"], start.position["loss_sum"]) if resumed else (0, 0.0)
         train_loader.sampler.skip_batches(first_batch)
-        run.lr_scheduler.step(epoch)  # before the epoch: epoch e trains at lr(e) (DeiT stepped after, repeating epoch 0)
+        run.lr_scheduler.step(epoch)  # before the epoch: epoch e trains at lr(e) (DeiT stepped after, repeating 0)
         try:
             train_stats, global_step = engine.train_one_epoch(run.forward_model, run.criterion, train_loader, ctx,
                                                               device, epoch, global_step, show_progress=is_main,
