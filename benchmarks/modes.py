@@ -1,4 +1,5 @@
-"""Benchmark modes: each builds the model (and, for modes that train through the project, a StepContext).
+"""Benchmark modes: each builds the model (and, for modes that train through the project, a StepContext, with
+main.py's run assembly).
 
 A mode is a `ModeBuilder` registered in `MODES` with `@register_mode`. A setup without a context is
 trained by the plain hand-written loop; one with a context goes through `engine.train_one_epoch`. The
@@ -13,11 +14,14 @@ import timm
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
-from timm.optim import create_optimizer_v2
 
 import engine
 import models
 import sparselearning
+from training.assemble import (ModelConfig, OptimizerConfig, PrecisionConfig, RunConfig, ScheduleConfig,
+                               build_optimization, build_run)
+from training.loaders import LoaderConfig
+from training.process import Process
 
 REFERENCE_MODE = "timm"
 
@@ -53,8 +57,23 @@ def register_mode(mode: str) -> Callable[[ModeBuilder], ModeBuilder]:
 
 def build_optimizer(model: nn.Module, batch_size: int) -> torch.optim.Optimizer:
     """main.py's default optimizer: timm AdamW with DeiT's no-weight-decay groups and linearly scaled lr."""
-    return create_optimizer_v2(model, opt="adamw", lr=5e-4 * batch_size / 512.0, weight_decay=0.05,
-                               momentum=0.9, eps=1e-8)
+    return build_optimization(OptimizerConfig(), ScheduleConfig(warmup_epochs=0), model, batch_size)[0]
+
+
+def _project_setup(name: str, *, img_size: int | None, batch_size: int, device: torch.device,
+                   amp_dtype: torch.dtype | None, model: nn.Module | None = None,
+                   sparsity: sparselearning.SparsityConfig | None = None,
+                   tokens: models.TokenConfig | None = None) -> ModeSetup:
+    """A run assembled as main.py assembles it (``training.assemble.build_run``) with the benchmark's settings:
+    main.py's default optimizer, no EMA, mixup or lr warm-up, the unfused optimizer kernel, and batches fed by the
+    caller. The topology never updates within the timed steps (benchmarks/sparse_costs.py times updates)."""
+    amp = None if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+    cfg = RunConfig(model=ModelConfig(name, img_size=img_size), loader=LoaderConfig(batch_size),
+                    total_steps=10**9, schedule=ScheduleConfig(warmup_epochs=0),
+                    precision=PrecisionConfig(amp=amp_dtype is not None, amp_dtype=amp, opt_fused=False),
+                    sparsity=sparsity, tokens=tokens or models.TokenConfig())
+    run = build_run(cfg, Process(0, 1, device), model=model, log_fn=lambda record: None)
+    return ModeSetup(run.model, run.step_context())
 
 
 @register_mode(REFERENCE_MODE)
@@ -81,26 +100,9 @@ def build_timm(
 def build_dense(
     name: str, *, img_size: int, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None
 ) -> ModeSetup:
-    """The project's dense training: models.create_model and a StepContext built as main.py builds it."""
+    """The project's dense training: the model and StepContext that main.py's run assembly builds."""
     torch.manual_seed(0)
-    model = models.create_model(name, img_size=img_size).to(device)
-    ctx = engine.StepContext(
-        optimizer=build_optimizer(model, batch_size),
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        sparsifier=sparselearning.DenseSparsifier(),
-        amp_dtype=amp_dtype,
-    )
-    return ModeSetup(model, ctx)
-
-
-def _context(model: nn.Module, batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-             sparsifier: sparselearning.Sparsifier | None = None) -> engine.StepContext:
-    return engine.StepContext(
-        optimizer=build_optimizer(model, batch_size),
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        sparsifier=sparsifier or sparselearning.DenseSparsifier(),
-        amp_dtype=amp_dtype,
-    )
+    return _project_setup(name, img_size=img_size, batch_size=batch_size, device=device, amp_dtype=amp_dtype)
 
 
 @register_mode("masked50")
@@ -109,14 +111,10 @@ def build_masked(
 ) -> ModeSetup:
     """SViTE unstructured at density 0.5 (ERK), timed between topology updates: the mask-enforcing hook only."""
     torch.manual_seed(0)
-    model = models.create_model(name, img_size=img_size).to(device)
-    optimizer = build_optimizer(model, batch_size)
     # ΔT far beyond the timed steps: this mode measures the per-step cost; benchmarks/sparse_costs.py times updates.
-    masking = sparselearning.Masking(model, optimizer, density=0.5, total_steps=10**9, update_frequency=10**8,
-                                     log_fn=lambda record: None)
-    ctx = engine.StepContext(optimizer=optimizer, scaler=torch.amp.GradScaler(device.type,
-                             enabled=amp_dtype == torch.float16), sparsifier=masking, amp_dtype=amp_dtype)
-    return ModeSetup(model, ctx)
+    sparsity = sparselearning.SparsityConfig(density=0.5, sparse_init="ERK", update_frequency=10**8)
+    return _project_setup(name, img_size=img_size, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                          sparsity=sparsity)
 
 
 @register_mode("compact")
@@ -125,19 +123,17 @@ def build_compact(
 ) -> ModeSetup:
     """S²ViTE at the original's "40%" setting (0.7 of the heads, 0.6 of the MLP neurons), physically compacted."""
     torch.manual_seed(0)
-    model = models.random_compact_model(name, 0.7, 0.6).to(device)
-    return ModeSetup(model, _context(model, batch_size, device, amp_dtype))
+    return _project_setup(name, img_size=img_size, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                          model=models.random_compact_model(name, 0.7, 0.6))
 
 
 def _token_drop_mode(ratio: float, mode: str, compact: bool) -> ModeBuilder:
     def build(name: str, *, img_size: int, batch_size: int, device: torch.device,
               amp_dtype: torch.dtype | None) -> ModeSetup:
         torch.manual_seed(0)
-        model = (models.random_compact_model(name, 0.7, 0.6) if compact
-                 else models.create_model(name, img_size=img_size))
-        models.apply_token_selection(model, models.TokenConfig(enabled=True, ratio=ratio, mode=mode))
-        model.to(device)
-        return ModeSetup(model, _context(model, batch_size, device, amp_dtype))
+        model = models.random_compact_model(name, 0.7, 0.6) if compact else None
+        return _project_setup(name, img_size=img_size, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                              model=model, tokens=models.TokenConfig(enabled=True, ratio=ratio, mode=mode))
 
     build.__doc__ = (f"SViTE+ global selector keeping {ratio:.0%} of the tokens, {mode} mode"
                      + (", on the compacted S²ViTE model" if compact else ""))

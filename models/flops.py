@@ -35,7 +35,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from models.compact import compact_model
 from models.token_selection import TokenScorer, num_tokens
-from models.vit import architecture
 from models.wrappers import unwrap_model
 from sparselearning.units import head_group, units_alive
 

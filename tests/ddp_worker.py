@@ -9,19 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import main as entry  # noqa: E402
-import models  # noqa: E402
 
-built = []
-_create = models.create_model
-
-
-def _capture(*args, **kwargs):
-    built.append(_create(*args, **kwargs))
-    return built[-1]
-
-
-entry.models.create_model = _capture
+runs = []
 out = Path(sys.argv[1])
 args = entry.get_args_parser().parse_args(sys.argv[2:])
-entry.main(args)
-torch.save(built[0].state_dict(), out / f"weights_rank{os.environ['RANK']}.pt")
+entry.main(args, on_run=runs.append)
+torch.save(runs[0].model.state_dict(), out / f"weights_rank{os.environ['RANK']}.pt")

@@ -19,9 +19,14 @@ import timm
 import torch
 
 import interop
+import checkpoint_tool
+import engine
 import main
 import models
+import sparselearning
 from conftest import TINY_RUN, run_main
+from datasets import DataConfig
+from training.loaders import LoaderConfig, build_val_loader
 from interop.checkpoint import load_checkpoint
 
 MICRO = "vit_digits_micro"  # 2 blocks, dim 32, 2 heads of 16, MLP 128; 16 px input, 17 tokens
@@ -123,8 +128,8 @@ def test_original_unstructured_checkpoint_detected_and_evaluated(tmp_path: Path,
     # the evaluated model is exactly the file's weights
     model = models.create_model(MICRO, num_classes=10)
     model.load_state_dict(contents.state_dict)
-    reference = main.engine.evaluate(model.eval(), main.build_val_loader(parse(), main.datasets.DataConfig.from_args(
-        parse("--input-size", "16")), 0, 1)[0], torch.device("cpu"), None)
+    reference = engine.evaluate(model.eval(), build_val_loader(DataConfig.from_args(
+        parse("--input-size", "16")), LoaderConfig.from_args(parse()), 0, 1)[0], torch.device("cpu"), None)
     assert stats["test_acc1"] == pytest.approx(reference["acc1"]) and stats["test_images"] == 360
     assert stats["ema_test_acc1"] == pytest.approx(reference["acc1"])
 
@@ -282,8 +287,8 @@ def test_compact_and_selector_exports_reload_through_create_model(tmp_path: Path
 def test_compressed_sparse_export_round_trips_exactly_within_the_size_bound(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = models.create_model("vit_digits_tiny", num_classes=10)
-    shapes = {n: tuple(p.shape) for n, p in main.sparselearning.select_parameters(model).items()}
-    densities = main.sparselearning.layer_densities(shapes, 0.5, "ERK")
+    shapes = {n: tuple(p.shape) for n, p in sparselearning.select_parameters(model).items()}
+    densities = sparselearning.layer_densities(shapes, 0.5, "ERK")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -382,7 +387,7 @@ def test_checkpoint_for_another_dataset_is_refused(tmp_path: Path) -> None:
 
 def planned(*flags: str) -> dict[str, float]:
     args = main.get_args_parser().parse_args(["--data-set", "IMNET", "--flops", *flags])
-    model, densities, reference = main.planned_model(args, models.TokenConfig.from_args(args))
+    model, densities, reference = checkpoint_tool.planned_model(args, models.TokenConfig.from_args(args))
     return models.mac_views(model, densities, reference)
 
 
@@ -425,8 +430,9 @@ def test_compact_file_of_a_token_selecting_run_evaluates_on_its_own(tmp_path: Pa
     interop.save_compact(compact, MICRO, tmp_path / "compact.pth", {"model": MICRO, **tokens.as_flags()})
     stats, out = run(capsys, "--eval", "--resume", str(tmp_path / "compact.pth"))
     assert "a compact (physically pruned) model" in out and "k = 12 of 17 tokens, drop mode" in out
-    loader = main.build_val_loader(parse(), main.datasets.DataConfig.from_args(parse("--input-size", "16")), 0, 1)[0]
-    assert stats["test_acc1"] == pytest.approx(main.engine.evaluate(compact, loader, torch.device("cpu"), None)["acc1"])
+    loader = build_val_loader(DataConfig.from_args(parse("--input-size", "16")), LoaderConfig.from_args(parse()),
+                              0, 1)[0]
+    assert stats["test_acc1"] == pytest.approx(engine.evaluate(compact, loader, torch.device("cpu"), None)["acc1"])
 
 
 def test_compact_of_an_unstructured_checkpoint_is_refused_before_evaluating(tmp_path: Path) -> None:

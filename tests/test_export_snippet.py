@@ -15,9 +15,12 @@ import timm
 import torch
 
 import interop
+import engine
 import main
 import models
 from conftest import TINY_RUN
+from datasets import DataConfig
+from training.loaders import LoaderConfig, build_val_loader
 
 MICRO = "vit_digits_micro"
 
@@ -98,8 +101,9 @@ def test_resume_accepts_an_export_with_the_flags_its_config_records(tmp_path: Pa
     assert "token selection: global, k = 9 of 17 tokens, drop mode" in out
     if weights == "model.sparse.safetensors":
         assert "a compressed sparse export of this project" in out
-    loader = main.build_val_loader(parse(), main.datasets.DataConfig.from_args(parse("--input-size", "16")), 0, 1)[0]
-    reference = main.engine.evaluate(model, loader, torch.device("cpu"), None)
+    loader = build_val_loader(DataConfig.from_args(parse("--input-size", "16")), LoaderConfig.from_args(parse()),
+                              0, 1)[0]
+    reference = engine.evaluate(model, loader, torch.device("cpu"), None)
     assert stats["test_acc1"] == pytest.approx(reference["acc1"]) and stats["test_images"] == 360
 
 

@@ -3,7 +3,6 @@ no file format) < ``interop`` (checkpoint formats). An arrow the wrong way fails
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

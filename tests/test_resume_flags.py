@@ -16,6 +16,7 @@ from interop.checkpoint import load_checkpoint, save_atomic
 from models.token_selection import tau_at
 from sparselearning import Masking
 from sparselearning.schedules import death_rate_at
+from training.assemble import RunConfig, build_optimization
 from training.resume_check import EXPERIMENT_FLAGS, RUNTIME_FLAGS, compare, run_settings, saved_settings
 
 # Updates every 20 of the 44 steps per epoch, and a token selector whose temperature follows the run's length.
@@ -151,8 +152,10 @@ def test_extending_epochs_rescales_every_schedule_to_the_longer_run(runs: dict[s
     proc = run_main(*TINY_RUN, *SPARSE, "--epochs", "3", "--amp", "--amp-dtype", "float16", "--output_dir",
                     str(tmp_path), "--resume", str(runs["sparse1"] / "checkpoint.pth"))
     assert "extending the run from 1 to 3 epochs" in proc.stdout
-    args = entry.get_args_parser().parse_args([*TINY_RUN, *SPARSE, "--epochs", "3"])
-    _, scheduler = entry.build_optimization(args, torch.nn.Linear(1, 1), world=1)
+    cfg = RunConfig.from_args(entry.get_args_parser().parse_args([*TINY_RUN, *SPARSE, "--epochs", "3",
+                                                                  "--input-size", "8"]))
+    _, scheduler = build_optimization(cfg.optimizer, cfg.schedule, torch.nn.Linear(1, 1), cfg.loader.batch_size,
+                                      noise_seed=cfg.seed)
     for record in epochs_of(tmp_path):
         step = 44 * (record["epoch"] + 1)
         scheduler.step(record["epoch"])

@@ -1,4 +1,5 @@
-"""The process edge of main.py: every way a run ends becomes an exit code and at most one message, never a hang.
+"""The process edge of main.py and checkpoint_tool.py: every way a run ends becomes an exit code and at most one
+message, never a hang.
 
 Errors the user can fix print ``error: ...`` (exit 1) without a traceback; a signalled stop exits with 128 + the
 signal number (training/interrupts.py). The exception is dropped before the process exits: its traceback holds
@@ -14,10 +15,21 @@ import multiprocessing
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
+from training import process, recipes
 from training.interrupts import Interrupted
 from training.run_dir import error_message, last_checkpoint
+
+
+def start(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser) -> NoReturn:
+    """A program's ``__main__``: parse (with the dataset's recipe), ``run``, leave the process group, exit."""
+    args = recipes.parse_args(parser, sys.argv[1:])
+    try:
+        exit_code = run(main, args)
+    finally:
+        process.shutdown()
+    raise SystemExit(exit_code)
 
 
 def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:

@@ -95,7 +95,10 @@ def document_defaults(parser: argparse.ArgumentParser) -> None:
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """``parser.parse_args(argv)`` with the dataset's recipe filled in and printed (by rank 0 only)."""
     args = parser.parse_args(argv)
-    applied = apply_recipe(args, given_flags(parser, argv))
+    # A parser without a recipe's flag (checkpoint_tool.py takes no --lr) keeps it out of the recipe, as if given.
+    visible = {action.dest for action in parser._actions if action.help != argparse.SUPPRESS}
+    absent = {key for recipe in RECIPES.values() for key in recipe} - visible
+    applied = apply_recipe(args, given_flags(parser, argv) | absent)
     if applied and os.environ.get("RANK", "0") == "0":
         print(describe(args.data_set, applied, parser), flush=True)
     return args
