@@ -45,6 +45,7 @@ def run_program(script: str, *flags_: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_main_eval_runs_the_checkpoint_tool(tmp_path: Path) -> None:
     """The original's ``main.py --eval`` and ``checkpoint_tool.py --eval``: same findings, same accuracy, exit 0."""
     path = micro_checkpoint(tmp_path / "w.pth")
