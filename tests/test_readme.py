@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 
+import checkpoint_tool
 import main
 from conftest import ROOT
 
@@ -30,13 +31,13 @@ def test_readme_links_every_docs_page_and_each_link_resolves() -> None:
     assert pages - set(linked) == set(), f"README.md's table of links lacks: {sorted(pages - set(linked))}"
 
 
-def main_commands(text: str) -> list[list[str]]:
-    """The arguments of every `python main.py ...` command in the bash blocks of ``text``, continuations joined."""
+def main_commands(text: str, program: str = "main.py") -> list[list[str]]:
+    """The arguments of every `python <program> ...` command in the bash blocks of ``text``, continuations joined."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
-            if words[:2] == ["python", "main.py"]:
+            if words[:2] == ["python", program]:
                 commands.append(words[2:])
     return commands
 
@@ -44,11 +45,13 @@ def main_commands(text: str) -> list[list[str]]:
 def test_readme_has_one_parsable_example_per_method() -> None:
     parser = main.get_args_parser()
     runs = [parser.parse_args(argv) for argv in main_commands(README.read_text())]
+    tool = checkpoint_tool.get_args_parser()
+    evaluations = [tool.parse_args(argv) for argv in main_commands(README.read_text(), "checkpoint_tool.py")]
     examples = {
         "SViTE": [a for a in runs if a.density is not None and a.pruning_type == "unstructure" and not a.token_selection],
         "S²ViTE": [a for a in runs if a.pruning_type.startswith("structure")],
         "SViTE+": [a for a in runs if a.token_selection],
-        "evaluation": [a for a in runs if a.eval and a.resume],
+        "evaluation": [a for a in runs + evaluations if a.eval and a.resume],
     }
     assert all(examples.values()), {kind: len(found) for kind, found in examples.items()}
 
