@@ -200,9 +200,10 @@ def optimizer_state_section() -> list[str]:
         return []
     return ["## Optimizer state at topology updates: the old default against the new", "",
             "The old default zeroed AdamW's moments at every changed position while its per-tensor `step` kept "
-            "counting, so regrown weights took 2-3x the survivors' steps; the new one keeps the state. Same commit, "
-            "seeds and recipe as the study above; the old rows were trained with "
-            "`benchmarks/results/study/old-optimizer-state.patch` applied (`python benchmarks/optimizer_state.py`).",
+            "counting, so regrown weights took 2-3x the survivors' steps; the new one keeps the state. The old rows "
+            "were trained with `benchmarks/results/study/old-optimizer-state.patch` applied to the commit of the study's "
+            "first ten seeds, with the same recipe, and are paired with the study's runs of the seeds both have "
+            "(`python benchmarks/optimizer_state.py`).",
             "", table.read_text().strip(), ""]
 
 
