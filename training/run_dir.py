@@ -1,9 +1,10 @@
 """The output directory of a training run: created with a clear error, never reused silently, locked while written.
 
 A week-long run must not be replaced by a second command with the same ``--output_dir``, and two processes must
-never write one directory at once (their ``log.txt`` lines and ``config.json`` would mix). The lock is an
-``fcntl.flock`` on ``<output_dir>/.lock``: the kernel releases it when its process dies, so a crash or ``kill -9``
-never leaves a lock behind that blocks the next start.
+never write one directory at once (their ``log.txt`` lines and ``config.json`` would mix). The lock is a POSIX
+record lock (``fcntl.lockf``) on ``<output_dir>/.lock``: the kernel releases it when its process dies, so a crash or
+``kill -9`` never leaves a lock behind that blocks the next start. Unlike ``flock``, it is not shared with forked
+DataLoader workers, which may outlive a killed main process for a few seconds.
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def lock(output_dir: Path) -> None:
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, by platform
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not written its name"
         os.close(fd)
         raise ValueError(f"--output_dir {output_dir} is in use by another run ({holder}); wait for it to end, stop "
