@@ -20,9 +20,16 @@ _running: pytest.Item | None = None  # the test being set up, run or torn down (
 _start_process = subprocess.Popen.__init__
 
 
+# Library internals that shell out once per machine, not the test's own subprocesses: matplotlib lists system fonts
+# with fc-list when it first builds its font cache (a fresh machine or CI runner).
+_LIBRARY_HELPERS = {"fc-list"}
+
+
 def _start_process_if_slow(self: subprocess.Popen, *args, **kwargs) -> None:
-    if _running is not None and _running.get_closest_marker("slow") is None:
-        command = args[0] if args else kwargs.get("args")
+    command = args[0] if args else kwargs.get("args")
+    program = command[0] if isinstance(command, (list, tuple)) and command else command
+    if (_running is not None and _running.get_closest_marker("slow") is None
+            and Path(str(program)).name not in _LIBRARY_HELPERS):
         pytest.fail(f"{_running.nodeid} starts a subprocess ({command!r:.120}) but is not marked slow; add "
                     "@pytest.mark.slow (or `pytestmark = pytest.mark.slow` for a whole module) so that "
                     "`cmd/test.sh --fast` leaves it out", pytrace=False)
