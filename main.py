@@ -51,6 +51,8 @@ def main(args: argparse.Namespace, on_run: Callable[[Run], Any] | None = None) -
     if args.input_size is None:
         args.input_size = models.default_img_size(args.model)
     cfg = RunConfig.from_args(args)
+    if args.finetune and args.resume:
+        proc.say(f"--finetune {args.finetune} is not read: the run continues from {args.resume} and its weights")
     output_dir = Path(args.output_dir) if args.output_dir else None
     log_fn = summary.sparsity_logger(output_dir, args.verbose) if proc.is_main else (lambda record: None)
     run = build_run(cfg, proc, log_fn=log_fn, say=proc.say)

@@ -8,6 +8,7 @@ from interop.checkpoint_contents import CheckpointContents, read_checkpoint
 from interop.compact_checkpoint import is_compact_checkpoint, load_compact, save_compact
 from interop.detect import Detection, check_fits, detect
 from interop.export import export_message, export_model, load_export, load_sparse, save_sparse
+from interop.finetune import load_pretrained
 from interop.restore import build_model, describe, load_weights, resolve_tokens, token_summary
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "is_compact_checkpoint",
     "load_compact",
     "load_export",
+    "load_pretrained",
     "load_sparse",
     "load_weights",
     "read_checkpoint",

@@ -9,6 +9,7 @@ from typing import Any
 
 from sparselearning.criteria import DEATH_MODES, GROWTH_MODES, REDISTRIBUTION_MODES
 from sparselearning.distributions import DISTRIBUTIONS
+from sparselearning.masks import MASK_INITS
 from sparselearning.schedules import DECAY_SCHEDULES
 
 PRUNING_TYPES = ("unstructure", "structure", "structure_new")
@@ -51,6 +52,9 @@ class SparsityConfig:
         structure_compat: reproduce SViTE's structured quirks: biases of pruned heads and neurons are not masked
             (a pruned head leaks a constant through ``proj``), regrown units start from zero weights, and the fc2
             columns of pruned neurons are masked too.
+        mask_init: the first masks: ``random`` (SViTE) or ``magnitude``, the largest-|w| weights of each layer at its
+            ``sparse_init`` density, or for structured sparsity the heads and neurons of largest weight L1 norm
+            (for starting from pretrained weights, ``--finetune``).
     """
 
     density: float | None = None
@@ -70,6 +74,7 @@ class SparsityConfig:
     atten_density: float = 0.2
     other_density: float = 0.2
     structure_compat: bool = False
+    mask_init: str = "random"
 
     def __post_init__(self) -> None:
         valid_number = isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
@@ -80,6 +85,7 @@ class SparsityConfig:
         _check_choice("death mode", self.death, DEATH_MODES)
         _check_choice("redistribution mode", self.redistribution, REDISTRIBUTION_MODES)
         _check_choice("decay schedule", self.decay_schedule, DECAY_SCHEDULES)
+        _check_choice("mask_init", self.mask_init, MASK_INITS)
         frequency = self.update_frequency
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency <= 0:
             raise ValueError(f"update_frequency must be a positive int (optimizer steps), got {frequency!r}")
@@ -94,6 +100,9 @@ class SparsityConfig:
                 raise ValueError(f"{flag} must be a sequence of non-empty pattern strings, got {patterns!r}")
             object.__setattr__(self, flag, tuple(patterns))
         self._check_structure()
+        if self.mask_init != "random" and not self.enabled:
+            raise ValueError(f"--mask-init {self.mask_init} chooses the first masks of a sparse run, and this run is "
+                             "dense; pass --density D below 1 or --pruning_type structure, or leave --mask-init out")
 
     def _check_structure(self) -> None:
         _check_choice("pruning_type", self.pruning_type, PRUNING_TYPES)
@@ -154,6 +163,7 @@ class SparsityConfig:
             atten_density=args.atten_density,
             other_density=args.other_density,
             structure_compat=args.structure_compat,
+            mask_init=args.mask_init,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +184,10 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="overall density of the masked weights in (0, 1]; default: dense training, no masks")
     group.add_argument("--sparse_init", default="uniform", choices=DISTRIBUTIONS,
                        help="per-layer density distribution (fixed_ERK is an alias of ERK; default: uniform, as SViTE)")
+    group.add_argument("--mask-init", dest="mask_init", default="random", choices=MASK_INITS,
+                       help="the first masks: random (SViTE) or magnitude: the largest-|w| weights of each layer at "
+                            "the --sparse_init densities, or with --pruning_type structure the heads and neurons of "
+                            "largest weight L1 norm (for --finetune)")
     group.add_argument("--update_frequency", type=int, default=100, metavar="N",
                        help="optimizer steps between topology updates (ΔT)")
     group.add_argument("--growth", default="gradient", choices=GROWTH_MODES, help="growth criterion")

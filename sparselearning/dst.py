@@ -95,6 +95,8 @@ class Masking(ScheduledMasks):
         sparse_exclude: fnmatch patterns of FQNs not to mask.
         sparse_include: fnmatch patterns; only matching tensors are masked.
         erk_power: exponent of the ERK score.
+        mask_init: ``random`` (SViTE) or ``magnitude``: the largest-|w| weights of each layer are the first active
+            ones (for pretrained weights), at the same per-layer counts.
         seed: base seed of the masks; must be the same on every rank (not ``seed + rank``).
         log_fn: receives a ``density_record`` dict at construction, after every update and on resume; default
             prints a table on rank 0.
@@ -120,6 +122,7 @@ class Masking(ScheduledMasks):
         sparse_exclude: Sequence[str] = (),
         sparse_include: Sequence[str] = (),
         erk_power: float = 1.0,
+        mask_init: str = "random",
         seed: int = 0,
         log_fn: LogFn | None = None,
     ) -> None:
@@ -128,7 +131,7 @@ class Masking(ScheduledMasks):
         self.config = SparsityConfig(
             density=density, sparse_init=sparse_init, update_frequency=update_frequency, growth=growth, death=death,
             redistribution=redistribution, death_rate=death_rate, decay_schedule=decay_schedule, t_end=t_end,
-            sparse_exclude=sparse_exclude, sparse_include=sparse_include, erk_power=erk_power,
+            sparse_exclude=sparse_exclude, sparse_include=sparse_include, erk_power=erk_power, mask_init=mask_init,
         )
         self._start_schedule(optimizer, total_steps, seed, log_fn)
         self._death_rule = DEATH_RULES[death]
@@ -138,8 +141,8 @@ class Masking(ScheduledMasks):
         self.total_parameters = sum(p.numel() for p in unwrap_model(model).parameters())
         self.shapes = {name: tuple(p.shape) for name, p in params.items()}
         densities = layer_densities(self.shapes, density, sparse_init, erk_power=erk_power)
-        self._enforce(MaskSet.random(params, layer_counts(densities, self.shapes), self.seed), "sparse training",
-                      model)
+        first_masks = MaskSet.magnitude if mask_init == "magnitude" else MaskSet.random
+        self._enforce(first_masks(params, layer_counts(densities, self.shapes), self.seed), "sparse training", model)
         self._refresh_counts()
         self.check_consistency()
         self.log_fn(self.record("init"))
@@ -161,7 +164,7 @@ class Masking(ScheduledMasks):
             update_frequency=cfg.update_frequency, growth=cfg.growth, death=cfg.death,
             redistribution=cfg.redistribution, death_rate=cfg.death_rate, decay_schedule=cfg.decay_schedule,
             t_end=cfg.t_end, sparse_exclude=cfg.sparse_exclude, sparse_include=cfg.sparse_include,
-            erk_power=cfg.erk_power, seed=seed, log_fn=log_fn,
+            erk_power=cfg.erk_power, mask_init=cfg.mask_init, seed=seed, log_fn=log_fn,
         )
 
     @property

@@ -17,6 +17,9 @@ from torch import nn
 
 from sparselearning.criteria import derive_seed, random_scores, topk_mask
 
+MASK_INITS = ("random", "magnitude")
+"""How the first masks are chosen (``--mask-init``): at random (SViTE), or by weight magnitude (pretrained weights)."""
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module whose parameter names are the canonical FQNs: strips DDP/DataParallel and ``torch.compile``."""
@@ -124,6 +127,15 @@ class MaskSet:
     def random(cls, params: Mapping[str, nn.Parameter], counts: Mapping[str, int], seed: int) -> MaskSet:
         """Masks with exactly ``counts[name]`` active weights each, at positions drawn from (seed, name)."""
         masks = {name: exact_mask(p.shape, counts[name], derive_seed(seed, name, "init")) for name, p in params.items()}
+        return cls(params, masks)
+
+    @classmethod
+    def magnitude(cls, params: Mapping[str, nn.Parameter], counts: Mapping[str, int], seed: int) -> MaskSet:
+        """Masks keeping exactly ``counts[name]`` weights of largest magnitude each (magnitude pruning of pretrained
+        weights); weights tied at the threshold, such as the zeros of an already sparse file, are taken in an order
+        drawn from (seed, name), so every rank picks the same ones."""
+        masks = {name: topk_mask(p.detach().abs(), counts[name], tie_seed=derive_seed(seed, name, "init ties"))
+                 for name, p in params.items()}
         return cls(params, masks)
 
     def _refresh_slots(self) -> None:

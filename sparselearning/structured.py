@@ -24,7 +24,7 @@ from sparselearning.masks import MaskSet, unwrap_model
 from sparselearning.metrics import UnitCount, unit_record
 from sparselearning.optimizer_state import restart_gated_entries
 from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores
-from sparselearning.unit_scores import HeadScores, UnitScoreWindow
+from sparselearning.unit_scores import HeadScores, UnitScoreWindow, unit_magnitude
 from sparselearning.units import UnitGroup, UnitSlice, expand_units, unit_l1, unit_positions
 
 __all__ = ["HeadScores", "StructureSource", "StructuredDST", "UnitGroup", "UnitSlice", "expand_units", "swap_units",
@@ -76,8 +76,9 @@ class StructuredDST(ScheduledMasks):
     """S²ViTE: dynamic sparsity of whole attention heads and MLP neurons, with a fixed count per block.
 
     Construction picks ``int(H * atten_density)`` heads and ``int(hidden * other_density)`` neurons per block at
-    random. The draw is a pure function of (seed, block), so DDP ranks agree without a broadcast. It then masks the
-    other units and hooks ``optimizer.step()`` so they stay zero. On the schedule of ``Masking`` (every
+    random (or, with ``mask_init="magnitude"``, those of largest weight L1 norm). The draw is a pure function of
+    (seed, block), so DDP ranks agree without a broadcast. It then masks the other units and hooks
+    ``optimizer.step()`` so they stay zero. On the schedule of ``Masking`` (every
     ``update_frequency`` steps until ``t_end``, cosine-decayed rate), ``step(step)`` swaps ``ceil(rate * active)``
     units per block:
 
@@ -105,6 +106,8 @@ class StructuredDST(ScheduledMasks):
         other_density: fraction of each block's MLP neurons kept.
         atten_head: expected heads per block (SViTE's ``--atten_head``); None takes them from the model.
         compat: SViTE's bias leak, fc2-column masks and zero regrowth, so original runs are reproduced exactly.
+        mask_init: ``random`` (SViTE) or ``magnitude``: each block starts with its heads and neurons of largest
+            weight L1 norm (for pretrained weights).
         update_frequency: optimizer steps between topology updates.
         growth: ``gradient`` (SViTE) or ``random`` (seeded by seed, block, step).
         death_rate: initial fraction of each block's active units swapped per update.
@@ -128,6 +131,7 @@ class StructuredDST(ScheduledMasks):
         other_density: float = 0.2,
         atten_head: int | None = None,
         compat: bool = False,
+        mask_init: str = "random",
         update_frequency: int = 100,
         growth: str = "gradient",
         death_rate: float = 0.5,
@@ -140,6 +144,7 @@ class StructuredDST(ScheduledMasks):
             pruning_type="structure", update_frequency=update_frequency, growth=growth, death_rate=death_rate,
             decay_schedule=decay_schedule, t_end=t_end,
             atten_head=atten_head, atten_density=atten_density, other_density=other_density, structure_compat=compat,
+            mask_init=mask_init,
         )
         self._start_schedule(optimizer, total_steps, seed, log_fn)
         self._death_rule = drop_lowest
@@ -153,8 +158,7 @@ class StructuredDST(ScheduledMasks):
         keep = {g.name: self._keep_count(g) for g in self.groups}
 
         self.masked = [(g, s) for g in self.groups for s in g.slices if self._is_masked(g, s)]
-        active = {g.name: topk_mask(random_scores((g.num_units,), derive_seed(self.seed, g.name, "init")),
-                                    keep[g.name]) for g in self.groups}
+        active = {g.name: self._first_units(g, keep[g.name]) for g in self.groups}
         masks = {s.param: expand_units(active[g.name], s, self.params[s.param].shape) for g, s in self.masked}
         self._enforce(MaskSet({name: self.params[name] for name in masks}, masks), "structured sparsity", model)
         self.active = active
@@ -187,7 +191,8 @@ class StructuredDST(ScheduledMasks):
             )
         return cls(
             model, optimizer, units, total_steps, atten_density=cfg.atten_density, other_density=cfg.other_density,
-            atten_head=cfg.atten_head, compat=cfg.structure_compat, update_frequency=cfg.update_frequency,
+            atten_head=cfg.atten_head, compat=cfg.structure_compat, mask_init=cfg.mask_init,
+            update_frequency=cfg.update_frequency,
             growth=cfg.growth, death_rate=cfg.death_rate, decay_schedule=cfg.decay_schedule, t_end=cfg.t_end,
             seed=seed, log_fn=log_fn,
         )
@@ -227,6 +232,15 @@ class StructuredDST(ScheduledMasks):
                              f"{what} of {group.name}; every block needs at least one ({flag} >= "
                              f"{1 / group.num_units:.4g})")
         return keep
+
+    def _first_units(self, group: UnitGroup, keep: int) -> torch.Tensor:
+        """The ``keep`` units a group starts with: drawn from (seed, block), or with ``mask_init`` magnitude those of
+        largest weight L1 norm (``unit_magnitude``, the neuron death score), ties in an order drawn from (seed,
+        block)."""
+        if self.config.mask_init == "magnitude":
+            return topk_mask(unit_magnitude(self.params, group), keep,
+                             tie_seed=derive_seed(self.seed, group.name, "init ties"))
+        return topk_mask(random_scores((group.num_units,), derive_seed(self.seed, group.name, "init")), keep)
 
     def _is_masked(self, group: UnitGroup, spec: UnitSlice) -> bool:
         if spec.role == "in":

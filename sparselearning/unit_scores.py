@@ -53,10 +53,16 @@ def taylor(window: UnitScoreWindow, group: UnitGroup, sums: Sums, step: int, see
     return sums["taylor"] / sums["samples"]
 
 
+def unit_magnitude(params: Mapping[str, torch.Tensor], group: UnitGroup) -> torch.Tensor:
+    """L1 norm of each unit's weights (biases excluded), float64 on the CPU: a head's q, k and v rows and ``proj``
+    columns, a neuron's fc1 row and fc2 column."""
+    total = sum(unit_l1(params[s.param], s, group.num_units) for s in group.slices if s.role != "bias")
+    return total.to("cpu", torch.float64)
+
+
 def magnitude(window: UnitScoreWindow, group: UnitGroup, sums: Sums, step: int, seed: int) -> torch.Tensor:
     """Neuron death: L1 norm of the unit's weights now (biases excluded)."""
-    total = sum(unit_l1(window.params[s.param], s, group.num_units) for s in group.slices if s.role != "bias")
-    return total.to("cpu", torch.float64)
+    return unit_magnitude(window.params, group)
 
 
 def gradient(window: UnitScoreWindow, group: UnitGroup, sums: Sums, step: int, seed: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from timm.utils import ModelEmaV3
 
 import datasets
 import engine
+import interop
 import models
 import sparselearning
 from sparselearning.base import combine
@@ -43,6 +44,7 @@ class ModelConfig:
     ema_decay: float = 0.99996
     ema_force_cpu: bool = False
     compile: bool = False
+    finetune: str | None = None  # start from this file's model weights (interop.load_pretrained)
 
 
 @dataclass(frozen=True)
@@ -120,14 +122,18 @@ class RunConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
-        """main.py's flags (``--input-size`` already resolved); validates every component config."""
+        """main.py's flags (``--input-size`` already resolved); validates every component config.
+
+        A resumed run (``args.resume`` set) never reads ``--finetune``: its checkpoint holds the weights it continues.
+        """
         data = datasets.DataConfig.from_args(args)
         sparsity = sparselearning.SparsityConfig.from_args(args)
         tokens = models.TokenConfig.from_args(args)
         return cls(
             model=ModelConfig(args.model, img_size=args.input_size, drop_rate=args.drop,
                               drop_path_rate=args.drop_path, ema=args.model_ema, ema_decay=args.model_ema_decay,
-                              ema_force_cpu=args.model_ema_force_cpu, compile=args.compile),
+                              ema_force_cpu=args.model_ema_force_cpu, compile=args.compile,
+                              finetune=None if args.resume else args.finetune),
             loader=LoaderConfig.from_args(args), data=data, epochs=args.epochs,
             optimizer=OptimizerConfig(args.opt, args.lr, args.weight_decay, args.momentum, args.opt_eps,
                                       tuple(args.opt_betas) if args.opt_betas else None, args.clip_grad),
@@ -215,7 +221,8 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
     Args:
         model: a model built elsewhere (a compacted one, in the benchmarks) instead of ``cfg.model.name``'s.
         log_fn: receives the sparsifier's density records (its default prints a table on rank 0).
-        say: prints the one-line summary of the model and precision (main.py: rank 0's ``print``).
+        say: prints the one-line summary of the model and precision, and what ``--finetune`` loaded (main.py: rank
+            0's ``print``).
     """
     device, world = process.device, process.world
     train_loader = val_loader = None
@@ -230,6 +237,9 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
         model = models.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     models.apply_token_selection(model, cfg.tokens)  # before the optimizer, EMA and DDP see the parameters
+    if cfg.model.finetune:  # the weights, before the EMA copies them and the sparsifier chooses masks by them
+        for line in interop.load_pretrained(model, cfg.model.finetune, cfg.model.name):
+            say(line)
     model.to(device)
     say(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; {world} process(es) "
         f"on {device}; {precision}")

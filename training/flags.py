@@ -86,6 +86,10 @@ def _add_model_training_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--no-model-ema", action="store_false", dest="model_ema")
     g.add_argument("--model-ema-decay", type=float, default=0.99996)
     g.add_argument("--model-ema-force-cpu", action="store_true", default=False)
+    g.add_argument("--finetune", default=None, metavar="FILE",
+                   help="start from the model weights of FILE (timm DeiT .pth/.safetensors, a checkpoint, an export): "
+                        "another class count re-initialises the classifier, another resolution resamples pos_embed; "
+                        "a resumed run continues from its checkpoint instead (docs/training.md)")
 
 
 def _add_optimization_args(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +148,7 @@ def _add_checkpoint_args(g: argparse._ArgumentGroup) -> None:
 # schedule, the temperature schedule): checkpoint_tool.py hides and refuses them.
 TRAINING_ONLY = ("color_jitter", "aa", "train_interpolation", "hflip", "reprob", "remode", "recount",
                  "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule", "t_end",
-                 "atten_head", "structure_compat", "tau_schedule")
+                 "atten_head", "structure_compat", "tau_schedule", "mask_init")
 
 
 class _TrainingOnly(argparse.Action):

@@ -9,7 +9,8 @@ listed as ``old → new``. The one deliberate change is a larger ``--epochs`` (s
 The rule, by flag:
 
 - Must match: ``--model``, the data set (``--data-set``, ``--inat-category``, ``--input-size``), the global batch
-  (``--batch-size`` × processes) and the optimizer steps per epoch (so the same data in the same batches), the
+  (``--batch-size`` × processes) and the optimizer steps per epoch (so the same data in the same batches),
+  ``--finetune`` (the weights the run started from; a resume never reads that file again), the
   whole optimizer and lr schedule (``--opt``, ``--lr``, ``--sched``, ... : the loaded optimizer and scheduler states
   would silently override new values), the regularisation and augmentation recipe, ``--clip-grad``, the EMA
   (``--model-ema``, ``--model-ema-decay``), ``--seed`` (it seeds the data order and the lr noise), and ``--epochs``
@@ -18,7 +19,7 @@ The rule, by flag:
   ``--sparse_init``, ``--erk-power``, ``--sparse-include``, ``--sparse-exclude`` for unstructured runs;
   ``--atten_density``, ``--other_density``, ``--structure-compat`` for structured runs; the topology schedule and
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
-  ``--decay-schedule``, ``--t_end``) for both; ``--token_selection`` always and the
+  ``--decay-schedule``, ``--t_end``) and ``--mask-init`` for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
   ``--eval-noise``) when it is on. A flag the run ignores (``--density`` of a structured run) may differ.
 - May differ (``RUNTIME_FLAGS``): where and how the run executes and what it prints or writes, not what it computes:
@@ -52,8 +53,8 @@ EXPERIMENT_FLAGS = frozenset({
     "sched", "lr", "lr_noise", "lr_noise_pct", "lr_noise_std", "warmup_lr", "min_lr", "decay_epochs", "warmup_epochs",
     "decay_rate", "smoothing", "repeated_aug", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob",
     "mixup_mode", "data_set", "inat_category", "input_size", "color_jitter", "aa", "train_interpolation", "hflip",
-    "reprob", "remode", "recount", "seed",
-    "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
+    "reprob", "remode", "recount", "seed", "finetune",
+    "density", "sparse_init", "mask_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
     "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type",
     "atten_density", "other_density", "structure_compat",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
@@ -64,7 +65,7 @@ KIND_FLAGS = ("density", "pruning_type", "token_selection")
 """Flags that choose what kind of sparsity a run has; compared whenever either run uses them."""
 
 _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
-                           "t_end"})
+                           "t_end", "mask_init"})
 _UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude"})
 _STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat"})
 _TOKEN_FLAGS = frozenset({"token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise"})

@@ -47,7 +47,7 @@ class TrainingState:
         if "optimizer" not in ckpt:
             interop.load_weights(self.model, ckpt.get("model", ckpt), path, args.model)
             raise ValueError(f"{path} holds weights only (no optimizer state) and cannot be resumed; "
-                             "evaluate it with --eval")
+                             "evaluate it with --eval, or start a run from its weights with --finetune")
         extends = check_resume(saved_settings(ckpt), run_settings(vars(args), world, steps_per_epoch), path, flags)
         if extends is not None and rank == 0:
             print(f"extending the run from {extends} to {args.epochs} epochs: from here on the lr schedule (and the "
