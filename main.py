@@ -36,6 +36,9 @@ def validate_args(args: argparse.Namespace, mixup_active: bool) -> None:
     preflight.check_device(args.device)
     preflight.check_training_flags(args)
     checkpoint_tool.check_request(args)
+    if args.finetune and checkpoint_tool.asked_for(args):
+        raise ValueError("--finetune starts training from a file's weights; --eval, --report, --flops, --export and "
+                         "--compact read the file given with --resume: pass it there")
 
 
 def main(args: argparse.Namespace, on_run: Callable[[Run], Any] | None = None) -> dict[str, Any]:

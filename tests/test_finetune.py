@@ -182,6 +182,8 @@ def test_a_resume_never_reads_the_file_and_must_name_the_same_one() -> None:
     assert compare(settings(), settings("--finetune", "a.pth"))[0] == [("finetune", None, "a.pth")]
     assert compare(settings("--density", "0.5"), settings("--density", "0.5", "--mask-init", "magnitude"))[0] == [
         ("mask_init", "random", "magnitude")]
+    with pytest.raises(ValueError, match="--finetune starts training .* read the file given with --resume"):
+        main.main(parser.parse_args(["--eval", "--resume", "x.pth", "--finetune", "x.pth"]))
 
 
 @pytest.mark.slow

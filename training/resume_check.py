@@ -54,8 +54,8 @@ EXPERIMENT_FLAGS = frozenset({
     "decay_rate", "smoothing", "repeated_aug", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob",
     "mixup_mode", "data_set", "inat_category", "input_size", "color_jitter", "aa", "train_interpolation", "hflip",
     "reprob", "remode", "recount", "seed", "finetune",
-    "density", "sparse_init", "mask_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
-    "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type",
+    "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
+    "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type", "mask_init",
     "atten_density", "other_density", "structure_compat",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
 })
