@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -225,9 +226,13 @@ def test_a_distilled_run_trains_both_heads_against_labels_and_teacher(tmp_path: 
     expected = 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * F.cross_entropy(dist_logits, dense(samples).argmax(1))
     torch.testing.assert_close(run.criterion(samples, (cls_logits, dist_logits), labels), expected)
     before = run.model.head_dist.weight.detach().clone()
-    stats, step = engine.train_one_epoch(run.forward_model, run.criterion, [(samples, labels)], run.step_context(),
-                                         CPU, 0, 0, show_progress=False)
+    seen = []
+    run.criterion.teacher.register_forward_hook(lambda module, args, out: seen.append((module.training, out.dtype)))
+    bf16 = dataclasses.replace(run.step_context(), amp_dtype=torch.bfloat16)
+    stats, step = engine.train_one_epoch(run.forward_model, run.criterion, [(samples, labels)], bf16, CPU, 0, 0,
+                                         show_progress=False)
     assert step == 1 and torch.isfinite(torch.tensor(stats["loss"]))
+    assert seen == [(False, torch.bfloat16)], "the teacher runs in eval mode under the student's autocast"
     assert not torch.equal(before, run.model.head_dist.weight), "head_dist learns from the teacher"
 
 
@@ -311,7 +316,8 @@ def test_a_dense_run_teaches_its_sparse_version_end_to_end(tmp_path: Path) -> No
     teacher = tmp_path / "dense" / "checkpoint.pth"
     proc = run_main(*TINY_RUN, "--epochs", "1", "--density", "0.5", "--teacher-path", str(teacher),
                     "--distillation-type", "soft", "--distillation-tau", "2", "--output_dir", str(tmp_path / "sparse"))
-    assert f"teacher as recorded from {teacher}: 27,946 parameters; soft distillation, alpha 0.5, tau 2.0" in proc.stdout
+    assert (f"teacher {teacher} (the model it records): 27,946 parameters; soft distillation, alpha 0.5, tau 2.0"
+            in proc.stdout)
     record = json.loads((tmp_path / "sparse" / "log.txt").read_text().splitlines()[-1])
     assert record["density"] == 0.5 and 0 < record["train_loss"] < 10
     config = json.loads((tmp_path / "sparse" / "config.json").read_text())

@@ -1,6 +1,6 @@
 """One function assembles a training run from typed configs: loaders, model, EMA, optimizer, lr schedule, AMP
-scaler, the sparsifier chain, mixup and the loss (with its distillation teacher). main.py, the benchmarks and the tests all build runs with it, so
-what they measure is what main.py trains.
+scaler, the sparsifier chain, mixup and the loss (with its distillation teacher). main.py, the benchmarks and the
+tests all build runs with it, so what they measure is what main.py trains.
 
 The order of construction is the order of random draws (model init, then token selectors, then masks): changing
 it changes every run's numbers and breaks the bit-exact resume of existing checkpoints. The teacher draws nothing:
@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.deit import VisionTransformerDistilled
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.models.deit import VisionTransformerDistilled
 from timm.utils import ModelEmaV3
 
 import datasets
@@ -27,8 +27,8 @@ import models
 import sparselearning
 from sparselearning.base import combine
 from training.amp import Precision, choose_precision, device_supports_bf16, optimizer_supports_fused
-from training.loaders import LoaderConfig, build_train_loader, build_val_loader
 from training.distillation import DistillationConfig, DistillationLoss
+from training.loaders import LoaderConfig, build_train_loader, build_val_loader
 from training.process import Process
 from training.state import TrainingState
 from training.teacher import load_teacher
@@ -212,6 +212,19 @@ def build_criterion(cfg: MixupConfig) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def build_loss(mixup: MixupConfig, distillation: DistillationConfig, num_classes: int, img_size: int,
+               device: torch.device, say: Callable[[str], None]) -> DistillationLoss:
+    """``build_criterion``'s loss, with the teacher when the run distils (``say`` prints what teaches)."""
+    d, teacher = distillation, None
+    if d.enabled:
+        teacher = load_teacher(d.teacher_model, d.teacher_path, num_classes=num_classes, img_size=img_size,
+                               device=device)
+        say(f"teacher {d.teacher_path} ({d.teacher_model or 'the model it records'}): "
+            f"{sum(p.numel() for p in teacher.parameters()):,} parameters; {d.kind} distillation, alpha {d.alpha}"
+            + (f", tau {d.tau}" if d.kind == "soft" else ""))
+    return DistillationLoss(build_criterion(mixup), teacher, d.kind, d.alpha, d.tau)
+
+
 def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = None,
               log_fn: Callable[[dict[str, Any]], None] | None = None,
               say: Callable[[str], None] = lambda line: None) -> Run:
@@ -262,16 +275,7 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
                                                         log_fn=log_fn, units=units)
     token_schedule = (models.TokenSchedule(model, cfg.tokens, total_steps) if cfg.tokens.enabled
                       else sparselearning.DenseSparsifier())
-    teacher = None
-    if cfg.distillation.enabled:
-        d = cfg.distillation
-        teacher = load_teacher(d.teacher_model, d.teacher_path, num_classes=num_classes,
-                               img_size=model.patch_embed.img_size[0], device=device)
-        say(f"teacher {d.teacher_model or 'as recorded'} from {d.teacher_path}: "
-            f"{sum(p.numel() for p in teacher.parameters()):,} parameters; {d.kind} distillation, alpha {d.alpha}"
-            + (f", tau {d.tau}" if d.kind == "soft" else ""))
-    criterion = DistillationLoss(build_criterion(cfg.mixup), teacher, cfg.distillation.kind, cfg.distillation.alpha,
-                                 cfg.distillation.tau)
+    criterion = build_loss(cfg.mixup, cfg.distillation, num_classes, model.patch_embed.img_size[0], device, say)
     mixup_fn = None
     if cfg.mixup.active:
         m = cfg.mixup
