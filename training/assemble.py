@@ -1,9 +1,10 @@
 """One function assembles a training run from typed configs: loaders, model, EMA, optimizer, lr schedule, AMP
-scaler, the sparsifier chain, mixup and the loss. main.py, the benchmarks and the tests all build runs with it, so
-what they measure is what main.py trains.
+scaler, the sparsifier chain, mixup and the loss (with its distillation teacher). main.py, the benchmarks and the
+tests all build runs with it, so what they measure is what main.py trains.
 
 The order of construction is the order of random draws (model init, then token selectors, then masks): changing
-it changes every run's numbers and breaks the bit-exact resume of existing checkpoints.
+it changes every run's numbers and breaks the bit-exact resume of existing checkpoints. The teacher draws nothing:
+a distilled run starts from the same weights and masks as the same run without a teacher.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.deit import VisionTransformerDistilled
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -26,9 +28,11 @@ import models
 import sparselearning
 from sparselearning.base import combine
 from training.amp import Precision, choose_precision, device_supports_bf16, optimizer_supports_fused
+from training.distillation import DistillationConfig, DistillationLoss
 from training.loaders import LoaderConfig, build_train_loader, build_val_loader
 from training.process import Process
 from training.state import TrainingState
+from training.teacher import load_teacher
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class RunConfig:
     mixup: MixupConfig = field(default_factory=MixupConfig)
     sparsity: sparselearning.SparsityConfig | None = None
     tokens: models.TokenConfig = field(default_factory=models.TokenConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
     seed: int = 0  # the mask seed and the lr noise seed, the same on every rank
 
     @classmethod
@@ -144,7 +149,7 @@ class RunConfig:
             precision=PrecisionConfig(args.amp, args.amp_dtype, args.opt_fused),
             mixup=MixupConfig(args.mixup, args.cutmix, tuple(args.cutmix_minmax) if args.cutmix_minmax else None,
                               args.mixup_prob, args.mixup_switch_prob, args.mixup_mode, args.smoothing),
-            sparsity=sparsity, tokens=tokens, seed=args.seed)
+            sparsity=sparsity, tokens=tokens, distillation=DistillationConfig.from_args(args), seed=args.seed)
 
 
 @dataclass
@@ -162,7 +167,7 @@ class Run:
     scaler: torch.amp.GradScaler
     weight_sparsifier: sparselearning.Sparsifier
     sparsifier: sparselearning.Sparsifier  # the chain: weight sparsity, then the token schedule
-    criterion: nn.Module
+    criterion: DistillationLoss  # called (samples, outputs, targets); kind "none" is the plain loss
     mixup_fn: Mixup | None
     clip_grad: float | None
     total_steps: int
@@ -213,6 +218,19 @@ def build_criterion(cfg: MixupConfig) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def build_loss(mixup: MixupConfig, distillation: DistillationConfig, num_classes: int, img_size: int,
+               device: torch.device, say: Callable[[str], None]) -> DistillationLoss:
+    """``build_criterion``'s loss, with the teacher when the run distils (``say`` prints what teaches)."""
+    d, teacher = distillation, None
+    if d.enabled:
+        teacher = load_teacher(d.teacher_model, d.teacher_path, num_classes=num_classes, img_size=img_size,
+                               device=device)
+        say(f"teacher {d.teacher_path} ({d.teacher_model or 'the model it records'}): "
+            f"{sum(p.numel() for p in teacher.parameters()):,} parameters; {d.kind} distillation, alpha {d.alpha}"
+            + (f", tau {d.tau}" if d.kind == "soft" else ""))
+    return DistillationLoss(build_criterion(mixup), teacher, d.kind, d.alpha, d.tau)
+
+
 def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = None,
               log_fn: Callable[[dict[str, Any]], None] | None = None,
               say: Callable[[str], None] = lambda line: None) -> Run:
@@ -240,6 +258,8 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
     if cfg.model.finetune:  # the weights, before the EMA copies them and the sparsifier chooses masks by them
         for line in interop.load_pretrained(model, cfg.model.finetune, cfg.model.name):
             say(line)
+    if isinstance(model, VisionTransformerDistilled):  # training returns (class, dist) logits only when distilling
+        model.set_distilled_training(cfg.distillation.enabled)
     model.to(device)
     say(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; {world} process(es) "
         f"on {device}; {precision}")
@@ -265,6 +285,7 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
                                                         log_fn=log_fn, units=units)
     token_schedule = (models.TokenSchedule(model, cfg.tokens, total_steps) if cfg.tokens.enabled
                       else sparselearning.DenseSparsifier())
+    criterion = build_loss(cfg.mixup, cfg.distillation, num_classes, model.patch_embed.img_size[0], device, say)
     mixup_fn = None
     if cfg.mixup.active:
         m = cfg.mixup
@@ -272,6 +293,6 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
                          switch_prob=m.switch_prob, mode=m.mode, label_smoothing=m.smoothing, num_classes=num_classes)
     return Run(process=process, precision=precision, model=model, forward_model=forward_model, model_ema=model_ema,
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, weight_sparsifier=weight_sparsifier,
-               sparsifier=combine(weight_sparsifier, token_schedule), criterion=build_criterion(cfg.mixup),
+               sparsifier=combine(weight_sparsifier, token_schedule), criterion=criterion,
                mixup_fn=mixup_fn, clip_grad=cfg.optimizer.clip_grad, total_steps=total_steps,
                train_loader=train_loader, val_loader=val_loader)
