@@ -311,13 +311,16 @@ def test_compaction_export_and_teacher_keep_the_distillation_token(tmp_path: Pat
 
 @pytest.mark.slow
 def test_a_dense_run_teaches_its_sparse_version_end_to_end(tmp_path: Path) -> None:
-    """Item 3 as a user runs it: one dense epoch, then a 50% sparse run distilled from its checkpoint.pth."""
+    """Item 3 as a user runs it: one dense epoch, then a 50% sparse run that starts from its weights (the largest
+    half of each layer kept) and is distilled from the same checkpoint.pth."""
     run_main(*TINY_RUN, "--epochs", "1", "--output_dir", str(tmp_path / "dense"))
     teacher = tmp_path / "dense" / "checkpoint.pth"
-    proc = run_main(*TINY_RUN, "--epochs", "1", "--density", "0.5", "--teacher-path", str(teacher),
+    proc = run_main(*TINY_RUN, "--epochs", "1", "--density", "0.5", "--finetune", str(teacher), "--mask-init",
+                    "magnitude", "--teacher-path", str(teacher),
                     "--distillation-type", "soft", "--distillation-tau", "2", "--output_dir", str(tmp_path / "sparse"))
     assert (f"teacher {teacher} (the model it records): 27,946 parameters; soft distillation, alpha 0.5, tau 2.0"
             in proc.stdout)
+    assert f"--finetune: model weights from {teacher}" in proc.stdout
     record = json.loads((tmp_path / "sparse" / "log.txt").read_text().splitlines()[-1])
     assert record["density"] == 0.5 and 0 < record["train_loss"] < 10
     config = json.loads((tmp_path / "sparse" / "config.json").read_text())

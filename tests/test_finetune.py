@@ -105,6 +105,27 @@ def test_another_resolution_resamples_the_position_embedding_with_timm(source) -
                         "resample_abs_pos_embed, bicubic)")
 
 
+def test_a_distilled_file_keeps_both_prefix_tokens_and_reinits_both_classifiers(tmp_path) -> None:
+    """DeiT's distilled models: cls and distillation positions are kept as they are, only the patch grid is
+    resampled, and head and head_dist of another class count both keep timm's fresh init."""
+    name = "vit_digits_micro_distilled"
+    torch.manual_seed(0)
+    state = models.create_model(name, num_classes=10).state_dict()
+    torch.save(state, tmp_path / "distilled.pth")
+    torch.manual_seed(1)
+    model = models.create_model(name, num_classes=7, img_size=32)
+    fresh_heads = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("head")}
+    lines = interop.load_pretrained(model, tmp_path / "distilled.pth", name)
+    loaded = model.state_dict()
+    expected = resample_abs_pos_embed(state["pos_embed"], new_size=[8, 8], old_size=[4, 4], num_prefix_tokens=2)
+    assert loaded["pos_embed"].shape == (1, 66, 32) and torch.equal(loaded["pos_embed"], expected)
+    assert torch.equal(loaded["pos_embed"][:, :2], state["pos_embed"][:, :2])
+    assert sorted(fresh_heads) == ["head.bias", "head.weight", "head_dist.bias", "head_dist.weight"]
+    assert all(torch.equal(loaded[k], v) for k, v in fresh_heads.items())
+    assert all(torch.equal(loaded[k], state[k]) for k in state if k != "pos_embed" and not k.startswith("head"))
+    assert "head.weight, head.bias, head_dist.weight, head_dist.bias start from timm's initialisation" in lines[1]
+
+
 def test_token_scorers_the_file_lacks_keep_their_init(source) -> None:
     state, files = source
     model = fresh(tokens=models.TokenConfig(enabled=True, num_keep=9))
