@@ -334,7 +334,7 @@ class GlobalPruning(ScheduledMasks):
     # ------------------------------------------------------------------------------------------------ reporting
 
     def record(self, event: str = "report") -> dict[str, Any]:
-        """Per group its kept units; ``nonzero_parameters`` is the compact model's parameter count (every entry a
+        """Per group its kept units (``heads_kept``/``neurons_kept`` per block, as S²ViTE's record); ``nonzero_parameters`` is the compact model's parameter count (every entry a
         removed unit owns is masked)."""
         layers = {}
         for g in self.groups:
@@ -344,20 +344,20 @@ class GlobalPruning(ScheduledMasks):
         masked = sum(m.numel() for m in self.mask_set.masks.values())
         active = sum(int(m.sum()) for m in self.mask_set.masks.values())
         nonzero = self.total_parameters - masked + active
-        kinds = {kind: sum(int(self.active[g.name].sum()) for g in self.groups if g.kind == kind)
-                 for kind in TYPE_SCALE}
+        kept = {kind: [int(self.active[g.name].sum()) for g in self.groups if g.kind == kind] for kind in TYPE_SCALE}
         return {"event": event, "step": self._step, "death_rate": 0.0, "pruning_type": "global", "layers": layers,
                 "density": active / masked, "density_all": nonzero / self.total_parameters, "explored_rate": 1.0,
                 "nonzero_parameters": nonzero, "total_parameters": self.total_parameters,
                 "macs_fraction": self.current_macs / self.dense_macs, "target_macs": self.config.target_macs,
-                "removed_units": self._removed, "heads_kept": kinds["head"], "neurons_kept": kinds["neuron"],
-                "channels_kept": kinds["channel"]}
+                "removed_units": self._removed, "heads_kept": kept["head"], "neurons_kept": kept["neuron"],
+                "channels_kept": sum(kept["channel"])}
 
     def report(self) -> dict[str, float]:
         """Scalars for the epoch log."""
         record = self.record()
-        return {key: record[key] for key in ("density", "density_all", "nonzero_parameters", "macs_fraction",
-                                             "heads_kept", "neurons_kept", "channels_kept")}
+        scalars = {key: record[key] for key in ("density", "density_all", "nonzero_parameters", "macs_fraction",
+                                                "channels_kept")}
+        return {**scalars, "heads_kept": sum(record["heads_kept"]), "neurons_kept": sum(record["neurons_kept"])}
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 

@@ -183,3 +183,20 @@ def test_a_budget_that_would_empty_a_block_or_the_residual_stream_stops_with_a_m
         SparsityConfig(pruning_type="global")
     with pytest.raises(ValueError, match="--target-macs"):
         SparsityConfig(target_macs=0.5)
+
+
+@pytest.mark.slow
+def test_main_prunes_a_finetuned_model_to_the_budget_distils_from_it_and_compacts(tmp_path) -> None:
+    """main.py end to end: dense run, then --finetune from it with --pruning_type global and the dense checkpoint
+    as soft teacher; the run meets the budget and writes a compact model with the budget's MACs."""
+    from conftest import TINY_RUN, run_main
+
+    run_main(*TINY_RUN, "--epochs", "1", "--output_dir", str(tmp_path / "dense"))
+    dense = tmp_path / "dense" / "checkpoint.pth"
+    proc = run_main(*TINY_RUN, "--epochs", "2", "--output_dir", str(tmp_path / "global"), "--finetune", str(dense),
+                    "--pruning_type", "global", "--target-macs", "0.6", "--prune-every", "4", "--prune-units", "60",
+                    "--distillation-type", "soft", "--teacher-path", str(dense))
+    small = interop.load_compact(tmp_path / "global" / "compact.pth")
+    reference = models.create_model("vit_digits_micro", num_classes=10)
+    fraction = models.count_macs(small).total / models.count_macs(reference).total
+    assert 0.6 * 0.99 <= fraction <= 0.6, proc.stdout[-2000:]
