@@ -200,3 +200,25 @@ def test_main_prunes_a_finetuned_model_to_the_budget_distils_from_it_and_compact
     reference = models.create_model("vit_digits_micro", num_classes=10)
     fraction = models.count_macs(small).total / models.count_macs(reference).total
     assert 0.6 * 0.99 <= fraction <= 0.6, proc.stdout[-2000:]
+
+
+def test_a_resume_with_pruned_channels_restores_the_kept_channel_norms() -> None:
+    """The contract tests resume mid-pruning; here the pruned units include channels, whose LayerNorm hooks are not
+    in any state dict and must come back from the masks."""
+    model = micro()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparsifier = pruner(model, optimizer)
+    new = {name: mask.clone() for name, mask in sparsifier.active.items()}
+    new["embed"][[0, 9]] = False
+    sparsifier._commit(new, 3)
+    train_steps(model, optimizer, range(1, 3))
+    other = micro()
+    other.load_state_dict(model.state_dict())
+    resumed = pruner(other, torch.optim.AdamW(other.parameters(), lr=1e-3))
+    resumed.load_state_dict(sparsifier.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    assert resumed.record()["channels_kept"] == 30
+    torch.testing.assert_close(other.eval()(x), model.eval()(x), rtol=0, atol=0)
+    plain = micro()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain.eval()(x), model(x)), "non-vacuous: without the hooks the norms differ"
