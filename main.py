@@ -75,7 +75,7 @@ def main(args: argparse.Namespace, on_run: Callable[[Run], Any] | None = None) -
     return loop.train(run, loop.LoopConfig(
         epochs=args.epochs, output_dir=output_dir, flags=vars(args), model_name=args.model,
         print_freq=args.print_freq, save_every_steps=args.save_every_steps, tensorboard=args.tensorboard,
-        structured=cfg.sparsity.structured, visualize_tokens=cfg.tokens.visualize), start)
+        structured=cfg.sparsity.structured or cfg.sparsity.pruning_type == "global", visualize_tokens=cfg.tokens.visualize), start)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig,
     base = model_name.removesuffix("_data")
     with torch.device("meta"):
         full = architecture(create_model(base, num_classes=arch["num_classes"], img_size=arch["img_size"]))
-    compact = arch["block_heads"] != full["block_heads"] or arch["block_mlp_hidden"] != full["block_mlp_hidden"]
+    compact = any(arch[key] != full[key] for key in ("block_heads", "block_mlp_hidden", "embed_dim"))
     timm_loadable = base in (*DEIT_MODELS, *SMALL_MODELS, *SMALL_DISTILLED) and not compact and not token_scorers(model)
     total, nonzero = count_parameters(model)
     config: dict[str, Any] = {
@@ -133,7 +133,7 @@ def load_export(out_dir: str | Path) -> VisionTransformer:
         raise ValueError(f"{out / CONFIG} is not an export config (expected format {EXPORT_FORMAT!r})")
     arch = config["architecture"]
     shape = dict(block_heads=arch["block_heads"], block_mlp_hidden=arch["block_mlp_hidden"],
-                 head_dim=arch["head_dim"]) if config["compact"] else {}
+                 head_dim=arch["head_dim"], embed_dim=arch["embed_dim"]) if config["compact"] else {}
     model = create_model(config["model"], num_classes=arch["num_classes"], img_size=arch["img_size"], **shape)
     if config["token_selection"]:
         apply_token_selection(model, TokenConfig(**config["token_selection"]))

@@ -98,3 +98,8 @@ __all__ += [
     "random_unit_masks",
     "structure_units",
 ]
+
+# Global structural pruning: every unit group including the embedding channels, and their MAC count.
+from models.global_units import GlobalUnits, global_units  # noqa: E402
+
+__all__ += ["GlobalUnits", "global_units"]

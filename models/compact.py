@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.channel_units import clear_kept_channels, compact_channels, pruned_channels
 from models.head_stats import block_units, prunable_blocks
 from models.vit import architecture, create_model
 from models.wrappers import unwrap_model
@@ -67,7 +68,9 @@ def compact_model(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = N
     mode: it adds zero where the biases were masked, and it reproduces SViTE's bias leak in compat mode, so no mode
     flag is needed.
 
-    Blocks may keep different counts. The result is the same timm ``VisionTransformer`` class with timm ``Attention``
+    Pruned embedding channels (``models.channel_units``: global pruning) are removed from every tensor and
+    LayerNorm; the masked model normalises over its kept channels, so this is exact too. Blocks may keep different
+    counts. The result is the same timm ``VisionTransformer`` class with timm ``Attention``
     and ``Mlp`` modules, whose ``qkv``, ``proj``, ``fc1`` and ``fc2`` are replaced in place on a deep copy. Everything
     else (token selectors, dropout, drop path) is untouched. The input model is not modified.
 
@@ -79,6 +82,7 @@ def compact_model(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = N
         The compact model, in the training mode of the input.
     """
     compact = copy.deepcopy(unwrap_model(model))
+    channels = pruned_channels(compact, masks)
     for name, attn, mlp in prunable_blocks(compact):
         heads_of, neurons_of = block_units(name, attn, mlp)
         h, qkv, proj = heads_of.num_units, heads_of.primary, heads_of.output
@@ -119,6 +123,13 @@ def compact_model(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = N
         mlp.fc1 = _linear_like(mlp.fc1, select_units(fc1_w, fc1, n, neurons),
                                None if fc1_b is None else select_units(fc1_b, fc1, n, neurons))
         mlp.fc2 = _linear_like(mlp.fc2, select_units(fc2_w, fc2, n, neurons), _fold(fc2_b, leak, f"{name}.mlp.fc2"))
+    if channels is not None:  # pruned embedding channels (global pruning): masked entries first, then removed
+        params = dict(compact.named_parameters())
+        for fqn, mask in (masks or {}).items():
+            if params[fqn].shape == mask.shape:
+                params[fqn].mul_(mask.to(params[fqn].device))
+        compact_channels(compact, channels)
+    clear_kept_channels(compact)
     return compact
 
 
@@ -158,4 +169,4 @@ def build_compact(arch: Mapping[str, Any]) -> nn.Module:
     """An untrained model with a compact architecture (``compact_architecture`` output), built by ``create_model``."""
     return create_model(arch["model"], num_classes=arch["num_classes"], img_size=arch["img_size"],
                         block_heads=arch["block_heads"], block_mlp_hidden=arch["block_mlp_hidden"],
-                        head_dim=arch["head_dim"])
+                        head_dim=arch["head_dim"], embed_dim=arch.get("embed_dim"))

@@ -61,6 +61,19 @@ def default_img_size(name: str) -> int:
     raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
 
 
+DEIT_WIDTHS = {"tiny": 192, "small": 384, "base": 768}
+
+
+def config_embed_dim(name: str) -> int:
+    """The residual width a named model is built with."""
+    base = name.removesuffix("_data").removesuffix(DISTILLED_SUFFIX)
+    if base in SMALL_MODELS:
+        return SMALL_MODELS[base]["embed_dim"]
+    if base in DEIT_MODELS or name in DEIT_MODELS:
+        return DEIT_WIDTHS[base.split("_")[1]]
+    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+
+
 def create_model(
     name: str,
     *,
@@ -71,6 +84,7 @@ def create_model(
     block_heads: Sequence[int] | None = None,
     block_mlp_hidden: Sequence[int] | None = None,
     head_dim: int | None = None,
+    embed_dim: int | None = None,
 ) -> VisionTransformer:
     """Build a randomly initialised ViT (never downloads weights).
 
@@ -83,16 +97,22 @@ def create_model(
         block_heads: heads kept in each block (compact models); defaults to the config's head count.
         block_mlp_hidden: MLP hidden width of each block; defaults to mlp_ratio * embed_dim.
         head_dim: width of one head when `block_heads` is given; defaults to embed_dim // num_heads.
+        embed_dim: residual width, when it differs from the config's (compact models with pruned embedding
+            channels); needs `block_heads` and `head_dim`, since the config's head count need not divide it.
     """
     if name in DATA_MODELS:
         model = create_model(name.removesuffix("_data"), num_classes=num_classes, img_size=img_size,
                              drop_rate=drop_rate, drop_path_rate=drop_path_rate, block_heads=block_heads,
-                             block_mlp_hidden=block_mlp_hidden, head_dim=head_dim)
+                             block_mlp_hidden=block_mlp_hidden, head_dim=head_dim, embed_dim=embed_dim)
         apply_token_selection(model, TokenConfig(enabled=True, selector="layerwise"))
         return model
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     if img_size is not None:
         kwargs["img_size"] = img_size
+    if embed_dim is not None and embed_dim != config_embed_dim(name):
+        if block_heads is None or head_dim is None:
+            raise ValueError("embed_dim needs block_heads and head_dim (the blocks are rebuilt at that width)")
+        kwargs.update(embed_dim=embed_dim, num_heads=1)  # resize_blocks sets the real heads below
     if name in DEIT_MODELS:
         model = timm.create_model(name, pretrained=False, **kwargs)
     elif name in SMALL_MODELS:

@@ -12,8 +12,9 @@ from sparselearning.distributions import DISTRIBUTIONS
 from sparselearning.masks import MASK_INITS
 from sparselearning.schedules import DECAY_SCHEDULES
 
-PRUNING_TYPES = ("unstructure", "structure", "structure_new")
-"""SViTE's ``--pruning_type`` values; ``structure_new`` (the original scripts' spelling) aliases ``structure``."""
+PRUNING_TYPES = ("unstructure", "structure", "structure_new", "global")
+"""SViTE's ``--pruning_type`` values; ``structure_new`` (the original scripts' spelling) aliases ``structure``;
+``global`` is global structural pruning to a MAC budget (``sparselearning.global_pruning``)."""
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -55,6 +56,9 @@ class SparsityConfig:
         mask_init: the first masks: ``random`` (SViTE) or ``magnitude``, the largest-|w| weights of each layer at its
             ``sparse_init`` density, or for structured sparsity the heads and neurons of largest weight L1 norm
             (for starting from pretrained weights, ``--finetune``).
+        target_macs: ``pruning_type`` global: the MAC budget, a fraction of the dense model's in (0, 1).
+        prune_every: ``pruning_type`` global: optimizer steps between pruning steps.
+        prune_units: ``pruning_type`` global: units (heads, neurons, channels) removed per pruning step.
     """
 
     density: float | None = None
@@ -75,6 +79,9 @@ class SparsityConfig:
     other_density: float = 0.2
     structure_compat: bool = False
     mask_init: str = "random"
+    target_macs: float | None = None
+    prune_every: int = 100
+    prune_units: int = 32
 
     def __post_init__(self) -> None:
         valid_number = isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
@@ -100,6 +107,7 @@ class SparsityConfig:
                 raise ValueError(f"{flag} must be a sequence of non-empty pattern strings, got {patterns!r}")
             object.__setattr__(self, flag, tuple(patterns))
         self._check_structure()
+        self._check_global()
         if self.mask_init != "random" and not self.enabled:
             raise ValueError(f"--mask-init {self.mask_init} chooses the first masks of a sparse run, and this run is "
                              "dense; pass --density D below 1 or --pruning_type structure, or leave --mask-init out")
@@ -132,6 +140,25 @@ class SparsityConfig:
             raise ValueError("--sparse-include/--sparse-exclude choose tensors for unstructured masks; structured "
                              "sparsity always covers the heads and MLP neurons of every block")
 
+    def _check_global(self) -> None:
+        for flag, value in (("prune_every", self.prune_every), ("prune_units", self.prune_units)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{flag} must be a positive int, got {value!r}")
+        if self.pruning_type != "global":
+            if self.target_macs is not None:
+                raise ValueError("--target-macs is the budget of --pruning_type global; pass that too or leave it out")
+            return
+        target = self.target_macs
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < 1.0:
+            raise ValueError(f"--pruning_type global needs --target-macs F, a fraction of the dense MACs in (0, 1), "
+                             f"got {target!r}")
+        if self.density is not None or self.sparse_include or self.sparse_exclude:
+            raise ValueError("--density/--sparse-include/--sparse-exclude choose weight masks; global pruning "
+                             "removes whole heads, neurons and channels (leave them out)")
+        if self.mask_init != "random":
+            raise ValueError("--mask-init chooses the first masks of a DST run; global pruning starts from every "
+                             "unit of the (pretrained, --finetune) model: leave --mask-init out")
+
     @property
     def structured(self) -> bool:
         """Whether heads and MLP neurons are pruned (``--pruning_type structure``)."""
@@ -140,7 +167,7 @@ class SparsityConfig:
     @property
     def enabled(self) -> bool:
         """Whether anything is masked: structured sparsity, or a density given and below 1."""
-        return self.structured or (self.density is not None and self.density < 1.0)
+        return self.structured or self.pruning_type == "global" or (self.density is not None and self.density < 1.0)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SparsityConfig:
@@ -164,6 +191,9 @@ class SparsityConfig:
             other_density=args.other_density,
             structure_compat=args.structure_compat,
             mask_init=args.mask_init,
+            target_macs=args.target_macs,
+            prune_every=args.prune_every,
+            prune_units=args.prune_units,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,4 +249,13 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     structure.add_argument("--structure-compat", dest="structure_compat", action="store_true",
                            help="SViTE's quirks: unmasked biases of pruned units (pruned heads leak a constant), "
                                 "zero-initialised regrown units")
+
+    glob = parser.add_argument_group("global structural pruning (--pruning_type global: heads, neurons, embedding "
+                                     "channels ranked in one list)")
+    glob.add_argument("--target-macs", dest="target_macs", type=float, default=None, metavar="F",
+                      help="MAC budget as a fraction of the dense model's, in (0, 1); pruning stops within 1%% of it")
+    glob.add_argument("--prune-every", dest="prune_every", type=int, default=100, metavar="N",
+                      help="optimizer steps between pruning steps")
+    glob.add_argument("--prune-units", dest="prune_units", type=int, default=32, metavar="K",
+                      help="units removed per pruning step, lowest global score first")
     return group

@@ -292,7 +292,8 @@ def build_sparsifier(
     units: StructureSource | None = None,
 ) -> Sparsifier:
     """The sparsifier a run asks for: ``DenseSparsifier`` (no masks, no hook, no cost) when ``cfg`` is None, or
-    unstructured with density None or 1.0; ``StructuredDST`` for ``pruning_type`` structure; otherwise ``Masking``.
+    unstructured with density None or 1.0; ``StructuredDST`` for ``pruning_type`` structure; ``GlobalPruning`` for
+    ``pruning_type`` global; otherwise ``Masking``.
 
     Args:
         cfg: parsed sparsity settings.
@@ -313,4 +314,11 @@ def build_sparsifier(
             raise ValueError("--pruning_type structure needs the model's head and neuron layout: pass "
                              "units=models.structure_units(model, scaler) to build_sparsifier")
         return StructuredDST.from_config(cfg, model, optimizer, total_steps, units, seed=seed, log_fn=log_fn)
+    if cfg.pruning_type == "global":
+        from sparselearning.global_pruning import GlobalPruning  # builds on this module, so imported late
+
+        if units is None or not hasattr(units, "macs"):
+            raise ValueError("--pruning_type global needs every unit group and the MAC count of the model: pass "
+                             "units=models.global_units(model) to build_sparsifier")
+        return GlobalPruning.from_config(cfg, model, optimizer, total_steps, units, seed=seed, log_fn=log_fn)
     return Masking.from_config(cfg, model, optimizer, total_steps, seed=seed, log_fn=log_fn)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-UNIT_KINDS = ("head", "neuron")
+UNIT_KINDS = ("head", "neuron", "channel")
 SLICE_ROLES = ("in", "bias", "out")
 QKV_SECTIONS = 3
 """q, k and v: the sections of a timm ``Attention.qkv`` output."""
@@ -115,6 +115,21 @@ def neuron_group(mlp: str, hidden: int, fc1_bias: bool = True) -> UnitGroup:
     return UnitGroup(mlp, "neuron", hidden, tuple(slices))
 
 
+def channel_group(name: str, num_channels: int, slices: Sequence[tuple[str, int, str]]) -> UnitGroup:
+    """The embedding dimension: residual channel c owns entry c, along the given axis, of every tensor that writes the
+    residual stream (patch embedding rows, cls/position tokens, ``proj`` and ``fc2`` rows and biases: role ``in`` or
+    ``bias``), of every LayerNorm over it, and of every tensor that reads it (``qkv``, ``fc1`` and head columns: role
+    ``out``). Removing a channel removes it from all of them at once.
+
+    Args:
+        name: the group's name (``embed``).
+        num_channels: D.
+        slices: (parameter FQN, axis, role) for each tensor the channels split.
+    """
+    return UnitGroup(name, "channel", num_channels,
+                     tuple(UnitSlice(param, dim, 1, 1, role) for param, dim, role in slices))
+
+
 def heads_in_qkv(rows: int, head_dim: int) -> int:
     """How many heads a ``qkv`` output of ``rows`` rows holds (compact blocks have fewer than the named model)."""
     return rows // (QKV_SECTIONS * head_dim)
@@ -163,3 +178,11 @@ def unit_l1(tensor: torch.Tensor, spec: UnitSlice, num_units: int) -> torch.Tens
     else:
         per_entry = tensor.abs().float()
     return per_entry.reshape(spec.sections, num_units, spec.width).sum(dim=(0, 2))
+
+
+def unit_sum(tensor: torch.Tensor, spec: UnitSlice, num_units: int) -> torch.Tensor:
+    """Per-unit signed sum, in float32 (float64 for a float64 tensor), of the entries a slice owns in ``tensor`` (shape
+    [num_units]): e.g. of w * dL/dw, the first-order Taylor estimate of the loss change when the unit is removed."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    moved = tensor.movedim(spec.dim, 0).to(dtype).reshape(spec.sections, num_units, spec.width, -1)
+    return moved.sum(dim=(0, 2, 3))

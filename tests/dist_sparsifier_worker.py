@@ -68,7 +68,7 @@ def main(out_dir: Path) -> None:
         results["cases"][case.name], sparsifier = run_case(case, rank)
         if not hasattr(sparsifier, "check_consistency"):
             continue
-        name, mask = next(iter(sparsifier.masks.items()))
+        name, mask = next((n, m) for n, m in sparsifier.masks.items() if 0 < int(m.sum()) < m.numel())
         if rank == 1:
             before = int(mask.sum()), int(mask.view(-1).nonzero().sum())
             results["corrupted_checksums"][case.name] = [before, swap_keeping_count_and_index_sum(mask)]

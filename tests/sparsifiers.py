@@ -18,6 +18,7 @@ from torch import nn
 import models
 from sparselearning import Masking, Sparsifier, StructuredDST
 from sparselearning.base import combine
+from sparselearning.global_pruning import GlobalPruning
 
 TOTAL_STEPS, UPDATE_FREQUENCY = 30, 3
 
@@ -58,6 +59,14 @@ def structured(**options: Any) -> Callable[..., Sparsifier]:
     return build
 
 
+def global_pruning(**options: Any) -> Callable[..., Sparsifier]:
+    def build(module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
+              **schedule: Any) -> Sparsifier:
+        return GlobalPruning(module, optimizer, models.global_units(module), total_steps, seed=seed, log_fn=silent,
+                             **{"target_macs": 0.6, "prune_every": UPDATE_FREQUENCY, "prune_units": 12, **options})
+    return build
+
+
 def token_schedule(cfg: models.TokenConfig) -> Callable[..., Sparsifier]:
     def build(module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
               **schedule: Any) -> Sparsifier:
@@ -81,6 +90,9 @@ class Case:
         state differs across DDP ranks until then.
     variant: another setting, or a chain, of a method listed before it: the costly checks (optimizer hygiene, the
         second resume point) run on that method only.
+    regrows: units removed at an update can come back (the optimizer-hygiene test of regrown weights applies).
+    masks_at_start: it masks weights from construction on (global pruning starts dense and masks from its first
+        update).
     """
 
     name: str
@@ -90,6 +102,8 @@ class Case:
     changes_topology: bool = True
     local_statistics: bool = False
     variant: bool = False
+    regrows: bool = True
+    masks_at_start: bool = True
 
     def model(self) -> nn.Module:
         return micro_vit(self.tokens)
@@ -107,6 +121,7 @@ CASES = [
     Case("structured-compat", structured(compat=True), local_statistics=True, variant=True),
     Case("structured-random", structured(growth="random", death_rate=0.5, decay_schedule="constant"),
          local_statistics=True, variant=True),
+    Case("global", global_pruning(), regrows=False, masks_at_start=False),
     Case("tokens", token_schedule(GLOBAL_ZERO), GLOBAL_ZERO, masks_weights=False, changes_topology=False),
     Case("unstructured+tokens", chain(masking(), token_schedule(LAYERWISE_DROP)), LAYERWISE_DROP, variant=True),
 ]

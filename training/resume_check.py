@@ -17,7 +17,8 @@ The rule, by flag:
   unless it grows.
 - Must match where they act: the sparsity kind (``--density`` for dense or unstructured, ``--pruning_type``) always;
   ``--sparse_init``, ``--erk-power``, ``--sparse-include``, ``--sparse-exclude`` for unstructured runs;
-  ``--atten_density``, ``--other_density``, ``--structure-compat`` for structured runs; the topology schedule and
+  ``--atten_density``, ``--other_density``, ``--structure-compat`` for structured runs; ``--target-macs``,
+  ``--prune-every``, ``--prune-units`` for global pruning; the topology schedule and
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
   ``--decay-schedule``, ``--t_end``) and ``--mask-init`` for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
@@ -58,7 +59,7 @@ EXPERIMENT_FLAGS = frozenset({
     "reprob", "remode", "recount", "seed", "finetune",
     "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
     "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type", "mask_init",
-    "atten_density", "other_density", "structure_compat",
+    "atten_density", "other_density", "structure_compat", "target_macs", "prune_every", "prune_units",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
     "distillation_type", "teacher_model", "teacher_path", "distillation_alpha", "distillation_tau",
 })
@@ -71,6 +72,7 @@ _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistributio
                            "t_end", "mask_init"})
 _UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude"})
 _STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat"})
+_GLOBAL_FLAGS = frozenset({"target_macs", "prune_every", "prune_units"})
 _TOKEN_FLAGS = frozenset({"token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise"})
 _TEACHER_FLAGS = frozenset({"teacher_model", "teacher_path", "distillation_alpha", "distillation_tau"})
 
@@ -122,6 +124,8 @@ def saved_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 def _kind(settings: Mapping[str, Any]) -> str:
     if settings.get("pruning_type") == "structure":
         return "structured"
+    if settings.get("pruning_type") == "global":
+        return "global"
     return "dense" if settings.get("density") is None else "unstructured"
 
 
@@ -132,8 +136,10 @@ def _acts(flag: str, settings: Mapping[str, Any]) -> bool:
         return kind in ("unstructured", "dense") if flag == "density" else kind == "unstructured"
     if flag in _STRUCTURED_FLAGS:
         return kind == "structured"
+    if flag in _GLOBAL_FLAGS:
+        return kind == "global"
     if flag in _SPARSE_FLAGS:
-        return kind != "dense"
+        return kind in ("structured", "unstructured")
     if flag in _TOKEN_FLAGS:
         return bool(settings.get("token_selection"))
     if flag in _TEACHER_FLAGS:

@@ -1,0 +1,57 @@
+"""The model side of global structural pruning (``--pruning_type global``): every unit group of a timm ViT (heads and
+MLP neurons per block, embedding channels), the MAC count of any unit counts, and the kept-channel LayerNorms, for
+``sparselearning.GlobalPruning``, which never imports the model code."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.channel_units import EMBED_GROUP, embedding_group, set_kept_channels
+from models.flops import block_shapes, vit_macs
+from models.head_stats import block_units, prunable_blocks
+from models.wrappers import unwrap_model
+
+
+class GlobalUnits:
+    """The adapter ``build_sparsifier(..., units=...)`` reads for ``--pruning_type global``.
+
+    ``macs`` is ``models.flops.vit_macs`` of the executed block shapes with the given counts, so the count a budget
+    is met at is the count of the compact model (``count_macs``).
+
+    Args:
+        model: the (possibly DDP-wrapped) timm ViT.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        net = unwrap_model(model)
+        blocks = prunable_blocks(net)
+        self.groups: list[dict[str, Any]] = [g.to_dict() for name, attn, mlp in blocks
+                                             for g in block_units(name, attn, mlp)]
+        self.groups.append(embedding_group(net).to_dict())
+        self._blocks = [name for name, _, _ in blocks]
+        self._shapes = block_shapes(net, "executed")
+        head = net.head
+        self._fixed = dict(num_patches=net.patch_embed.num_patches,
+                           patch_dim=math.prod(net.patch_embed.proj.weight.shape[1:]),
+                           num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
+                           distilled=isinstance(getattr(net, "head_dist", None), nn.Linear))
+
+    def macs(self, counts: Mapping[str, int]) -> float:
+        """MACs per image with ``counts[group]`` units kept (groups ``blocks.i.attn``, ``blocks.i.mlp``, ``embed``)."""
+        shapes = [dataclasses.replace(shape, num_heads=counts[f"{name}.attn"], mlp_hidden=counts[f"{name}.mlp"])
+                  for name, shape in zip(self._blocks, self._shapes)]
+        return vit_macs(counts[EMBED_GROUP], shapes, **self._fixed).total
+
+    def set_channels(self, module: nn.Module, active: torch.Tensor) -> None:
+        """The kept-channel LayerNorms of ``module`` (``models.channel_units.set_kept_channels``)."""
+        set_kept_channels(module, active)
+
+
+def global_units(model: nn.Module) -> GlobalUnits:
+    """Every unit group of a timm ViT and its MAC count, for ``build_sparsifier(units=...)`` with global pruning."""
+    return GlobalUnits(model)

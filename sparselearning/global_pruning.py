@@ -1,0 +1,380 @@
+"""Global structural pruning toward a MAC budget (after NViT, Yang et al. CVPR 2023, built from the paper's text).
+
+Every removable unit of the model (each block's heads and MLP neurons, and the embedding channels shared by all
+blocks) is scored and ranked in one list. Every ``prune_every`` optimizer steps the ``prune_units`` lowest-ranked
+active units are removed for good, until the model's MACs reach ``target_macs`` of the dense count; then the
+topology is frozen and the run fine-tunes the survivors. The units, the masks, the MAC count and the kept-channel
+LayerNorms come from the model adapter (``models.global_units``), so this package needs no model code.
+
+Score (NViT's): per optimizer step and unit, s = Σ w·∂L/∂w over every parameter entry the unit owns (the first-order
+Taylor estimate of the loss change when it is removed), divided by a per-type constant so that heads, neurons and
+channels compare in one list (NViT's 12 for an embedding channel, 6 for a head, 1 for a neuron), squared, and averaged
+over the steps since the last pruning step. It is computed in float32 from unscaled gradients, summed in float64,
+and all-reduced across ranks at each pruning step.
+
+This is one more selection rule of the shared loop (``ScheduledMasks``): ``_select`` is the global ranking, and
+there is no regrowth.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparselearning.config import SparsityConfig
+from sparselearning.criteria import derive_seed
+from sparselearning.masks import MaskSet, unwrap_model
+from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores, collective_device
+from sparselearning.units import UnitGroup, expand_units, unit_l1, unit_sum
+
+logger = logging.getLogger(__name__)
+
+TYPE_SCALE = {"channel": 12.0, "head": 6.0, "neuron": 1.0}
+"""NViT's per-type divisors of the Taylor sum, applied before squaring."""
+BUDGET_TOLERANCE = 0.01
+"""The budget is met when the MACs lie in [(1 - tolerance) * target, target] of the dense count."""
+
+
+class GlobalSource(Protocol):
+    """What a model adapter provides (``models.global_units``): every unit group, a MAC count of any unit counts,
+    and the kept-channel LayerNorms."""
+
+    groups: Sequence[Mapping[str, Any]]
+
+    def macs(self, counts: Mapping[str, int]) -> float:
+        """MACs per image of the model with ``counts[group]`` units kept in each group."""
+
+    def set_channels(self, module: nn.Module, active: torch.Tensor) -> None:
+        """Make ``module``'s residual LayerNorms normalise over the channels where ``active`` is True."""
+
+
+class TaylorWindow:
+    """Per-unit squared, type-normalised Taylor sums over the optimizer steps since the last reset.
+
+    An optimizer pre-step hook reads each step's gradients and the weights they were computed at. Under a float16
+    GradScaler a non-fused optimizer is stepped only after ``unscale_`` (and not at all after an overflow); a fused
+    one carries ``grad_scale`` (None once unscaled) and ``found_inf``, so the sums are divided by the scale and an
+    overflowed step is masked out on the device, without a host sync. Non-finite sums leave the step out too.
+    """
+
+    def __init__(self, groups: Sequence[UnitGroup], params: Mapping[str, nn.Parameter],
+                 optimizer: torch.optim.Optimizer) -> None:
+        self.groups, self.params = list(groups), params
+        device = params[self.groups[0].primary.param].device
+        self.sums = {g.name: torch.zeros(g.num_units, dtype=torch.float64, device=device) for g in self.groups}
+        self.steps = torch.zeros((), dtype=torch.float64, device=device)
+        self.paused = False
+        self._hook = optimizer.register_step_pre_hook(self._accumulate)
+
+    @torch.no_grad()
+    def _accumulate(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.paused:
+            return
+        scale = getattr(optimizer, "grad_scale", None)
+        found_inf = getattr(optimizer, "found_inf", None)
+        step_scores = {}
+        for g in self.groups:
+            parts = [unit_sum(p.detach().float() * p.grad.float(), s, g.num_units) for s in g.slices
+                     if (p := self.params[s.param]).grad is not None]
+            if parts:
+                total = torch.stack(parts).sum(0)
+                if scale is not None:
+                    total = total / scale.to(total.device, torch.float32)
+                step_scores[g.name] = (total.double() / TYPE_SCALE[g.kind]).square()
+        if not step_scores:
+            return
+        device = next(iter(step_scores.values())).device
+        if self.steps.device != device:  # the model moved: the window follows
+            self.steps = self.steps.to(device)
+            self.sums = {name: total.to(device) for name, total in self.sums.items()}
+        keep = torch.isfinite(torch.cat(list(step_scores.values()))).all()
+        if found_inf is not None:
+            keep &= found_inf.to(device) == 0
+        for name, value in step_scores.items():
+            self.sums[name] += torch.where(keep, value, 0.0)
+        self.steps += keep
+
+    def read(self) -> dict[str, torch.Tensor] | None:
+        """Group name -> mean score per step (float64, CPU), averaged over ranks; None without a counted step."""
+        names = list(self.sums)
+        flat = torch.cat([*(self.sums[n] for n in names), self.steps.reshape(1)]).detach().to("cpu", torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            flat = flat.to(collective_device())
+            dist.all_reduce(flat)
+            flat = flat.cpu() / dist.get_world_size()
+        *values, steps = flat.split([*(self.sums[n].numel() for n in names), 1])
+        if float(steps) <= 0:
+            return None
+        return {name: value / steps for name, value in zip(names, values)}
+
+    def reset(self) -> None:
+        for total in self.sums.values():
+            total.zero_()
+        self.steps.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"taylor_sums": {n: t.detach().to("cpu", copy=True) for n, t in self.sums.items()},
+                "taylor_steps": self.steps.detach().to("cpu", copy=True)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, total in self.sums.items():
+            total.copy_(state["taylor_sums"][name])
+        self.steps.copy_(state["taylor_steps"])
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+def global_order(scores: Mapping[str, torch.Tensor], active: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """Every active unit as (group, index), lowest score first: one list across all groups. Ties keep the order of
+    the groups and then of the units (a stable sort), so the order is a pure function of the scores."""
+    names, index, values = [], [], []
+    for name, mask in active.items():
+        units = mask.nonzero().flatten()
+        names += [name] * units.numel()
+        index.append(units)
+        values.append(scores[name].double().cpu()[units])
+    flat_index = torch.cat(index).tolist()
+    order = torch.sort(torch.cat(values), stable=True).indices.tolist()
+    return [(names[i], flat_index[i]) for i in order]
+
+
+def prune_to_budget(order: Sequence[tuple[str, int]], active: Mapping[str, torch.Tensor],
+                    macs: Callable[[Mapping[str, int]], float], budget: float, max_units: int,
+                    tolerance: float = BUDGET_TOLERANCE) -> dict[str, torch.Tensor]:
+    """Remove up to ``max_units`` units from the front of ``order`` while the MACs exceed ``budget``.
+
+    A unit is skipped when it is the last of its group (a block keeps one head and one neuron, the residual stream one
+    channel) or when its removal would take the MACs below ``(1 - tolerance) * budget``; the next unit in the list is
+    tried instead, so the final count lands within the tolerance. Returns the new unit masks.
+
+    Raises:
+        RuntimeError: when the MACs exceed the budget and no unit can be removed.
+    """
+    new = {name: mask.clone() for name, mask in active.items()}
+    counts = {name: int(mask.sum()) for name, mask in active.items()}
+    current, removed = macs(counts), 0
+    for name, unit in order:
+        if removed == max_units or current <= budget:
+            break
+        if counts[name] == 1:
+            continue
+        counts[name] -= 1
+        after = macs(counts)
+        if after < (1.0 - tolerance) * budget:
+            counts[name] += 1
+            continue
+        new[name][unit] = False
+        current, removed = after, removed + 1
+    if removed == 0 and current > budget:
+        raise RuntimeError(f"global pruning is stuck at {current:,.0f} MACs above its budget {budget:,.0f}: every "
+                           "remaining unit is the last of its block or residual stream, or overshoots the budget by "
+                           f"more than {tolerance:.0%}; raise --target-macs")
+    return new
+
+
+def _is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class GlobalPruning(ScheduledMasks):
+    """Global structural pruning of heads, MLP neurons and embedding channels to a MAC budget (``--pruning_type
+    global``).
+
+    It starts with every unit active (pretrained weights, ``--finetune``) and masks every parameter entry a removed
+    unit owns, so a removed unit is exactly silent; removed channels make the residual LayerNorms normalise over
+    the kept channels (``GlobalSource.set_channels``), which is what the compact model computes. Units never come
+    back, and the optimizer state is left alone.
+
+    Args:
+        model: the model (DDP or compiled wrappers are fine).
+        optimizer: its optimizer; the score window and the mask enforcement hook it.
+        units: the model adapter, e.g. ``models.global_units(model)``.
+        total_steps: optimizer steps of the whole run.
+        target_macs: the budget, a fraction of the dense model's MACs in (0, 1).
+        prune_every: optimizer steps between pruning steps.
+        prune_units: units removed per pruning step.
+        seed: kept for the schedule state (the selection is deterministic).
+        log_fn: receives a record at construction, after every pruning step and on resume.
+
+    Raises:
+        ValueError: when the budget is below what one head, one neuron per block and one channel cost.
+    """
+
+    STATE_FORMAT = "sparselearning.GlobalPruning/1"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, units: GlobalSource, total_steps: int, *,
+                 target_macs: float, prune_every: int = 100, prune_units: int = 32, seed: int = 0,
+                 log_fn: LogFn | None = None) -> None:
+        self.config = SparsityConfig(pruning_type="global", target_macs=target_macs, prune_every=prune_every,
+                                     prune_units=prune_units)
+        self._start_schedule(optimizer, total_steps, seed, log_fn)
+        self.model, self.units = model, units
+        self.params = dict(unwrap_model(model).named_parameters())
+        self.total_parameters = sum(p.numel() for p in self.params.values())
+        self.groups = [UnitGroup.from_dict(spec) for spec in units.groups]
+        channels = [g for g in self.groups if g.kind == "channel"]
+        if len(channels) != 1:
+            raise ValueError(f"global pruning needs exactly one channel group from the model adapter, got {len(channels)}")
+        self.channel_group = channels[0].name
+        self.active = {g.name: torch.ones(g.num_units, dtype=torch.bool) for g in self.groups}
+        self.dense_macs = units.macs({g.name: g.num_units for g in self.groups})
+        self.budget = target_macs * self.dense_macs
+        floor = units.macs({g.name: 1 for g in self.groups})
+        if floor > self.budget:
+            raise ValueError(f"--target-macs {target_macs} is below {floor / self.dense_macs:.4g}, the MACs of one "
+                             "head and one MLP neuron per block and one embedding channel: it would empty a block or "
+                             "the residual stream. Raise --target-macs")
+        if prune_every >= total_steps:
+            warnings.warn(f"--prune-every {prune_every} >= the run's {total_steps} optimizer steps: nothing will be "
+                          "pruned", stacklevel=2)
+        masks = self._unit_masks()
+        self.mask_set = MaskSet({name: self.params[name] for name in masks}, masks)
+        self.mask_set.attach(optimizer, model)
+        self.mask_set.apply_()
+        self.window = TaylorWindow(self.groups, self.params, optimizer)
+        self._removed = 0
+        self.check_consistency()
+        self.log_fn(self.record("init"))
+
+    @classmethod
+    def from_config(cls, cfg: SparsityConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
+                    units: GlobalSource, *, seed: int = 0, log_fn: LogFn | None = None) -> GlobalPruning:
+        """Build from a validated ``SparsityConfig`` with ``pruning_type`` global."""
+        return cls(model, optimizer, units, total_steps, target_macs=cfg.target_macs, prune_every=cfg.prune_every,
+                   prune_units=cfg.prune_units, seed=seed, log_fn=log_fn)
+
+    # ------------------------------------------------------------------------------------------------ masks
+
+    def _unit_masks(self) -> dict[str, torch.Tensor]:
+        """Every owned tensor's mask: the AND over the groups that split it (a ``qkv`` entry needs its head and its
+        input channel)."""
+        masks: dict[str, torch.Tensor] = {}
+        for g in self.groups:
+            for s in g.slices:
+                param = self.params[s.param]
+                unit_mask = expand_units(self.active[g.name].to(param.device), s, param.shape)
+                masks[s.param] = masks[s.param] & unit_mask if s.param in masks else unit_mask
+        return masks
+
+    @property
+    def current_macs(self) -> float:
+        return self.units.macs(self._active_counts())
+
+    @property
+    def budget_met(self) -> bool:
+        return self.current_macs <= self.budget
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def step(self, step: int) -> bool:
+        """Call after every optimizer step; prunes every ``prune_every`` steps until the budget is met."""
+        self._step = step
+        if self.budget_met or step == self._last_update_step or step % self.config.prune_every:
+            return False
+        self._last_update_step = step
+        return self._update(step)
+
+    def _units(self) -> dict[str, torch.Tensor]:
+        return self.active
+
+    def _active_counts(self) -> dict[str, int]:
+        return {name: int(active.sum()) for name, active in self.active.items()}
+
+    def _tie_seeds(self, name: str, step: int) -> tuple[int, int]:
+        ties = derive_seed(self.seed, name, step, "ties")
+        return ties, ties
+
+    def _read_window(self, step: int) -> UpdateScores | None:
+        scores = self.window.read()
+        self.window.reset()
+        if scores is None or not all(bool(torch.isfinite(s).all()) for s in scores.values()):
+            logger.warning("global pruning: no finite scores at step %d; pruning step skipped", step)
+            return None
+        return UpdateScores(death=scores.__getitem__, growth=scores.__getitem__)
+
+    def _select(self, scores: UpdateScores, rate: float, step: int) -> dict[str, torch.Tensor]:
+        """The global rule: the ``prune_units`` lowest-scored active units of all groups go, within the budget."""
+        order = global_order({name: scores.death(name) for name in self.active}, self.active)
+        return prune_to_budget(order, self.active, self.units.macs, self.budget, self.config.prune_units)
+
+    def _commit(self, new: dict[str, torch.Tensor], step: int) -> bool:
+        self._removed = sum(int((self.active[n] & ~new[n]).sum()) for n in new)
+        self.active = new
+        self._write_masks()
+        if self.budget_met:
+            self.window.paused = True
+            if _is_rank0():
+                logger.info("global pruning: budget met at step %d (%.4f of the dense MACs)", step,
+                            self.current_macs / self.dense_macs)
+        return self._removed > 0
+
+    @torch.no_grad()
+    def _write_masks(self) -> None:
+        for name, mask in self._unit_masks().items():
+            self.mask_set.masks[name].copy_(mask)
+        self.mask_set.apply_()
+        self.units.set_channels(self.model, self.active[self.channel_group])
+
+    @torch.no_grad()
+    def apply_masks(self, module: nn.Module) -> None:
+        """Zero the removed units of ``module`` (e.g. the EMA) and give it the same kept-channel LayerNorms."""
+        super().apply_masks(module)
+        self.units.set_channels(module, self.active[self.channel_group])
+
+    def remove(self) -> None:
+        super().remove()
+        self.window.remove()
+
+    # ------------------------------------------------------------------------------------------------ reporting
+
+    def record(self, event: str = "report") -> dict[str, Any]:
+        """Per group its kept units (``heads_kept``/``neurons_kept`` per block, as S²ViTE's record); ``nonzero_parameters`` is the compact model's parameter count (every entry a
+        removed unit owns is masked)."""
+        layers = {}
+        for g in self.groups:
+            kept = int(self.active[g.name].sum())
+            layers[f"{g.name}.{g.kind}s"] = {"shape": [g.num_units], "nonzero": kept, "numel": g.num_units,
+                                             "density": kept / g.num_units}
+        masked = sum(m.numel() for m in self.mask_set.masks.values())
+        active = sum(int(m.sum()) for m in self.mask_set.masks.values())
+        nonzero = self.total_parameters - masked + active
+        kept = {kind: [int(self.active[g.name].sum()) for g in self.groups if g.kind == kind] for kind in TYPE_SCALE}
+        return {"event": event, "step": self._step, "death_rate": 0.0, "pruning_type": "global", "layers": layers,
+                "density": active / masked, "density_all": nonzero / self.total_parameters, "explored_rate": 1.0,
+                "nonzero_parameters": nonzero, "total_parameters": self.total_parameters,
+                "macs_fraction": self.current_macs / self.dense_macs, "target_macs": self.config.target_macs,
+                "removed_units": self._removed, "heads_kept": kept["head"], "neurons_kept": kept["neuron"],
+                "channels_kept": sum(kept["channel"])}
+
+    def report(self) -> dict[str, float]:
+        """Scalars for the epoch log."""
+        record = self.record()
+        scalars = {key: record[key] for key in ("density", "density_all", "nonzero_parameters", "macs_fraction",
+                                                "channels_kept")}
+        return {**scalars, "heads_kept": sum(record["heads_kept"]), "neurons_kept": sum(record["neurons_kept"])}
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def _own_state(self) -> dict[str, Any]:
+        return {**self.window.state_dict(), "removed_units": self._removed}
+
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        """Masks, the units they keep (checked to be whole units), the open window."""
+        self.mask_set.load_state_dict(state)
+        active = {}
+        for g in self.groups:
+            mask = self.mask_set.masks[g.primary.param]
+            active[g.name] = (unit_l1(mask, g.primary, g.num_units) > 0).cpu()
+        self.active = active
+        if any(not torch.equal(self.mask_set.masks[name], mask) for name, mask in self._unit_masks().items()):
+            raise ValueError("the checkpoint's global-pruning masks do not cover whole heads, neurons and channels")
+        self._write_masks()
+        self.window.load_state_dict(state)
+        self.window.paused = self.budget_met
+        self._removed = int(state["removed_units"])

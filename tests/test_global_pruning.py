@@ -1,0 +1,224 @@
+"""Global structural pruning (``--pruning_type global``): the embedding-channel units, exact compaction with pruned
+channels, the Taylor score window, the one global ranking and the MAC budget. The contract tests (resume, DDP, mask
+enforcement) cover it through tests/sparsifiers.py CASES."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import interop
+import models
+from models.channel_units import embedding_group
+from sparselearning import SparsityConfig
+from sparselearning.global_pruning import TYPE_SCALE, GlobalPruning, global_order, prune_to_budget
+from sparselearning.units import unit_sum
+
+
+def micro(name: str = "vit_digits_micro") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return models.create_model(name, num_classes=10, block_heads=[4, 4], head_dim=8)
+
+
+def pruner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, target: float = 0.5, every: int = 3,
+           units: int = 6) -> GlobalPruning:
+    return GlobalPruning(model, optimizer, models.global_units(model), 30, target_macs=target, prune_every=every,
+                         prune_units=units, log_fn=lambda record: None)
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: range,
+                sparsifier: GlobalPruning | None = None) -> list[int]:
+    changed = []
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if sparsifier is not None and sparsifier.step(step):
+            changed.append(step)
+    return changed
+
+
+def test_channel_unit_owns_every_residual_tensor() -> None:
+    group = embedding_group(micro("vit_digits_micro_distilled"))
+    owned = {(s.param, s.dim) for s in group.slices}
+    assert group.kind == "channel" and group.num_units == 32
+    for fqn, dim in [("patch_embed.proj.weight", 0), ("patch_embed.proj.bias", 0), ("cls_token", 2),
+                     ("dist_token", 2), ("pos_embed", 2), ("blocks.1.norm2.weight", 0), ("norm.bias", 0),
+                     ("blocks.0.attn.qkv.weight", 1), ("blocks.0.attn.proj.weight", 0), ("blocks.0.attn.proj.bias", 0),
+                     ("blocks.1.mlp.fc1.weight", 1), ("blocks.1.mlp.fc2.weight", 0), ("head.weight", 1),
+                     ("head_dist.weight", 1)]:
+        assert (fqn, dim) in owned, fqn
+    # patch embedding 2, tokens 3, norms 2 x 2 x 2 + 2, per block proj, fc2 (weight, bias), qkv, fc1; two heads
+    assert len(owned) == len(group.slices) == 2 + 3 + 10 + 2 * 6 + 2
+
+
+def test_global_ranking_and_budget_on_a_hand_built_case() -> None:
+    """Scores across groups form one list; removal stops at the budget, never empties a group, skips a unit that
+    would overshoot the budget by more than the tolerance."""
+    active = {"a": torch.tensor([True, True, True]), "b": torch.tensor([True, False, True]), "c": torch.tensor([True])}
+    scores = {"a": torch.tensor([0.5, 0.1, 0.9]), "b": torch.tensor([0.3, 0.0, 0.05]), "c": torch.tensor([0.0])}
+    order = global_order(scores, active)
+    assert order == [("c", 0), ("b", 2), ("a", 1), ("b", 0), ("a", 0), ("a", 2)]
+    cost = {"a": 10.0, "b": 1.0, "c": 100.0}
+
+    def macs(counts):
+        return sum(cost[n] * k for n, k in counts.items())
+
+    # dense 100 + 2 + 30 = 132; budget 120: c is the last of its group, b2 (-1) then a1 (-10) -> 121, then b0 would
+    # leave b empty, a0 -> 111 < 0.99 * 120 overshoots, a2 too: stuck at 121 after two removals
+    new = prune_to_budget(order, active, macs, budget=120.0, max_units=5)
+    assert {k: v.tolist() for k, v in new.items()} == {"a": [True, False, True], "b": [True, False, False],
+                                                      "c": [True]}
+    limited = prune_to_budget(order, active, macs, budget=100.0, max_units=1)
+    assert int(limited["b"].sum()) == 1 and int(limited["a"].sum()) == 3
+    with pytest.raises(RuntimeError, match="stuck"):
+        prune_to_budget(order, {k: v & (torch.arange(v.numel()) == 0) for k, v in active.items()}, macs, 50.0, 5)
+
+
+def test_score_is_the_squared_normalised_taylor_sum_of_each_unit() -> None:
+    model = micro()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    sparsifier = pruner(model, optimizer)
+    params = dict(model.named_parameters())
+    expected = {g.name: torch.zeros(g.num_units, dtype=torch.float64) for g in sparsifier.groups}
+    for step in (1, 2):
+        gen = torch.Generator().manual_seed(step)
+        loss = F.cross_entropy(model(torch.randn(4, 3, 16, 16, generator=gen)), torch.randint(0, 10, (4,), generator=gen))
+        optimizer.zero_grad()
+        loss.backward()
+        for g in sparsifier.groups:
+            s = sum(unit_sum(params[sl.param].detach() * params[sl.param].grad, sl, g.num_units) for sl in g.slices)
+            expected[g.name] += (s.double() / TYPE_SCALE[g.kind]) ** 2
+        optimizer.step()
+    read = sparsifier.window.read()
+    for name, value in expected.items():
+        torch.testing.assert_close(read[name], value / 2, rtol=1e-5, atol=1e-12)
+    assert read["embed"].abs().sum() > 0 and read["blocks.0.attn"].abs().sum() > 0
+
+
+def test_score_is_unscaled_and_skips_overflowed_steps_with_a_fused_optimizer_under_grad_scaler() -> None:
+    """A fused optimizer sees scaled gradients (``optimizer.grad_scale``) and ``found_inf``; the window matches the
+    unscaled run and an overflowed step does not count."""
+    reads = []
+    for scaled in (False, True):
+        model = micro()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
+        sparsifier = pruner(model, optimizer)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=scaled)
+        for step in (1, 2):
+            gen = torch.Generator().manual_seed(step)
+            loss = F.cross_entropy(model(torch.randn(4, 3, 16, 16, generator=gen)),
+                                   torch.randint(0, 10, (4,), generator=gen))
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            if scaled and step == 2:
+                next(model.parameters()).grad[0] = float("inf")
+            scaler.step(optimizer)
+            scaler.update()
+        reads.append((sparsifier.window.read(), float(sparsifier.window.steps)))
+    (plain, plain_steps), (scaled_read, scaled_steps) = reads
+    assert plain_steps == 2 and scaled_steps == 1
+    for name in plain:  # the scaled run counted step 1 only: its mean is step 1's score
+        assert scaled_read[name].shape == plain[name].shape
+    model = micro()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
+    sparsifier = pruner(model, optimizer)
+    gen = torch.Generator().manual_seed(1)
+    loss = F.cross_entropy(model(torch.randn(4, 3, 16, 16, generator=gen)), torch.randint(0, 10, (4,), generator=gen))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    for name, value in sparsifier.window.read().items():
+        torch.testing.assert_close(scaled_read[name], value, rtol=1e-4, atol=1e-12)
+
+
+def test_compaction_with_pruned_embedding_channels_is_exact_reloads_and_exports(tmp_path) -> None:
+    model = micro("vit_digits_micro_distilled")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparsifier = pruner(model, optimizer)
+    new = {name: mask.clone() for name, mask in sparsifier.active.items()}
+    new["embed"][[1, 5, 7, 20]] = False
+    new["blocks.0.attn"][2] = False
+    new["blocks.1.mlp"][:50] = False
+    sparsifier._commit(new, 3)
+    train_steps(model, optimizer, range(1, 4))
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    small = models.compact_model(model, sparsifier.masks)
+    arch = models.architecture(small)
+    assert (arch["embed_dim"], arch["block_heads"], arch["block_mlp_hidden"]) == (28, [3, 4], [128, 78])
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
+    assert sparsifier.record()["nonzero_parameters"] == sum(p.numel() for p in small.parameters())
+    assert models.count_macs(small).total == pytest.approx(sparsifier.current_macs)
+    path = interop.save_compact(small, "vit_digits_micro_distilled", tmp_path / "compact.pth", {})
+    torch.testing.assert_close(interop.load_compact(path).eval()(x), small(x), rtol=0, atol=0)
+    paths = interop.export_model(small, "vit_digits_micro_distilled", models.TokenConfig(), tmp_path / "export")
+    torch.testing.assert_close(interop.load_export(paths["weights"].parent)(x), small(x), rtol=0, atol=0)
+
+
+def test_pruning_meets_the_mac_budget_within_one_percent_and_units_never_return() -> None:
+    model = micro()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparsifier = pruner(model, optimizer, target=0.7, every=1, units=40)
+    history = []
+    for step in range(1, 13):
+        train_steps(model, optimizer, range(step, step + 1), sparsifier)
+        history.append({n: m.clone() for n, m in sparsifier.active.items()})
+    fraction = sparsifier.current_macs / sparsifier.dense_macs
+    assert 0.7 * 0.99 <= fraction <= 0.7 and sparsifier.budget_met
+    for before, after in zip(history, history[1:]):
+        assert all(bool((after[n] <= before[n]).all()) for n in before)
+    small = models.compact_model(model, sparsifier.masks)
+    assert models.count_macs(small).total / sparsifier.dense_macs == pytest.approx(fraction)
+
+
+def test_a_budget_that_would_empty_a_block_or_the_residual_stream_stops_with_a_message() -> None:
+    model = micro()
+    with pytest.raises(ValueError, match="empty a block or the residual stream"):
+        pruner(model, torch.optim.SGD(model.parameters(), lr=0.1), target=0.001)
+    with pytest.raises(ValueError, match="--target-macs"):
+        SparsityConfig(pruning_type="global")
+    with pytest.raises(ValueError, match="--target-macs"):
+        SparsityConfig(target_macs=0.5)
+
+
+@pytest.mark.slow
+def test_main_prunes_a_finetuned_model_to_the_budget_distils_from_it_and_compacts(tmp_path) -> None:
+    """main.py end to end: dense run, then --finetune from it with --pruning_type global and the dense checkpoint
+    as soft teacher; the run meets the budget and writes a compact model with the budget's MACs."""
+    from conftest import TINY_RUN, run_main
+
+    run_main(*TINY_RUN, "--epochs", "1", "--output_dir", str(tmp_path / "dense"))
+    dense = tmp_path / "dense" / "checkpoint.pth"
+    proc = run_main(*TINY_RUN, "--epochs", "2", "--output_dir", str(tmp_path / "global"), "--finetune", str(dense),
+                    "--pruning_type", "global", "--target-macs", "0.6", "--prune-every", "4", "--prune-units", "60",
+                    "--distillation-type", "soft", "--teacher-path", str(dense))
+    small = interop.load_compact(tmp_path / "global" / "compact.pth")
+    reference = models.create_model("vit_digits_micro", num_classes=10)
+    fraction = models.count_macs(small).total / models.count_macs(reference).total
+    assert 0.6 * 0.99 <= fraction <= 0.6, proc.stdout[-2000:]
+
+
+def test_a_resume_with_pruned_channels_restores_the_kept_channel_norms() -> None:
+    """The contract tests resume mid-pruning; here the pruned units include channels, whose LayerNorm hooks are not
+    in any state dict and must come back from the masks."""
+    model = micro()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparsifier = pruner(model, optimizer)
+    new = {name: mask.clone() for name, mask in sparsifier.active.items()}
+    new["embed"][[0, 9]] = False
+    sparsifier._commit(new, 3)
+    train_steps(model, optimizer, range(1, 3))
+    other = micro()
+    other.load_state_dict(model.state_dict())
+    resumed = pruner(other, torch.optim.AdamW(other.parameters(), lr=1e-3))
+    resumed.load_state_dict(sparsifier.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    assert resumed.record()["channels_kept"] == 30
+    torch.testing.assert_close(other.eval()(x), model.eval()(x), rtol=0, atol=0)
+    plain = micro()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain.eval()(x), model(x)), "non-vacuous: without the hooks the norms differ"
