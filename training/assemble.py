@@ -99,6 +99,11 @@ class MixupConfig:
     def active(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MixupConfig:
+        return cls(args.mixup, args.cutmix, tuple(args.cutmix_minmax) if args.cutmix_minmax else None,
+                   args.mixup_prob, args.mixup_switch_prob, args.mixup_mode, args.smoothing)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -136,8 +141,7 @@ class RunConfig:
                                     tuple(args.lr_noise) if args.lr_noise else None, args.lr_noise_pct,
                                     args.lr_noise_std),
             precision=PrecisionConfig(args.amp, args.amp_dtype, args.opt_fused),
-            mixup=MixupConfig(args.mixup, args.cutmix, tuple(args.cutmix_minmax) if args.cutmix_minmax else None,
-                              args.mixup_prob, args.mixup_switch_prob, args.mixup_mode, args.smoothing),
+            mixup=MixupConfig.from_args(args),
             sparsity=sparsity, tokens=tokens, seed=args.seed)
 
 
@@ -207,6 +211,14 @@ def build_criterion(cfg: MixupConfig) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def build_mixup(cfg: MixupConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup for ``cfg``, or None when neither mixup nor cutmix is on."""
+    if not cfg.active:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax, prob=cfg.prob,
+                 switch_prob=cfg.switch_prob, mode=cfg.mode, label_smoothing=cfg.smoothing, num_classes=num_classes)
+
+
 def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = None,
               log_fn: Callable[[dict[str, Any]], None] | None = None,
               say: Callable[[str], None] = lambda line: None) -> Run:
@@ -255,11 +267,7 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
                                                         log_fn=log_fn, units=units)
     token_schedule = (models.TokenSchedule(model, cfg.tokens, total_steps) if cfg.tokens.enabled
                       else sparselearning.DenseSparsifier())
-    mixup_fn = None
-    if cfg.mixup.active:
-        m = cfg.mixup
-        mixup_fn = Mixup(mixup_alpha=m.mixup, cutmix_alpha=m.cutmix, cutmix_minmax=m.cutmix_minmax, prob=m.prob,
-                         switch_prob=m.switch_prob, mode=m.mode, label_smoothing=m.smoothing, num_classes=num_classes)
+    mixup_fn = build_mixup(cfg.mixup, num_classes)
     return Run(process=process, precision=precision, model=model, forward_model=forward_model, model_ema=model_ema,
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, weight_sparsifier=weight_sparsifier,
                sparsifier=combine(weight_sparsifier, token_schedule), criterion=build_criterion(cfg.mixup),
