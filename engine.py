@@ -51,7 +51,7 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 def train_one_epoch(
     model: nn.Module,
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    criterion: Callable[..., torch.Tensor],
     loader: Iterable,
     ctx: StepContext,
     device: torch.device,
@@ -65,6 +65,8 @@ def train_one_epoch(
 
     The loss is summed on the device and checked every `print_freq` steps and at the end, so a finite
     run never syncs per step, and a non-finite one stops before its epoch can be checkpointed.
+    ``criterion`` is called as ``criterion(samples, outputs, targets)`` (``training.distillation.DistillationLoss``,
+    which wraps a plain loss), so a teacher sees the same augmented and mixed batch as the model.
     An epoch resumed from a mid-epoch checkpoint passes the batches already done and their loss sum; `loader`
     then yields only the remaining batches.
     """
@@ -78,7 +80,7 @@ def train_one_epoch(
         if ctx.mixup_fn is not None:
             samples, targets = ctx.mixup_fn(samples, targets)
         with autocast(device, ctx.amp_dtype):
-            loss = criterion(model(samples), targets)
+            loss = criterion(samples, model(samples), targets)  # (inputs, outputs, targets): DeiT's distillation
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.scaler.scale(loss).backward()
         if ctx.clip_grad is not None:

@@ -13,6 +13,7 @@ from typing import Callable, Protocol
 import timm
 import torch
 import torch.nn as nn
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 import engine
@@ -91,6 +92,9 @@ def build_timm(
         model = timm.create_model(name, pretrained=False, img_size=img_size)
     elif name in models.SMALL_MODELS:
         model = VisionTransformer(**{**models.SMALL_MODELS[name], "img_size": img_size})
+    elif name in models.SMALL_DISTILLED:
+        config = models.SMALL_MODELS[name.removesuffix("_distilled")]
+        model = VisionTransformerDistilled(**{**config, "img_size": img_size})
     else:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(models.MODEL_NAMES)}")
     return ModeSetup(model.to(device))

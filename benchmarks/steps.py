@@ -12,6 +12,7 @@ import torch.nn as nn
 import engine
 from benchmarks.modes import ModeSetup, build_optimizer
 from benchmarks.timing import Run
+from training.distillation import DistillationLoss
 
 
 def random_batch(batch_size: int, img_size: int, num_classes: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -47,7 +48,7 @@ def train_run(setup: ModeSetup, forward: nn.Module, batch: tuple[torch.Tensor, .
 def engine_train_run(model: nn.Module, ctx: engine.StepContext, batch: tuple[torch.Tensor, ...],
                      device: torch.device) -> Run:
     """`engine.train_one_epoch` over a loader of n copies of the batch: the real loop, per-epoch costs included."""
-    criterion = nn.CrossEntropyLoss()
+    criterion = DistillationLoss(nn.CrossEntropyLoss())
     global_step = 0
 
     def run(n: int) -> None:

@@ -151,7 +151,7 @@ def detect(state_dict: Mapping[str, torch.Tensor], model_name: str) -> Detection
 def _meta_model(model_name: str, state_dict: Mapping[str, torch.Tensor]):
     """``model_name`` without memory, at the checkpoint's resolution and classifier width."""
     patch = state_dict["patch_embed.proj.weight"].shape[-1]
-    prefix = 1 if "cls_token" in state_dict else 0
+    prefix = ("cls_token" in state_dict) + ("dist_token" in state_dict)  # DeiT's distillation token is a prefix too
     side = round((state_dict["pos_embed"].shape[1] - prefix) ** 0.5)
     head = state_dict.get("head.weight")
     with torch.device("meta"):

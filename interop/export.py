@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from models.token_selection import TokenConfig, apply_token_selection, token_scorers
-from models.vit import DEIT_MODELS, SMALL_MODELS, architecture, count_parameters, create_model
+from models.vit import (DEIT_MODELS, DISTILLED_SUFFIX, SMALL_DISTILLED, SMALL_MODELS, architecture, count_parameters,
+                        create_model)
 
 EXPORT_FORMAT = "svite.export/1"
 SPARSE_FORMAT = "svite.sparse/1"
@@ -55,7 +56,7 @@ def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig,
     with torch.device("meta"):
         full = architecture(create_model(base, num_classes=arch["num_classes"], img_size=arch["img_size"]))
     compact = arch["block_heads"] != full["block_heads"] or arch["block_mlp_hidden"] != full["block_mlp_hidden"]
-    timm_loadable = (base in DEIT_MODELS or base in SMALL_MODELS) and not compact and not token_scorers(model)
+    timm_loadable = base in (*DEIT_MODELS, *SMALL_MODELS, *SMALL_DISTILLED) and not compact and not token_scorers(model)
     total, nonzero = count_parameters(model)
     config: dict[str, Any] = {
         "format": EXPORT_FORMAT, "model": base, "architecture": arch, "compact": compact,
@@ -76,17 +77,20 @@ def timm_snippet(model_name: str, arch: dict[str, Any], weights: Path) -> str:
     """Python that rebuilds ``model_name`` with timm alone and loads ``weights`` strictly, in eval mode.
 
     DeiT names go through ``timm.create_model`` with the resolution and class count spelled out; the DIGITS
-    configurations are not registered with timm, so they are built as ``VisionTransformer`` with every argument of
-    their architecture.
+    configurations are not registered with timm, so they are built as ``VisionTransformer`` (distilled:
+    ``VisionTransformerDistilled``) with every argument of their architecture.
     """
     size = arch["img_size"]
     if model_name in DEIT_MODELS:
         imports = "import timm"
         build = f"timm.create_model({model_name!r}, num_classes={arch['num_classes']}, img_size={size})"
     else:
-        imports = "from timm.models.vision_transformer import VisionTransformer"
-        kwargs = {**SMALL_MODELS[model_name], "img_size": size, "num_classes": arch["num_classes"]}
-        build = "VisionTransformer(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+        distilled = model_name in SMALL_DISTILLED
+        cls, module = ("VisionTransformerDistilled", "deit") if distilled else ("VisionTransformer", "vision_transformer")
+        imports = f"from timm.models.{module} import {cls}"
+        kwargs = {**SMALL_MODELS[model_name.removesuffix(DISTILLED_SUFFIX)], "img_size": size,
+                  "num_classes": arch["num_classes"]}
+        build = f"{cls}(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
     return "\n".join([
         imports,
         "from safetensors.torch import load_file",

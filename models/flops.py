@@ -6,8 +6,9 @@ MACs are per image. Per block b, with embed dim D, n_b tokens entering the block
     qkv  a_b * D * 3 h_b d_b        QK^T and AV  2 * a_b^2 * h_b * d_b (always dense)
     proj a_b * h_b d_b * D          fc1 + fc2    2 * n_b * D * m_b
 
-plus the patch embedding (patches x C p^2 x D), the head (D x classes, on the pooled token) and the token scorers
-(D per scored token). Linear layers scale with the tokens, the attention matmuls with their square. Norms,
+plus the patch embedding (patches x C p^2 x D), the head (D x classes, on the pooled token; a distilled model's
+``head_dist`` on its distillation token too) and the token scorers (D per scored token). The distillation token is
+one more prefix token in every block. Linear layers scale with the tokens, the attention matmuls with their square. Norms,
 activations, softmax and biases are not counted (as in timm's and the papers' numbers). With weight densities the
 linear layers (patch embedding and head included) are scaled by their density: SViTE's theoretical count.
 
@@ -100,6 +101,7 @@ def vit_macs(
     num_classes: int,
     global_scorer_tokens: int = 0,
     densities: Mapping[str, float] | None = None,
+    distilled: bool = False,
 ) -> MacCount:
     """MACs per image of a ViT from explicit numbers (a pure function).
 
@@ -112,6 +114,7 @@ def vit_macs(
         global_scorer_tokens: tokens scored by a global selector (0: none).
         densities: weight FQN (``blocks.0.attn.qkv.weight``, ``patch_embed.proj.weight``, ``head.weight``, ...)
             -> density in [0, 1]; missing names are dense.
+        distilled: a second head (DeiT's ``head_dist``, D x classes) on the distillation token.
 
     Raises:
         ValueError: for a density outside [0, 1] or one naming no counted layer (e.g. a ``module.`` prefix).
@@ -138,6 +141,8 @@ def vit_macs(
         macs[f"blocks.{i}.mlp.fc2"] = n * b.mlp_hidden * dim
     if num_classes:
         macs["head"] = dim * num_classes
+        if distilled:
+            macs["head_dist"] = dim * num_classes
     for name, density in (densities or {}).items():
         layer = name.removesuffix(".weight")
         if layer not in macs or layer.endswith(".matmul") or not name.endswith(".weight"):
@@ -199,7 +204,7 @@ def count_macs(model: nn.Module, kind: str = "executed", densities: Mapping[str,
         patch_dim=math.prod(net.patch_embed.proj.weight.shape[1:]),
         num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
         global_scorer_tokens=num_tokens(net)[0] if kind != "dense" and isinstance(glob, TokenScorer) else 0,
-        densities=densities,
+        densities=densities, distilled=isinstance(getattr(net, "head_dist", None), nn.Linear),
     )
 
 

@@ -2,7 +2,8 @@
 
 DeiT names go straight to `timm.create_model`. Small configurations for the embedded dataset are plain
 `timm.models.vision_transformer.VisionTransformer` instances and are not registered, so importing this
-project never changes timm's registry. Blocks may carry their own head count and MLP width (compacted
+project never changes timm's registry. Distilled models (DeiT's distillation token and ``head_dist``) are timm's
+`VisionTransformerDistilled`: the DeiT names through `timm.create_model`, the small ones from its class. Blocks may carry their own head count and MLP width (compacted
 structured models); they are still timm `Attention` and `Mlp` modules.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import Mlp
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 from models.token_selection import TokenConfig, apply_token_selection
@@ -23,6 +25,9 @@ DEIT_MODELS = (
     "deit_small_patch16_224",
     "deit_base_patch16_224",
     "deit_base_patch16_384",
+    "deit_tiny_distilled_patch16_224",
+    "deit_small_distilled_patch16_224",
+    "deit_base_distilled_patch16_224",
 )
 
 # Configurations sized for the embedded DIGITS set (8x8 digits served at 16 px). DeiT-style: qkv bias,
@@ -31,18 +36,24 @@ SMALL_MODELS: dict[str, dict[str, Any]] = {
     "vit_digits_tiny": dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0),
     "vit_digits_micro": dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0),
 }
+# Their distilled versions: `VisionTransformerDistilled` with the same configuration (a distillation token beside cls,
+# and `head_dist`).
+DISTILLED_SUFFIX = "_distilled"
+SMALL_DISTILLED = tuple(f"{name}{DISTILLED_SUFFIX}" for name in SMALL_MODELS)
 
 # SViTE's layer-wise token-selection models: the DeiT model plus a global and a per-block `gumbel` scorer (keeping all
 # tokens until `apply_token_selection` sets k). Not registered with timm; only `create_model` knows them.
 DATA_MODELS = tuple(f"{name}_data" for name in DEIT_MODELS[:3])
 
-MODEL_NAMES = DEIT_MODELS + tuple(SMALL_MODELS) + DATA_MODELS
+MODEL_NAMES = DEIT_MODELS + tuple(SMALL_MODELS) + SMALL_DISTILLED + DATA_MODELS
 
 
 def default_img_size(name: str) -> int:
     """The input resolution a named model is built for."""
     if name in DATA_MODELS:
         name = name.removesuffix("_data")
+    if name in SMALL_DISTILLED:
+        name = name.removesuffix(DISTILLED_SUFFIX)
     if name in SMALL_MODELS:
         return SMALL_MODELS[name]["img_size"]
     if name in DEIT_MODELS:
@@ -86,6 +97,8 @@ def create_model(
         model = timm.create_model(name, pretrained=False, **kwargs)
     elif name in SMALL_MODELS:
         model = VisionTransformer(**{**SMALL_MODELS[name], **kwargs})
+    elif name in SMALL_DISTILLED:
+        model = VisionTransformerDistilled(**{**SMALL_MODELS[name.removesuffix(DISTILLED_SUFFIX)], **kwargs})
     else:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     if block_heads is not None or block_mlp_hidden is not None:

@@ -19,6 +19,7 @@ import sparselearning
 from conftest import TINY_RUN
 from sparselearning.base import combine
 from training.amp import Precision, choose_precision, optimizer_supports_fused
+from training.distillation import DistillationLoss
 
 MODES = ("dense", "unstructured", "structured", "tokens", "tokens+unstructured")
 STEPS = 6
@@ -61,8 +62,9 @@ def per_step_losses(model: torch.nn.Module, ctx: engine.StepContext, data: list)
     """One single-batch epoch per step, so every step's loss is seen; the Gumbel noise is drawn from seed 0."""
     torch.manual_seed(0)
     losses, step = [], 0
+    plain = DistillationLoss(torch.nn.functional.cross_entropy)
     for i, batch in enumerate(data):
-        metrics, step = engine.train_one_epoch(model, torch.nn.functional.cross_entropy, [batch], ctx,
+        metrics, step = engine.train_one_epoch(model, plain, [batch], ctx,
                                                torch.device("cpu"), i, step, show_progress=False)
         losses.append(metrics["loss"])
     return losses

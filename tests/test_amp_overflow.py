@@ -18,6 +18,7 @@ import models
 from models.head_stats import structure_units
 from sparselearning import Masking, StructuredDST
 from sparselearning.base import combine
+from training.distillation import DistillationLoss
 
 STEPS, UPDATE_EVERY, BATCH = 10, 4, 8
 LOSS_OVERFLOW = {2}  # every gradient is infinite
@@ -73,7 +74,8 @@ def train(mode: str, fused: bool):
     gen = torch.Generator().manual_seed(1)
     loader = [(torch.randn(BATCH, 3, 16, 16, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen))
               for _ in range(STEPS)]
-    _, step = engine.train_one_epoch(model, OverflowingLoss(model), loader, ctx, torch.device("cpu"), 0, 0,
+    criterion = DistillationLoss(OverflowingLoss(model))
+    _, step = engine.train_one_epoch(model, criterion, loader, ctx, torch.device("cpu"), 0, 0,
                                      show_progress=False)
     assert step == STEPS
     return model, optimizer, scaler, sparsifier, schedule, records

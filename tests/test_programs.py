@@ -22,6 +22,7 @@ from benchmarks.modes import MODES
 from conftest import ROOT, TINY_RUN
 from training import flags, process
 from training.assemble import ModelConfig, PrecisionConfig, RunConfig, ScheduleConfig, build_run
+from training.distillation import DistillationLoss
 from training.loaders import LoaderConfig
 
 MICRO = "vit_digits_micro"
@@ -131,10 +132,10 @@ def test_benchmark_modes_train_the_run_that_build_run_assembles(mode: str) -> No
                     process.Process(0, 1, torch.device("cpu")), log_fn=lambda record: None)
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 1000, (8,), generator=g))
-    losses = []
+    losses, plain = [], DistillationLoss(torch.nn.functional.cross_entropy)
     for model, ctx in ((setup.model, setup.ctx), (run.model, run.step_context())):
         torch.manual_seed(0)
-        stats, _ = engine.train_one_epoch(model, torch.nn.functional.cross_entropy, [batch, batch], ctx,
+        stats, _ = engine.train_one_epoch(model, plain, [batch, batch], ctx,
                                           torch.device("cpu"), 0, 0, show_progress=False)
         losses.append(stats["loss"])
     assert losses[0] == losses[1]

@@ -1,9 +1,10 @@
 """One function assembles a training run from typed configs: loaders, model, EMA, optimizer, lr schedule, AMP
-scaler, the sparsifier chain, mixup and the loss. main.py, the benchmarks and the tests all build runs with it, so
+scaler, the sparsifier chain, mixup and the loss (with its distillation teacher). main.py, the benchmarks and the tests all build runs with it, so
 what they measure is what main.py trains.
 
 The order of construction is the order of random draws (model init, then token selectors, then masks): changing
-it changes every run's numbers and breaks the bit-exact resume of existing checkpoints.
+it changes every run's numbers and breaks the bit-exact resume of existing checkpoints. The teacher draws nothing:
+a distilled run starts from the same weights and masks as the same run without a teacher.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.models.deit import VisionTransformerDistilled
 from timm.utils import ModelEmaV3
 
 import datasets
@@ -26,8 +28,10 @@ import sparselearning
 from sparselearning.base import combine
 from training.amp import Precision, choose_precision, device_supports_bf16, optimizer_supports_fused
 from training.loaders import LoaderConfig, build_train_loader, build_val_loader
+from training.distillation import DistillationConfig, DistillationLoss
 from training.process import Process
 from training.state import TrainingState
+from training.teacher import load_teacher
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class RunConfig:
     mixup: MixupConfig = field(default_factory=MixupConfig)
     sparsity: sparselearning.SparsityConfig | None = None
     tokens: models.TokenConfig = field(default_factory=models.TokenConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
     seed: int = 0  # the mask seed and the lr noise seed, the same on every rank
 
     @classmethod
@@ -142,7 +147,7 @@ class RunConfig:
                                     args.lr_noise_std),
             precision=PrecisionConfig(args.amp, args.amp_dtype, args.opt_fused),
             mixup=MixupConfig.from_args(args),
-            sparsity=sparsity, tokens=tokens, seed=args.seed)
+            sparsity=sparsity, tokens=tokens, distillation=DistillationConfig.from_args(args), seed=args.seed)
 
 
 @dataclass
@@ -160,7 +165,7 @@ class Run:
     scaler: torch.amp.GradScaler
     weight_sparsifier: sparselearning.Sparsifier
     sparsifier: sparselearning.Sparsifier  # the chain: weight sparsity, then the token schedule
-    criterion: nn.Module
+    criterion: DistillationLoss  # called (samples, outputs, targets); kind "none" is the plain loss
     mixup_fn: Mixup | None
     clip_grad: float | None
     total_steps: int
@@ -242,6 +247,8 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
         model = models.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     models.apply_token_selection(model, cfg.tokens)  # before the optimizer, EMA and DDP see the parameters
+    if isinstance(model, VisionTransformerDistilled):  # training returns (class, dist) logits only when distilling
+        model.set_distilled_training(cfg.distillation.enabled)
     model.to(device)
     say(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; {world} process(es) "
         f"on {device}; {precision}")
@@ -267,9 +274,19 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
                                                         log_fn=log_fn, units=units)
     token_schedule = (models.TokenSchedule(model, cfg.tokens, total_steps) if cfg.tokens.enabled
                       else sparselearning.DenseSparsifier())
+    teacher = None
+    if cfg.distillation.enabled:
+        d = cfg.distillation
+        teacher = load_teacher(d.teacher_model, d.teacher_path, num_classes=num_classes,
+                               img_size=model.patch_embed.img_size[0], device=device)
+        say(f"teacher {d.teacher_model or 'as recorded'} from {d.teacher_path}: "
+            f"{sum(p.numel() for p in teacher.parameters()):,} parameters; {d.kind} distillation, alpha {d.alpha}"
+            + (f", tau {d.tau}" if d.kind == "soft" else ""))
+    criterion = DistillationLoss(build_criterion(cfg.mixup), teacher, cfg.distillation.kind, cfg.distillation.alpha,
+                                 cfg.distillation.tau)
     mixup_fn = build_mixup(cfg.mixup, num_classes)
     return Run(process=process, precision=precision, model=model, forward_model=forward_model, model_ema=model_ema,
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, weight_sparsifier=weight_sparsifier,
-               sparsifier=combine(weight_sparsifier, token_schedule), criterion=build_criterion(cfg.mixup),
+               sparsifier=combine(weight_sparsifier, token_schedule), criterion=criterion,
                mixup_fn=mixup_fn, clip_grad=cfg.optimizer.clip_grad, total_steps=total_steps,
                train_loader=train_loader, val_loader=val_loader)

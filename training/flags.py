@@ -11,6 +11,7 @@ import datasets
 import models
 import sparselearning
 from training import recipes
+from training.distillation import add_distillation_args
 
 
 def add_flags(parser: argparse.ArgumentParser, training: bool = True) -> argparse.ArgumentParser:
@@ -32,6 +33,8 @@ def add_flags(parser: argparse.ArgumentParser, training: bool = True) -> argpars
     datasets.add_data_args(parser)
     sparselearning.add_sparse_args(parser)
     models.add_token_args(parser)
+    if training:
+        add_distillation_args(parser)
 
     runtime = parser.add_argument_group("runtime")
     run = parser.add_argument_group("training run") if training else None

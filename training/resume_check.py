@@ -20,7 +20,9 @@ The rule, by flag:
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
   ``--decay-schedule``, ``--t_end``) for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
-  ``--eval-noise``) when it is on. A flag the run ignores (``--density`` of a structured run) may differ.
+  ``--eval-noise``) when it is on; ``--distillation-type`` always and the teacher (``--teacher-model``,
+  ``--teacher-path``, ``--distillation-alpha``, ``--distillation-tau``) when it distils: the teacher is not in the
+  checkpoint, it is loaded again from these flags. A flag the run ignores (``--density`` of a structured run) may differ.
 - May differ (``RUNTIME_FLAGS``): where and how the run executes and what it prints or writes, not what it computes:
   ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--opt-fused``, ``--compile``, ``--num_workers``,
   ``--pin-mem``, ``--data-path`` (the same data moved; a different set changes the steps per epoch), ``--skip-unreadable-images``,
@@ -57,10 +59,11 @@ EXPERIMENT_FLAGS = frozenset({
     "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type",
     "atten_density", "other_density", "structure_compat",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
+    "distillation_type", "teacher_model", "teacher_path", "distillation_alpha", "distillation_tau",
 })
 """Flags (argparse dests) that must match; the sparsity and token ones only where they act (``compare``)."""
 
-KIND_FLAGS = ("density", "pruning_type", "token_selection")
+KIND_FLAGS = ("density", "pruning_type", "token_selection", "distillation_type")
 """Flags that choose what kind of sparsity a run has; compared whenever either run uses them."""
 
 _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
@@ -68,6 +71,7 @@ _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistributio
 _UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude"})
 _STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat"})
 _TOKEN_FLAGS = frozenset({"token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise"})
+_TEACHER_FLAGS = frozenset({"teacher_model", "teacher_path", "distillation_alpha", "distillation_tau"})
 
 GLOBAL_BATCH = "global_batch"
 STEPS_PER_EPOCH = "steps_per_epoch"
@@ -131,6 +135,8 @@ def _acts(flag: str, settings: Mapping[str, Any]) -> bool:
         return kind != "dense"
     if flag in _TOKEN_FLAGS:
         return bool(settings.get("token_selection"))
+    if flag in _TEACHER_FLAGS:
+        return settings.get("distillation_type", "none") != "none"
     return True
 
 
