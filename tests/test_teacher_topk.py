@@ -12,17 +12,19 @@ import numpy as np
 import pytest
 import torch
 from timm.data import Mixup
+from safetensors.torch import save_file
 from timm.data.mixup import mixup_target
 
 import main
 import models
 from datasets import DataConfig
 from tests.conftest import TINY_RUN
-from training.assemble import MixupConfig, build_mixup
+from training.assemble import MixupConfig, build_criterion, build_mixup
+from training.distillation import DistillationLoss
 from training.loaders import LoaderConfig, build_train_loader
 from training.mixup_replay import draw, mix
 from training.save_topk import save_outputs
-from training.teacher_topk import describe_run, replay
+from training.teacher_topk import ReplayedMixup, StoredTeacher, describe_run, replay
 from training.topk_store import HEADER, TopKWriter, sample_record, teacher_topk, topk_log_target, topk_target
 
 MIXUPS = {"mixup+cutmix": dict(mixup_alpha=0.8, cutmix_alpha=1.0), "mixup": dict(mixup_alpha=0.8),
@@ -166,3 +168,43 @@ def test_a_directory_for_another_run_or_unfinished_is_refused(saved, tmp_path):
     refused(expected, "not a directory of stored teacher outputs", copy)
     header = json.loads((directory / HEADER).read_text())
     assert header["records"]["samples"][0] == ["prob", "<f2", [3]] and header["mixup"]["mode"] == "batch"
+
+
+@pytest.mark.parametrize("kind", ("soft", "hard"))
+def test_the_stored_loss_is_the_live_teachers_restricted_to_its_top_k(saved, kind):
+    directory, teacher = saved
+    loader, expected, mixup_cfg = loader_and_header(k=None)
+    batches, mixup_fn, stored_teacher = replay(directory, loader, expected, 0, mixup_cfg, 10)
+    student = models.create_model("vit_digits_micro", num_classes=10)
+    base = build_criterion(mixup_cfg)
+    stored = DistillationLoss(base, stored_teacher, kind, alpha=0.5, tau=2.0)
+    live = DistillationLoss(base, lambda x: topk_log_target(*teacher_topk(teacher.model(x), 3), 10), kind, 0.5, 2.0)
+    batches.sampler.set_epoch(1)
+    for step, (samples, targets) in zip(range(3), batches):
+        samples, targets = mixup_fn(samples, targets)
+        outputs = student(samples)
+        torch.testing.assert_close(stored(samples, outputs, targets), live(samples, outputs, targets), rtol=1e-3,
+                                   atol=1e-4)
+        assert stored(samples, outputs, targets) != base(outputs, targets)
+
+
+def test_main_saves_the_outputs_then_trains_from_them_as_from_the_live_teacher(tmp_path):
+    """With K = the 10 classes the stored target is the teacher's softmax, and the save draws mixup from the stream
+    training draws from: one epoch from stored outputs trains as one epoch with the teacher in memory."""
+    teacher = models.create_model("vit_digits_micro", num_classes=10)
+    save_file(teacher.state_dict(), tmp_path / "teacher.safetensors")
+    common = [*AUGMENTED, "--epochs", "1", "--batch-size", "32"]
+    live_teacher = ["--teacher-path", str(tmp_path / "teacher.safetensors"), "--teacher-model", "vit_digits_micro"]
+
+    def main_run(*flags: str) -> tuple[dict, list]:
+        runs = []
+        record = main.main(main.get_args_parser().parse_args([*common, *flags]), on_run=runs.append)
+        return record, runs
+
+    saved_record, _ = main_run(*live_teacher, "--save-teacher-topk", str(tmp_path / "topk"))
+    assert saved_record["record_bytes"] == 52 and saved_record["bytes"] == 52 * 44 * 32 + 25 * 44
+    stored, (run,) = main_run("--teacher-topk", str(tmp_path / "topk"), "--distillation-type", "soft",
+                              "--output_dir", str(tmp_path / "stored"))
+    assert isinstance(run.criterion.teacher, StoredTeacher) and isinstance(run.mixup_fn, ReplayedMixup)
+    live, _ = main_run(*live_teacher, "--distillation-type", "soft", "--output_dir", str(tmp_path / "live"))
+    assert stored["train_loss"] == pytest.approx(live["train_loss"], rel=1e-5)

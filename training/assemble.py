@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -31,6 +32,7 @@ from training.loaders import LoaderConfig, build_train_loader, build_val_loader
 from training.distillation import DistillationConfig, DistillationLoss
 from training.process import Process
 from training.state import TrainingState
+from training import teacher_topk
 from training.teacher import load_teacher
 
 
@@ -274,9 +276,19 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
                                                         log_fn=log_fn, units=units)
     token_schedule = (models.TokenSchedule(model, cfg.tokens, total_steps) if cfg.tokens.enabled
                       else sparselearning.DenseSparsifier())
-    teacher = None
-    if cfg.distillation.enabled:
-        d = cfg.distillation
+    mixup_fn = build_mixup(cfg.mixup, num_classes)
+    teacher, d = None, cfg.distillation
+    if d.teacher_topk:  # stored outputs stand in for the teacher, and their stored mixup draws for fresh ones
+        if train_loader is None:
+            raise ValueError("--teacher-topk replays the images of the stored outputs: the run needs its data")
+        expected = teacher_topk.describe_run(cfg.data, cfg.loader, cfg.mixup, train_loader, epochs=cfg.epochs,
+                                             world=world, num_classes=num_classes, k=d.teacher_topk_k)
+        train_loader, mixup_fn, teacher = teacher_topk.replay(Path(d.teacher_topk), train_loader, expected,
+                                                              process.rank, cfg.mixup, num_classes)
+        stored = train_loader.store.header
+        say(f"teacher: the top-{stored.k} outputs of {stored.teacher} stored in {d.teacher_topk}; {d.kind} "
+            f"distillation, alpha {d.alpha}" + (f", tau {d.tau}" if d.kind == "soft" else ""))
+    elif d.enabled:
         teacher = load_teacher(d.teacher_model, d.teacher_path, num_classes=num_classes,
                                img_size=model.patch_embed.img_size[0], device=device)
         say(f"teacher {d.teacher_model or 'as recorded'} from {d.teacher_path}: "
@@ -284,7 +296,6 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
             + (f", tau {d.tau}" if d.kind == "soft" else ""))
     criterion = DistillationLoss(build_criterion(cfg.mixup), teacher, cfg.distillation.kind, cfg.distillation.alpha,
                                  cfg.distillation.tau)
-    mixup_fn = build_mixup(cfg.mixup, num_classes)
     return Run(process=process, precision=precision, model=model, forward_model=forward_model, model_ema=model_ema,
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, weight_sparsifier=weight_sparsifier,
                sparsifier=combine(weight_sparsifier, token_schedule), criterion=criterion,
