@@ -208,3 +208,15 @@ def test_main_saves_the_outputs_then_trains_from_them_as_from_the_live_teacher(t
     assert isinstance(run.criterion.teacher, StoredTeacher) and isinstance(run.mixup_fn, ReplayedMixup)
     live, _ = main_run(*live_teacher, "--distillation-type", "soft", "--output_dir", str(tmp_path / "live"))
     assert stored["train_loss"] == pytest.approx(live["train_loss"], rel=1e-5)
+
+
+def test_the_distillation_benchmark_times_the_three_modes_and_projects_the_disk(tmp_path):
+    from benchmarks import distillation
+
+    out = tmp_path / "micro-distillation.csv"
+    table = distillation.main(["--student", "vit_digits_micro", "--teacher", "vit_digits_tiny", "--img-size", "16",
+                               "--batch-size", "8", "--num-bench-iter", "1", "--repeats", "1", "--out", str(out)])
+    assert [r["mode"] for r in table] == ["none", "live", "stored"] and table[0]["step_time_ratio"] == 1.0
+    assert table[1]["step_time_ratio"] > 1.0  # the live teacher's forward pass costs time
+    assert table[2]["record_bytes"] == 52 and out.read_text().count("\n") == 4
+    assert "19,986,205,200 bytes of records" in out.with_suffix(".md").read_text()  # 1,281,167 × 300 × 52

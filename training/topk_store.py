@@ -39,6 +39,11 @@ def sample_record(k: int, num_classes: int) -> np.dtype:
     return np.dtype([("prob", "<f2", (k,)), ("cls", classes, (k,)), ("seed", "<u8"), ("index", "<i4")])
 
 
+def file_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    """The size of a complete file of records."""
+    return dtype.itemsize * int(np.prod(shape))
+
+
 def teacher_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The K most probable classes of teacher logits [B, C]: (float32 probabilities [B, K], classes [B, K])."""
     return logits.float().softmax(dim=1).topk(k, dim=1)
@@ -104,11 +109,12 @@ class TopKHeader:
     def draws_per_step(self) -> int:
         return draws_per_step(self.mixup["mode"], self.batch_size) if self.mixup else 0
 
-    def files(self, rank: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-        """Rank ``rank``'s files: name -> (record dtype, array shape)."""
-        files = {f"rank{rank}.samples": (self.sample_dtype, (self.epochs, self.samples_per_epoch))}
+    def files(self, rank: int) -> dict[str, tuple[str, np.dtype, tuple[int, ...]]]:
+        """Rank ``rank``'s files: "samples" (and "mixup") -> (file name, record dtype, array shape)."""
+        files = {"samples": (f"rank{rank}.samples", self.sample_dtype, (self.epochs, self.samples_per_epoch))}
         if self.mixup:
-            files[f"rank{rank}.mixup"] = (MIX_RECORD, (self.epochs, self.steps_per_epoch, self.draws_per_step))
+            files["mixup"] = (f"rank{rank}.mixup", MIX_RECORD,
+                              (self.epochs, self.steps_per_epoch, self.draws_per_step))
         return files
 
     def to_json(self) -> str:
@@ -132,6 +138,11 @@ def read_header(directory: Path) -> TopKHeader:
     return TopKHeader(**record)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so that stored and expected fields compare."""
+    return json.loads(json.dumps(value))
+
+
 def check_header(stored: TopKHeader, expected: TopKHeader, directory: Path) -> None:
     """Refuse stored outputs that were not computed for this run, listing every difference as stored → this run."""
     differences = []
@@ -153,18 +164,13 @@ def check_header(stored: TopKHeader, expected: TopKHeader, directory: Path) -> N
                          "save the outputs again with --save-teacher-topk")
 
 
-def _plain(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists), so that stored and expected fields compare."""
-    return json.loads(json.dumps(value))
-
-
 class TopKWriter:
     """Appends one rank's records in order: every step of every epoch, then ``close`` makes the files final."""
 
     def __init__(self, directory: Path, header: TopKHeader, rank: int) -> None:
         self.directory, self.header, self.rank = directory, header, rank
         self.files = header.files(rank)
-        for name in self.files:
+        for name, _, _ in self.files.values():
             for path in (directory / name, directory / (name + PARTIAL)):
                 if path.exists():
                     raise ValueError(f"--save-teacher-topk {directory} already holds {path.name}; delete the directory "
@@ -176,8 +182,7 @@ class TopKWriter:
             tmp = directory / (HEADER + PARTIAL)
             tmp.write_text(header.to_json())
             os.replace(tmp, directory / HEADER)
-        self.handles = {name: open(directory / (name + PARTIAL), "wb") for name in self.files}
-        self.samples_name = f"rank{rank}.samples"
+        self.handles = {kind: open(directory / (name + PARTIAL), "wb") for kind, (name, _, _) in self.files.items()}
 
     def write(self, keys: list[tuple[int, int, int]], probs: torch.Tensor, classes: torch.Tensor,
               draws: np.ndarray | None) -> None:
@@ -188,21 +193,21 @@ class TopKWriter:
         records["cls"] = classes.detach().cpu().numpy()
         records["seed"] = [sample_seed(self.header.seed, self.rank, epoch, position) for epoch, position, _ in keys]
         records["index"] = [index for _, _, index in keys]
-        self.handles[self.samples_name].write(records.tobytes())
-        if self.header.mixup:
-            self.handles[f"rank{self.rank}.mixup"].write(draws.astype(MIX_RECORD).tobytes())
+        self.handles["samples"].write(records.tobytes())
+        if "mixup" in self.handles:
+            self.handles["mixup"].write(draws.astype(MIX_RECORD).tobytes())
 
     def close(self) -> int:
         """Check that every record was written, sync, and rename the files to their final names; returns bytes."""
         written = 0
-        for name, handle in self.handles.items():
+        for kind, handle in self.handles.items():
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-            dtype, shape = self.files[name]
+            name, dtype, shape = self.files[kind]
             size = (self.directory / (name + PARTIAL)).stat().st_size
-            if size != dtype.itemsize * int(np.prod(shape)):
-                raise RuntimeError(f"{name}: wrote {size} bytes, expected {dtype.itemsize * int(np.prod(shape))}")
+            if size != file_bytes(dtype, shape):
+                raise RuntimeError(f"{name}: wrote {size} bytes, expected {file_bytes(dtype, shape)}")
             os.replace(self.directory / (name + PARTIAL), self.directory / name)
             written += size
         return written
@@ -224,18 +229,18 @@ class TopKStore:
         check_header(self.header, expected, directory)
         self.rank = rank
         for other in range(self.header.world_size):  # every rank's, so that no rank starts while another cannot
-            for name, (dtype, shape) in self.header.files(other).items():
+            for name, dtype, shape in self.header.files(other).values():
                 path = directory / name
                 if not path.is_file():
                     state = "did not finish" if (directory / (name + PARTIAL)).exists() else "is missing"
                     raise ValueError(f"--teacher-topk {directory} is incomplete: {name} {state}; save the outputs "
                                      "again with --save-teacher-topk")
-                size, expected_size = path.stat().st_size, dtype.itemsize * int(np.prod(shape))
+                size, expected_size = path.stat().st_size, file_bytes(dtype, shape)
                 if size != expected_size:
                     raise ValueError(f"--teacher-topk {directory} is damaged: {name} holds {size} bytes, the header "
                                      f"asks for {expected_size}; save the outputs again with --save-teacher-topk")
-        self.files = {name.split(".")[1]: np.memmap(directory / name, dtype=dtype, mode="r", shape=shape)
-                      for name, (dtype, shape) in self.header.files(rank).items()}
+        self.files = {kind: np.memmap(directory / name, dtype=dtype, mode="r", shape=shape)
+                      for kind, (name, dtype, shape) in self.header.files(rank).items()}
 
     def batch(self, keys: list[tuple[int, int, int]]) -> StoredBatch:
         """The records of the step whose images have the sampler ``keys`` (epoch, position, dataset index), checked
