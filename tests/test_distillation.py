@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.deit import VisionTransformerDistilled
 
+import engine
+import interop
 import main as entry
 import models
 import sparselearning
+from conftest import TINY_RUN, run_main
 from interop.checkpoint import save_atomic
 from training import process
 from training.assemble import ModelConfig, PrecisionConfig, RunConfig, ScheduleConfig, build_run
@@ -190,3 +195,130 @@ def test_the_dense_model_teaches_its_sparse_student_with_the_kl_mix(tmp_path: Pa
     student = run.model(samples)
     expected = 0.6 * F.cross_entropy(student, labels) + 0.4 * hand_kl(student, dense(samples), 2.0)
     torch.testing.assert_close(run.criterion(samples, student, labels), expected, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ distilled models
+
+DISTILLED = "vit_digits_micro_distilled"
+
+
+def test_a_small_distilled_model_is_timms_class_averaging_its_heads_in_eval() -> None:
+    ours = models.create_model(DISTILLED, num_classes=10)
+    ref = VisionTransformerDistilled(**models.SMALL_MODELS[MICRO], num_classes=10)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = fixed_batch()[0]
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+        ours.train().set_distilled_training(True)
+        cls_logits, dist_logits = ours(x)  # no dropout in the small configurations: the same heads as in eval
+        torch.testing.assert_close((cls_logits + dist_logits) / 2, ref(x))
+    assert models.default_img_size(DISTILLED) == 16 and ours.num_prefix_tokens == 2
+
+
+def test_a_distilled_run_trains_both_heads_against_labels_and_teacher(tmp_path: Path) -> None:
+    dense = saved_model(tmp_path / "checkpoint.pth", args={"model": MICRO})
+    assert not micro_run(DistillationConfig(), name=DISTILLED).model.distilled_training
+    run = micro_run(DistillationConfig("hard", None, str(tmp_path / "checkpoint.pth")), name=DISTILLED)
+    samples, _, _, labels = fixed_batch()
+    run.model.train()
+    cls_logits, dist_logits = run.model(samples)
+    expected = 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * F.cross_entropy(dist_logits, dense(samples).argmax(1))
+    torch.testing.assert_close(run.criterion(samples, (cls_logits, dist_logits), labels), expected)
+    before = run.model.head_dist.weight.detach().clone()
+    seen = []
+    run.criterion.teacher.register_forward_hook(lambda module, args, out: seen.append((module.training, out.dtype)))
+    bf16 = dataclasses.replace(run.step_context(), amp_dtype=torch.bfloat16)
+    stats, step = engine.train_one_epoch(run.forward_model, run.criterion, [(samples, labels)], bf16, CPU, 0, 0,
+                                         show_progress=False)
+    assert step == 1 and torch.isfinite(torch.tensor(stats["loss"]))
+    assert seen == [(False, torch.bfloat16)], "the teacher runs in eval mode under the student's autocast"
+    assert not torch.equal(before, run.model.head_dist.weight), "head_dist learns from the teacher"
+
+
+def test_unstructured_masks_cover_head_dist_like_head_and_structured_units_are_the_blocks() -> None:
+    unstructured = micro_run(DistillationConfig(), name=DISTILLED, sparsity=sparselearning.SparsityConfig(density=0.5))
+    masks = unstructured.weight_sparsifier.masks
+    assert masks["head_dist.weight"].float().mean() == masks["head.weight"].float().mean() == 0.5
+    excluded = sparselearning.select_parameters(unstructured.model, exclude=("head*",))
+    assert "head.weight" not in excluded and "head_dist.weight" not in excluded
+    structure = sparselearning.SparsityConfig(pruning_type="structure", atten_density=0.5, other_density=0.5)
+    distilled = micro_run(DistillationConfig(), name=DISTILLED, sparsity=structure).weight_sparsifier.masks
+    plain = micro_run(DistillationConfig(), sparsity=structure).weight_sparsifier.masks
+    assert distilled.keys() == plain.keys() and all(torch.equal(distilled[k], plain[k]) for k in plain)
+
+
+def test_the_token_selector_always_keeps_cls_and_the_distillation_token() -> None:
+    torch.manual_seed(0)
+    model = models.create_model(DISTILLED, num_classes=10)
+    models.apply_token_selection(model, models.TokenConfig(enabled=True, num_keep=4, mode="drop"))
+    scorer = model.gumbel
+    with torch.no_grad():
+        scorer.weight.fill_(1.0)
+        scorer.bias.zero_()
+    tokens = torch.randn(8, 18, 32)
+    tokens[:, :2] = -10.0  # the prefix tokens score lowest, far below every patch
+    for training in (True, False):
+        scorer.train(training)
+        mask, idx = scorer.select(tokens)
+        assert idx.shape == (8, 4) and idx[:, :2].tolist() == [[0, 1]] * 8 and mask.sum(1).tolist() == [4.0] * 8
+    assert [b.tokens for b in models.block_shapes(model)] == [4, 4]
+    model.train().set_distilled_training(True)
+    cls_logits, dist_logits = model(fixed_batch()[0])
+    assert cls_logits.shape == dist_logits.shape == (6, 10)
+
+
+def test_macs_count_the_distillation_token_in_every_block_and_head_dist() -> None:
+    with torch.device("meta"):
+        distilled = models.create_model(DISTILLED, num_classes=10)
+    count = models.count_macs(distilled, "dense")
+    dim, tokens = 32, 16 + 2
+    assert count.layers["head_dist"] == count.layers["head"] == dim * 10
+    assert count.layers["blocks.0.attn.qkv"] == tokens * dim * 3 * dim
+    assert count.layers["blocks.1.attn.matmul"] == 2 * tokens * tokens * dim
+    assert count.total == models.vit_macs(dim, [models.BlockShape(2, 16, 128, tokens)] * 2, num_patches=16,
+                                          patch_dim=48, num_classes=10, distilled=True).total
+
+
+def test_compaction_export_and_teacher_keep_the_distillation_token(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = models.create_model(DISTILLED, num_classes=10).eval()
+    masks = models.random_unit_masks(model, 0.5, 0.5, seed=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in masks:
+                p.mul_(masks[name])
+    compact = models.compact_model(model, masks).eval()
+    assert isinstance(compact, VisionTransformerDistilled) and models.architecture(compact)["block_heads"] == [1, 1]
+    x = fixed_batch()[0]
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(compact(x), expected, atol=1e-5, rtol=0)
+        paths = interop.export_model(model, DISTILLED, models.TokenConfig(), tmp_path / "export")
+        assert torch.equal(interop.load_export(tmp_path / "export")(x), expected)
+        scope: dict = {}
+        exec(json.loads(paths["config"].read_text())["load_with_timm"], scope)  # timm alone rebuilds it
+        assert torch.equal(scope["model"](x), expected)
+        interop.save_compact(compact, DISTILLED, tmp_path / "compact.pth")
+        teacher = load_teacher(None, str(tmp_path / "compact.pth"), num_classes=10, img_size=16, device=CPU)
+        torch.testing.assert_close(teacher(x), expected, atol=1e-5, rtol=0)
+    state = model.state_dict()
+    detection = interop.detect(state, DISTILLED)  # the dist token is a prefix token: 16 patches at 16 px
+    assert detection.structured and (detection.img_size, detection.block_heads) == (16, (1, 1))
+    with pytest.raises(ValueError, match=f"unexpected key dist_token.*fit --model {DISTILLED}"):
+        interop.check_fits(state, MICRO)
+
+
+@pytest.mark.slow
+def test_a_dense_run_teaches_its_sparse_version_end_to_end(tmp_path: Path) -> None:
+    """Item 3 as a user runs it: one dense epoch, then a 50% sparse run distilled from its checkpoint.pth."""
+    run_main(*TINY_RUN, "--epochs", "1", "--output_dir", str(tmp_path / "dense"))
+    teacher = tmp_path / "dense" / "checkpoint.pth"
+    proc = run_main(*TINY_RUN, "--epochs", "1", "--density", "0.5", "--teacher-path", str(teacher),
+                    "--distillation-type", "soft", "--distillation-tau", "2", "--output_dir", str(tmp_path / "sparse"))
+    assert (f"teacher {teacher} (the model it records): 27,946 parameters; soft distillation, alpha 0.5, tau 2.0"
+            in proc.stdout)
+    record = json.loads((tmp_path / "sparse" / "log.txt").read_text().splitlines()[-1])
+    assert record["density"] == 0.5 and 0 < record["train_loss"] < 10
+    config = json.loads((tmp_path / "sparse" / "config.json").read_text())
+    assert (config["distillation_type"], config["teacher_path"], config["distillation_tau"]) == ("soft", str(teacher), 2.0)

@@ -1,6 +1,6 @@
 """One function assembles a training run from typed configs: loaders, model, EMA, optimizer, lr schedule, AMP
-scaler, the sparsifier chain, mixup and the loss (with its distillation teacher). main.py, the benchmarks and the tests all build runs with it, so
-what they measure is what main.py trains.
+scaler, the sparsifier chain, mixup and the loss (with its distillation teacher). main.py, the benchmarks and the
+tests all build runs with it, so what they measure is what main.py trains.
 
 The order of construction is the order of random draws (model init, then token selectors, then masks): changing
 it changes every run's numbers and breaks the bit-exact resume of existing checkpoints. The teacher draws nothing:
@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.deit import VisionTransformerDistilled
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.models.deit import VisionTransformerDistilled
 from timm.utils import ModelEmaV3
 
 import datasets
@@ -27,12 +27,12 @@ import engine
 import models
 import sparselearning
 from sparselearning.base import combine
+from training import teacher_topk
 from training.amp import Precision, choose_precision, device_supports_bf16, optimizer_supports_fused
-from training.loaders import LoaderConfig, build_train_loader, build_val_loader
 from training.distillation import DistillationConfig, DistillationLoss
+from training.loaders import LoaderConfig, build_train_loader, build_val_loader
 from training.process import Process
 from training.state import TrainingState
-from training import teacher_topk
 from training.teacher import load_teacher
 
 
@@ -226,6 +226,25 @@ def build_mixup(cfg: MixupConfig, num_classes: int) -> Mixup | None:
                  switch_prob=cfg.switch_prob, mode=cfg.mode, label_smoothing=cfg.smoothing, num_classes=num_classes)
 
 
+def build_loss(mixup: MixupConfig, distillation: DistillationConfig, num_classes: int, img_size: int,
+               device: torch.device, say: Callable[[str], None],
+               stored_teacher: teacher_topk.StoredTeacher | None = None) -> DistillationLoss:
+    """``build_criterion``'s loss, with the teacher when the run distils (``say`` prints what teaches): the model of
+    ``--teacher-path``, or with ``--teacher-topk`` the ``stored_teacher`` of the replayed outputs."""
+    d, teacher = distillation, stored_teacher
+    if d.teacher_topk:
+        header = stored_teacher.batches.store.header
+        say(f"teacher: the top-{header.k} outputs of {header.teacher} stored in {d.teacher_topk}; {d.kind} "
+            f"distillation, alpha {d.alpha}" + (f", tau {d.tau}" if d.kind == "soft" else ""))
+    elif d.enabled:
+        teacher = load_teacher(d.teacher_model, d.teacher_path, num_classes=num_classes, img_size=img_size,
+                               device=device)
+        say(f"teacher {d.teacher_path} ({d.teacher_model or 'the model it records'}): "
+            f"{sum(p.numel() for p in teacher.parameters()):,} parameters; {d.kind} distillation, alpha {d.alpha}"
+            + (f", tau {d.tau}" if d.kind == "soft" else ""))
+    return DistillationLoss(build_criterion(mixup), teacher, d.kind, d.alpha, d.tau)
+
+
 def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = None,
               log_fn: Callable[[dict[str, Any]], None] | None = None,
               say: Callable[[str], None] = lambda line: None) -> Run:
@@ -276,26 +295,15 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
                                                         log_fn=log_fn, units=units)
     token_schedule = (models.TokenSchedule(model, cfg.tokens, total_steps) if cfg.tokens.enabled
                       else sparselearning.DenseSparsifier())
-    mixup_fn = build_mixup(cfg.mixup, num_classes)
-    teacher, d = None, cfg.distillation
+    mixup_fn, stored_teacher, d = build_mixup(cfg.mixup, num_classes), None, cfg.distillation
     if d.teacher_topk:  # stored outputs stand in for the teacher, and their stored mixup draws for fresh ones
         if train_loader is None:
             raise ValueError("--teacher-topk replays the images of the stored outputs: the run needs its data")
         expected = teacher_topk.describe_run(cfg.data, cfg.loader, cfg.mixup, train_loader, epochs=cfg.epochs,
                                              world=world, num_classes=num_classes, k=d.teacher_topk_k)
-        train_loader, mixup_fn, teacher = teacher_topk.replay(Path(d.teacher_topk), train_loader, expected,
-                                                              process.rank, cfg.mixup, num_classes)
-        stored = train_loader.store.header
-        say(f"teacher: the top-{stored.k} outputs of {stored.teacher} stored in {d.teacher_topk}; {d.kind} "
-            f"distillation, alpha {d.alpha}" + (f", tau {d.tau}" if d.kind == "soft" else ""))
-    elif d.enabled:
-        teacher = load_teacher(d.teacher_model, d.teacher_path, num_classes=num_classes,
-                               img_size=model.patch_embed.img_size[0], device=device)
-        say(f"teacher {d.teacher_model or 'as recorded'} from {d.teacher_path}: "
-            f"{sum(p.numel() for p in teacher.parameters()):,} parameters; {d.kind} distillation, alpha {d.alpha}"
-            + (f", tau {d.tau}" if d.kind == "soft" else ""))
-    criterion = DistillationLoss(build_criterion(cfg.mixup), teacher, cfg.distillation.kind, cfg.distillation.alpha,
-                                 cfg.distillation.tau)
+        train_loader, mixup_fn, stored_teacher = teacher_topk.replay(Path(d.teacher_topk), train_loader, expected,
+                                                                     process.rank, cfg.mixup, num_classes)
+    criterion = build_loss(cfg.mixup, d, num_classes, model.patch_embed.img_size[0], device, say, stored_teacher)
     return Run(process=process, precision=precision, model=model, forward_model=forward_model, model_ema=model_ema,
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, weight_sparsifier=weight_sparsifier,
                sparsifier=combine(weight_sparsifier, token_schedule), criterion=criterion,

@@ -5,6 +5,8 @@ import argparse
 
 import torch
 
+from training.distillation import DistillationConfig
+
 
 def check_device(name: str) -> None:
     """Refuse a ``--device`` that is not a device name or does not exist on this machine."""
@@ -41,6 +43,8 @@ def check_training_flags(args: argparse.Namespace) -> None:
     if (args.auto_resume or args.save_every_steps) and not args.output_dir:
         flag = "--auto-resume" if args.auto_resume else "--save-every-steps"
         raise ValueError(f"{flag} works on the checkpoints in --output_dir; pass --output_dir DIR")
+    if not args.save_teacher_topk:  # a save runs its teacher without distilling (training/save_topk.py checks it)
+        DistillationConfig.from_args(args)  # a distillation type without a teacher, or a teacher without one
 
 
 def check_eval(args: argparse.Namespace) -> None:
