@@ -20,7 +20,7 @@ import models
 from datasets import DataConfig
 from tests.conftest import TINY_RUN
 from training.assemble import MixupConfig, build_criterion, build_mixup
-from training.distillation import DistillationLoss
+from training.distillation import DistillationConfig, DistillationLoss
 from training.loaders import LoaderConfig, build_train_loader
 from training.mixup_replay import draw, mix
 from training.save_topk import save_outputs
@@ -220,3 +220,19 @@ def test_the_distillation_benchmark_times_the_three_modes_and_projects_the_disk(
     assert table[1]["step_time_ratio"] > 1.0  # the live teacher's forward pass costs time
     assert table[2]["record_bytes"] == 52 and out.read_text().count("\n") == 4
     assert "19,986,205,200 bytes of records" in out.with_suffix(".md").read_text()  # 1,281,167 × 300 × 52
+
+
+def test_the_stored_teacher_flags_go_together():
+    def config(*flags: str) -> DistillationConfig:
+        return DistillationConfig.from_args(main.get_args_parser().parse_args(list(flags)))
+
+    assert config("--teacher-topk", "d", "--distillation-type", "hard").teacher_topk == "d"
+    for flags, match in ((("--teacher-topk", "d"), "--teacher-topk without --distillation-type"),
+                         (("--teacher-topk", "d", "--distillation-type", "soft", "--teacher-path", "t.pth"),
+                          "drop --teacher-path"),
+                         (("--teacher-topk-k", "5",), "use it with --teacher-topk DIR or --save-teacher-topk"),
+                         (("--distillation-type", "soft"), "or --teacher-topk DIR")):
+        with pytest.raises(ValueError, match=match):
+            config(*flags)
+    with pytest.raises(ValueError, match="--save-teacher-topk runs a teacher: pass --teacher-path"):
+        main.main(main.get_args_parser().parse_args([*TINY_RUN, "--save-teacher-topk", "d"]))
