@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import checkpoint_tool
 import models
-from training import cli, flags, loop, preflight, process, run_dir, summary
+from training import cli, flags, loop, preflight, process, run_dir, save_topk, summary
 from training.assemble import Run, RunConfig, build_run
 from training.resume_check import flag_names
 
@@ -47,6 +47,8 @@ def main(args: argparse.Namespace, on_run: Callable[[Run], Any] | None = None) -
     validate_args(args, args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None)
     if checkpoint_tool.asked_for(args):
         return checkpoint_tool.run(args)
+    if args.save_teacher_topk:
+        return save_topk.run(args)
     proc = process.init_distributed(args.device, args.dist_url)
     if args.output_dir:
         args.resume = run_dir.prepare(Path(args.output_dir), args.resume, args.auto_resume, proc.is_main)

@@ -6,6 +6,8 @@ so a ratio between modes measures the training machinery, not the choice of loss
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import torch
 import torch.nn as nn
 
@@ -46,14 +48,20 @@ def train_run(setup: ModeSetup, forward: nn.Module, batch: tuple[torch.Tensor, .
 
 
 def engine_train_run(model: nn.Module, ctx: engine.StepContext, batch: tuple[torch.Tensor, ...],
-                     device: torch.device) -> Run:
-    """`engine.train_one_epoch` over a loader of n copies of the batch: the real loop, per-epoch costs included."""
-    criterion = DistillationLoss(nn.CrossEntropyLoss())
+                     device: torch.device, criterion: nn.Module | None = None,
+                     loader: Callable[[list[tuple[torch.Tensor, ...]]], Iterable] = list) -> Run:
+    """`engine.train_one_epoch` over a loader of n copies of the batch: the real loop, per-epoch costs included.
+
+    Args:
+        criterion: the loss (default: plain cross-entropy, as every mode of the throughput suite).
+        loader: wraps the n copies into the loader the epoch iterates (benchmarks/distillation.py: stored outputs).
+    """
+    criterion = criterion if criterion is not None else DistillationLoss(nn.CrossEntropyLoss())
     global_step = 0
 
     def run(n: int) -> None:
         nonlocal global_step
-        _, global_step = engine.train_one_epoch(model, criterion, [batch] * n, ctx, device, epoch=0,
+        _, global_step = engine.train_one_epoch(model, criterion, loader([batch] * n), ctx, device, epoch=0,
                                                 global_step=global_step, show_progress=False)
 
     return run

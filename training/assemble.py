@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,6 +28,7 @@ import interop
 import models
 import sparselearning
 from sparselearning.base import combine
+from training import teacher_topk
 from training.amp import Precision, choose_precision, device_supports_bf16, optimizer_supports_fused
 from training.distillation import DistillationConfig, DistillationLoss
 from training.loaders import LoaderConfig, build_train_loader, build_val_loader
@@ -105,6 +107,11 @@ class MixupConfig:
     def active(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MixupConfig:
+        return cls(args.mixup, args.cutmix, tuple(args.cutmix_minmax) if args.cutmix_minmax else None,
+                   args.mixup_prob, args.mixup_switch_prob, args.mixup_mode, args.smoothing)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -147,8 +154,7 @@ class RunConfig:
                                     tuple(args.lr_noise) if args.lr_noise else None, args.lr_noise_pct,
                                     args.lr_noise_std),
             precision=PrecisionConfig(args.amp, args.amp_dtype, args.opt_fused),
-            mixup=MixupConfig(args.mixup, args.cutmix, tuple(args.cutmix_minmax) if args.cutmix_minmax else None,
-                              args.mixup_prob, args.mixup_switch_prob, args.mixup_mode, args.smoothing),
+            mixup=MixupConfig.from_args(args),
             sparsity=sparsity, tokens=tokens, distillation=DistillationConfig.from_args(args), seed=args.seed)
 
 
@@ -218,11 +224,25 @@ def build_criterion(cfg: MixupConfig) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def build_mixup(cfg: MixupConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup for ``cfg``, or None when neither mixup nor cutmix is on."""
+    if not cfg.active:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax, prob=cfg.prob,
+                 switch_prob=cfg.switch_prob, mode=cfg.mode, label_smoothing=cfg.smoothing, num_classes=num_classes)
+
+
 def build_loss(mixup: MixupConfig, distillation: DistillationConfig, num_classes: int, img_size: int,
-               device: torch.device, say: Callable[[str], None]) -> DistillationLoss:
-    """``build_criterion``'s loss, with the teacher when the run distils (``say`` prints what teaches)."""
-    d, teacher = distillation, None
-    if d.enabled:
+               device: torch.device, say: Callable[[str], None],
+               stored_teacher: teacher_topk.StoredTeacher | None = None) -> DistillationLoss:
+    """``build_criterion``'s loss, with the teacher when the run distils (``say`` prints what teaches): the model of
+    ``--teacher-path``, or with ``--teacher-topk`` the ``stored_teacher`` of the replayed outputs."""
+    d, teacher = distillation, stored_teacher
+    if d.teacher_topk:
+        header = stored_teacher.batches.store.header
+        say(f"teacher: the top-{header.k} outputs of {header.teacher} stored in {d.teacher_topk}; {d.kind} "
+            f"distillation, alpha {d.alpha}" + (f", tau {d.tau}" if d.kind == "soft" else ""))
+    elif d.enabled:
         teacher = load_teacher(d.teacher_model, d.teacher_path, num_classes=num_classes, img_size=img_size,
                                device=device)
         say(f"teacher {d.teacher_path} ({d.teacher_model or 'the model it records'}): "
@@ -287,12 +307,15 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
                                                         log_fn=log_fn, units=units)
     token_schedule = (models.TokenSchedule(model, cfg.tokens, total_steps) if cfg.tokens.enabled
                       else sparselearning.DenseSparsifier())
-    criterion = build_loss(cfg.mixup, cfg.distillation, num_classes, model.patch_embed.img_size[0], device, say)
-    mixup_fn = None
-    if cfg.mixup.active:
-        m = cfg.mixup
-        mixup_fn = Mixup(mixup_alpha=m.mixup, cutmix_alpha=m.cutmix, cutmix_minmax=m.cutmix_minmax, prob=m.prob,
-                         switch_prob=m.switch_prob, mode=m.mode, label_smoothing=m.smoothing, num_classes=num_classes)
+    mixup_fn, stored_teacher, d = build_mixup(cfg.mixup, num_classes), None, cfg.distillation
+    if d.teacher_topk:  # stored outputs stand in for the teacher, and their stored mixup draws for fresh ones
+        if train_loader is None:
+            raise ValueError("--teacher-topk replays the images of the stored outputs: the run needs its data")
+        expected = teacher_topk.describe_run(cfg.data, cfg.loader, cfg.mixup, train_loader, epochs=cfg.epochs,
+                                             world=world, num_classes=num_classes, k=d.teacher_topk_k)
+        train_loader, mixup_fn, stored_teacher = teacher_topk.replay(Path(d.teacher_topk), train_loader, expected,
+                                                                     process.rank, cfg.mixup, num_classes)
+    criterion = build_loss(cfg.mixup, d, num_classes, model.patch_embed.img_size[0], device, say, stored_teacher)
     return Run(process=process, precision=precision, model=model, forward_model=forward_model, model_ema=model_ema,
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, weight_sparsifier=weight_sparsifier,
                sparsifier=combine(weight_sparsifier, token_schedule), criterion=criterion,

@@ -102,6 +102,9 @@ class DistillationConfig:
         teacher_path: the teacher's weights or checkpoint (``--teacher-path``); never downloaded.
         alpha: the weight of the kd term (``--distillation-alpha``).
         tau: the soft temperature (``--distillation-tau``).
+        teacher_topk: a directory of stored teacher outputs to distil from instead of a teacher model
+            (``--teacher-topk``; training/teacher_topk.py).
+        teacher_topk_k: the K those outputs must have (``--teacher-topk-k``); None: the stored K.
     """
 
     kind: str = "none"
@@ -109,15 +112,25 @@ class DistillationConfig:
     teacher_path: str = ""
     alpha: float = 0.5
     tau: float = 1.0
+    teacher_topk: str = ""
+    teacher_topk_k: int | None = None
 
     def __post_init__(self) -> None:
         check_settings(self.kind, self.alpha, self.tau)
-        if self.enabled and not self.teacher_path:
+        if self.teacher_topk and (self.teacher_path or self.teacher_model):
+            raise ValueError("--teacher-topk DIR distils from the outputs stored in DIR, which name their teacher: "
+                             "drop --teacher-path and --teacher-model (or drop --teacher-topk to run the teacher live)")
+        if self.teacher_topk_k is not None and not self.teacher_topk:
+            raise ValueError("--teacher-topk-k is the K of stored teacher outputs: use it with --teacher-topk DIR or "
+                             "--save-teacher-topk DIR")
+        if self.enabled and not (self.teacher_path or self.teacher_topk):
             raise ValueError(f"--distillation-type {self.kind} needs a teacher: pass --teacher-path FILE (a timm "
-                             "weights file with --teacher-model NAME, or a checkpoint of this project)")
-        if not self.enabled and (self.teacher_path or self.teacher_model):
+                             "weights file with --teacher-model NAME, or a checkpoint of this project), or "
+                             "--teacher-topk DIR (stored outputs)")
+        if not self.enabled and (self.teacher_path or self.teacher_model or self.teacher_topk):
             given = " and ".join(flag for flag, value in (("--teacher-model", self.teacher_model),
-                                                           ("--teacher-path", self.teacher_path)) if value)
+                                                           ("--teacher-path", self.teacher_path),
+                                                           ("--teacher-topk", self.teacher_topk)) if value)
             raise ValueError(f"{given} without --distillation-type: pass --distillation-type soft or hard to "
                              "distil, or drop the teacher flags")
 
@@ -128,7 +141,7 @@ class DistillationConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DistillationConfig:
         return cls(args.distillation_type, args.teacher_model, args.teacher_path, args.distillation_alpha,
-                   args.distillation_tau)
+                   args.distillation_tau, args.teacher_topk, args.teacher_topk_k)
 
 
 def add_distillation_args(parser: argparse.ArgumentParser) -> None:

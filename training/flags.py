@@ -35,6 +35,7 @@ def add_flags(parser: argparse.ArgumentParser, training: bool = True) -> argpars
     models.add_token_args(parser)
     if training:
         add_distillation_args(parser)
+        _add_teacher_topk_args(parser)
 
     runtime = parser.add_argument_group("runtime")
     run = parser.add_argument_group("training run") if training else None
@@ -129,6 +130,21 @@ def _add_optimization_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup-prob", type=float, default=1.0)
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+
+
+def _add_teacher_topk_args(parser: argparse.ArgumentParser) -> None:
+    """TinyViT's stored teacher outputs (training/save_topk.py writes them, training/teacher_topk.py reads them)."""
+    g = parser.add_argument_group("stored teacher outputs (TinyViT)")
+    g.add_argument("--save-teacher-topk", default="", metavar="DIR",
+                   help="run the teacher (--teacher-path, --teacher-model) over --epochs epochs of the training set as "
+                        "a run with the same flags sees it (augmentation, mixup/cutmix) and store its top-K outputs "
+                        "in DIR; no training")
+    g.add_argument("--teacher-topk", default="", metavar="DIR",
+                   help="distil (--distillation-type soft or hard) from the outputs stored in DIR, with no teacher in "
+                        "memory; the images replay the stored augmentation, so the flags must be those of the save")
+    g.add_argument("--teacher-topk-k", default=None, type=int, metavar="K",
+                   help="probabilities stored per image (default 10); with --teacher-topk: the K the outputs must "
+                        "have (default: the stored K)")
 
 
 def _add_checkpoint_args(g: argparse._ArgumentGroup) -> None:

@@ -43,7 +43,8 @@ def check_training_flags(args: argparse.Namespace) -> None:
     if (args.auto_resume or args.save_every_steps) and not args.output_dir:
         flag = "--auto-resume" if args.auto_resume else "--save-every-steps"
         raise ValueError(f"{flag} works on the checkpoints in --output_dir; pass --output_dir DIR")
-    DistillationConfig.from_args(args)  # a distillation type without a teacher, or a teacher without one
+    if not args.save_teacher_topk:  # a save runs its teacher without distilling (training/save_topk.py checks it)
+        DistillationConfig.from_args(args)  # a distillation type without a teacher, or a teacher without one
 
 
 def check_eval(args: argparse.Namespace) -> None:

@@ -74,8 +74,13 @@ class SeededSamples(Dataset):
 
     def _seeded_sample(self, key: tuple[int, int, int]) -> Any:
         epoch, position, index = key
-        _seed_all(int(np.random.SeedSequence([self.seed, self.rank, epoch, position]).generate_state(1, np.uint64)[0]))
+        _seed_all(sample_seed(self.seed, self.rank, epoch, position))
         return self.dataset[index]
+
+
+def sample_seed(seed: int, rank: int, epoch: int, position: int) -> int:
+    """The 64-bit seed of the sample at ``position`` of ``rank``'s ``epoch`` (stored teacher outputs record it)."""
+    return int(np.random.SeedSequence([seed, rank, epoch, position]).generate_state(1, np.uint64)[0])
 
 
 def _seed_all(seed: int) -> None:

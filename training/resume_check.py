@@ -23,7 +23,8 @@ The rule, by flag:
   ``--decay-schedule``, ``--t_end``) and ``--mask-init`` for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
   ``--eval-noise``) when it is on; ``--distillation-type`` always and the teacher (``--teacher-model``,
-  ``--teacher-path``, ``--distillation-alpha``, ``--distillation-tau``) when it distils: the teacher is not in the
+  ``--teacher-path``, ``--teacher-topk``, ``--teacher-topk-k``, ``--distillation-alpha``, ``--distillation-tau``) when
+  it distils: the teacher is not in the
   checkpoint, it is loaded again from these flags. A flag the run ignores (``--density`` of a structured run) may differ.
 - May differ (``RUNTIME_FLAGS``): where and how the run executes and what it prints or writes, not what it computes:
   ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--opt-fused``, ``--compile``, ``--num_workers``,
@@ -46,7 +47,7 @@ RUNTIME_FLAGS = frozenset({
     "output_dir", "device", "amp", "amp_dtype", "opt_fused", "compile", "num_workers", "pin_mem", "data_path",
     "skip_unreadable_images", "print_freq", "verbose", "tensorboard", "visualize_tokens", "save_every_steps",
     "model_ema_force_cpu", "dist_url", "atten_head",
-    "resume", "auto_resume", "start_epoch", "eval", "compact", "report", "flops", "export",
+    "resume", "auto_resume", "start_epoch", "eval", "compact", "report", "flops", "export", "save_teacher_topk",
 })
 """Flags (argparse dests) that may differ between a checkpoint and its resumed run."""
 
@@ -62,6 +63,7 @@ EXPERIMENT_FLAGS = frozenset({
     "atten_density", "other_density", "structure_compat", "target_macs", "prune_every", "prune_units",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
     "distillation_type", "teacher_model", "teacher_path", "distillation_alpha", "distillation_tau",
+    "teacher_topk", "teacher_topk_k",
 })
 """Flags (argparse dests) that must match; the sparsity and token ones only where they act (``compare``)."""
 
@@ -74,7 +76,8 @@ _UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_
 _STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat"})
 _GLOBAL_FLAGS = frozenset({"target_macs", "prune_every", "prune_units"})
 _TOKEN_FLAGS = frozenset({"token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise"})
-_TEACHER_FLAGS = frozenset({"teacher_model", "teacher_path", "distillation_alpha", "distillation_tau"})
+_TEACHER_FLAGS = frozenset({"teacher_model", "teacher_path", "distillation_alpha", "distillation_tau", "teacher_topk",
+                            "teacher_topk_k"})
 
 GLOBAL_BATCH = "global_batch"
 STEPS_PER_EPOCH = "steps_per_epoch"
