@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.channel_units import EMBED_GROUP, embedding_group, set_kept_channels
+from models.channel_units import EMBED_GROUP, embedding_group, kept_channels, set_kept_channels
 from models.flops import block_shapes, vit_macs
 from models.head_stats import block_units, prunable_blocks
 from models.wrappers import unwrap_model
@@ -50,6 +50,10 @@ class GlobalUnits:
     def set_channels(self, module: nn.Module, active: torch.Tensor) -> None:
         """The kept-channel LayerNorms of ``module`` (``models.channel_units.set_kept_channels``)."""
         set_kept_channels(module, active)
+
+    def active_channels(self, module: nn.Module) -> torch.Tensor:
+        """The channels ``module`` already normalises over (fewer than all after ``--finetune`` of a pruned file)."""
+        return kept_channels(module)
 
 
 def global_units(model: nn.Module) -> GlobalUnits:

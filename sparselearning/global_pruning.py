@@ -52,6 +52,9 @@ class GlobalSource(Protocol):
     def set_channels(self, module: nn.Module, active: torch.Tensor) -> None:
         """Make ``module``'s residual LayerNorms normalise over the channels where ``active`` is True."""
 
+    def active_channels(self, module: nn.Module) -> torch.Tensor:
+        """Bool [D]: the channels ``module``'s residual LayerNorms already normalise over."""
+
 
 class TaylorWindow:
     """Per-unit squared, type-normalised Taylor sums over the optimizer steps since the last reset.
@@ -186,8 +189,8 @@ class GlobalPruning(ScheduledMasks):
     """Global structural pruning of heads, MLP neurons and embedding channels to a MAC budget (``--pruning_type
     global``).
 
-    It starts with every unit active (pretrained weights, ``--finetune``) and masks every parameter entry a removed
-    unit owns, so a removed unit is exactly silent; removed channels make the residual LayerNorms normalise over
+    It starts with every unit active (pretrained weights, ``--finetune``; the embedding channels a ``--finetune``
+    of a channel-pruned file restored as pruned stay pruned) and masks every parameter entry a removed unit owns, so a removed unit is exactly silent; removed channels make the residual LayerNorms normalise over
     the kept channels (``GlobalSource.set_channels``), which is what the compact model computes. Units never come
     back, and the optimizer state is left alone.
 
@@ -223,6 +226,7 @@ class GlobalPruning(ScheduledMasks):
             raise ValueError(f"global pruning needs exactly one channel group from the model adapter, got {len(channels)}")
         self.channel_group = channels[0].name
         self.active = {g.name: torch.ones(g.num_units, dtype=torch.bool) for g in self.groups}
+        self.active[self.channel_group] = units.active_channels(model).clone()  # a --finetune of a pruned file
         self.dense_macs = units.macs({g.name: g.num_units for g in self.groups})
         self.budget = target_macs * self.dense_macs
         floor = units.macs({g.name: 1 for g in self.groups})

@@ -3,6 +3,9 @@ channels, the Taylor score window, the one global ranking and the MAC budget. Th
 enforcement) cover it through tests/sparsifiers.py CASES."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,3 +225,87 @@ def test_a_resume_with_pruned_channels_restores_the_kept_channel_norms() -> None
     plain = micro()
     plain.load_state_dict(model.state_dict())
     assert not torch.allclose(plain.eval()(x), model(x)), "non-vacuous: without the hooks the norms differ"
+
+
+def channel_pruned_checkpoint(tmp_path, prune_neurons: bool = True):
+    """A training checkpoint (model, masks, EMA) of a global run whose units include pruned embedding channels, the
+    live model and EMA, and the x the tests feed."""
+    import copy
+
+    from interop.checkpoint import save_atomic
+
+    torch.manual_seed(0)
+    model = models.create_model("vit_digits_micro", num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparsifier = pruner(model, optimizer)
+    new = {name: mask.clone() for name, mask in sparsifier.active.items()}
+    new["embed"][[2, 3, 11, 30]] = False
+    new["blocks.1.mlp"][:40] = not prune_neurons
+    sparsifier._commit(new, 3)
+    train_steps(model, optimizer, range(1, 3))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.9)
+    sparsifier.apply_masks(ema)
+    path = tmp_path / "checkpoint.pth"
+    save_atomic({"model": model.state_dict(), "model_ema": ema.state_dict(), "sparsifier": sparsifier.state_dict(),
+                 "optimizer": optimizer.state_dict(), "epoch": 0, "step": 3,
+                 "args": {"model": "vit_digits_micro", "pruning_type": "global", "target_macs": 0.5}}, path)
+    return path, model.eval(), ema.eval(), sparsifier, torch.randn(3, 3, 16, 16)
+
+
+def test_every_reader_of_a_channel_pruned_checkpoint_computes_what_training_computed(tmp_path) -> None:
+    """checkpoint_tool (--eval/--report/--flops/--export/--compact all build through ``load_for_evaluation``), its
+    EMA, a teacher read from it and --finetune of it restore the kept-channel LayerNorms: they give the compact
+    model's logits; the export reloads equal and is not offered to timm alone."""
+    import checkpoint_tool
+    from training.teacher import load_teacher
+
+    path, model, ema, sparsifier, x = channel_pruned_checkpoint(tmp_path)
+    small = models.compact_model(model, sparsifier.masks)
+    assert small.embed_dim == 28
+    args = checkpoint_tool.get_args_parser().parse_args(["--report", "--resume", str(path), "--model",
+                                                         "vit_digits_micro"])
+    contents, detection, _, restored = checkpoint_tool.load_for_evaluation(args, models.TokenConfig(), print)
+    assert detection.structured and (detection.embed_kept, detection.embed_dim) == (28, 32)
+    with torch.no_grad():
+        expected = small(x)
+        torch.testing.assert_close(restored(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(models.compact_model(restored, contents.masks)(x), expected, rtol=0, atol=1e-5)
+        ema_file = interop.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection,
+                                       "vit_digits_micro", models.TokenConfig())
+        torch.testing.assert_close(ema_file(x), ema(x), rtol=0, atol=0)
+        teacher = load_teacher(None, str(path), num_classes=10, img_size=16, device=torch.device("cpu"))
+        torch.testing.assert_close(teacher(x), expected, rtol=0, atol=1e-5)
+        fresh = models.create_model("vit_digits_micro", num_classes=10)
+        lines = interop.load_pretrained(fresh, path, "vit_digits_micro")
+        assert any("28 of the file's 32 embedding channels" in line for line in lines)
+        torch.testing.assert_close(fresh.eval()(x), expected, rtol=0, atol=1e-5)
+    resumed_pruner = pruner(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    assert resumed_pruner.record()["channels_kept"] == 28, "a global run from the file keeps its channels pruned"
+    export = tmp_path / "export"
+    checkpoint_tool.run(checkpoint_tool.get_args_parser().parse_args(["--export", str(export), "--resume", str(path),
+                                                                       "--model", "vit_digits_micro"]))
+    config = json.loads((export / "config.json").read_text())
+    assert config["embed_channels_kept"] == 28 and not config["timm_loadable"]
+    with torch.no_grad():
+        torch.testing.assert_close(interop.load_export(export)(x), restored(x), rtol=0, atol=0)
+    plain = models.create_model("vit_digits_micro", num_classes=10).eval()
+    plain.load_state_dict(contents.state_dict)
+    assert not torch.allclose(plain(x), expected, atol=1e-3), "non-vacuous: without the hooks the logits differ"
+
+
+def test_parameter_and_mac_counts_of_a_channel_pruned_masked_model_are_the_compact_models(tmp_path) -> None:
+    """Channel pruning alone is structured: the non-zero parameters and the theoretical MACs (removed units cost
+    nothing) equal the compact model's parameters and MACs, from the weights' zeros and from the masks."""
+    _, model, _, sparsifier, _ = channel_pruned_checkpoint(tmp_path, prune_neurons=False)
+    small = models.compact_model(model, sparsifier.masks)
+    assert small.blocks[1].mlp.fc1.out_features == 128 and small.embed_dim == 28
+    params = sum(p.numel() for p in small.parameters())
+    for masks in (None, sparsifier.masks):
+        assert models.nonzero_parameters(model, masks) == params
+    views = models.mac_views(model)
+    assert views["theoretical"] == pytest.approx(models.count_macs(small).total)
+    assert views["theoretical"] == pytest.approx(sparsifier.current_macs)
+    assert views["params_nonzero"] == params == sparsifier.record()["nonzero_parameters"]
