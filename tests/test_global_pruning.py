@@ -14,13 +14,21 @@ import interop
 import models
 from models.channel_units import embedding_group
 from sparselearning import SparsityConfig
-from sparselearning.global_pruning import TYPE_SCALE, GlobalPruning, global_order, prune_to_budget
+from sparselearning.global_pruning import (TYPE_SCALE, GlobalPruning, global_order, latency_penalised, prune_to_budget,
+                                          removal_savings)
+from sparselearning.latency_table import LatencyTable, load_table, save_table
 from sparselearning.units import unit_sum
 
 
 def micro(name: str = "vit_digits_micro") -> torch.nn.Module:
     torch.manual_seed(0)
     return models.create_model(name, num_classes=10, block_heads=[4, 4], head_dim=8)
+
+
+def plain_micro() -> torch.nn.Module:
+    """vit_digits_micro as named: 2 heads of 16, MLP 128, 17 tokens."""
+    torch.manual_seed(0)
+    return models.create_model("vit_digits_micro", num_classes=10)
 
 
 def pruner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, target: float = 0.5, every: int = 3,
@@ -234,8 +242,7 @@ def channel_pruned_checkpoint(tmp_path, prune_neurons: bool = True):
 
     from interop.checkpoint import save_atomic
 
-    torch.manual_seed(0)
-    model = models.create_model("vit_digits_micro", num_classes=10)
+    model = plain_micro()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sparsifier = pruner(model, optimizer)
     new = {name: mask.clone() for name, mask in sparsifier.active.items()}
@@ -309,3 +316,90 @@ def test_parameter_and_mac_counts_of_a_channel_pruned_masked_model_are_the_compa
     assert views["theoretical"] == pytest.approx(models.count_macs(small).total)
     assert views["theoretical"] == pytest.approx(sparsifier.current_macs)
     assert views["params_nonzero"] == params == sparsifier.record()["nonzero_parameters"]
+
+
+def hand_table(**overrides) -> LatencyTable:
+    """A latency table over vit_digits_micro's shapes (17 tokens, head dim 16) whose ms are a made-up function of
+    the widths, not multilinear, so interpolation is exact only at the grid points."""
+    grid = {"embed_dim": [1, 16, 32], "num_heads": [1, 2], "head_dim": [16], "mlp_hidden": [1, 64, 128]}
+    ms = [[[[0.1 + e * h * 0.02 + e * m * 1e-3 + (e / 8) ** 2 + (m / 64) ** 2 for m in grid["mlp_hidden"]]]
+           for h in grid["num_heads"]] for e in grid["embed_dim"]]
+    return LatencyTable(**{"grid": grid, "ms": ms, "tokens": 17, "batch_size": 1, **overrides})
+
+
+def test_latency_table_is_exact_at_grid_points_linear_between_and_refuses_outside(tmp_path) -> None:
+    table = load_table(save_table(hand_table(), tmp_path / "t.json"))
+    ms = table.ms
+    for i, e in enumerate((1, 16, 32)):
+        for j, h in enumerate((1, 2)):
+            for k, m in enumerate((1, 64, 128)):
+                assert table(e, h, 16, m) == pytest.approx(float(ms[i, j, 0, k]), rel=1e-12)
+    # linear along each axis between neighbours, and multilinear in the cell: the mean of the 4 corners at the centre
+    assert table(16, 1.25, 16, 64) == pytest.approx(0.75 * float(ms[1, 0, 0, 1]) + 0.25 * float(ms[1, 1, 0, 1]))
+    assert table(24, 1.5, 16, 96) == pytest.approx(float(ms[1:, :, 0, 1:].mean()))
+    with pytest.raises(ValueError, match="mlp_hidden 129 lies outside"):
+        table(32, 2, 16, 129)
+    with pytest.raises(ValueError, match="head_dim 8"):
+        table(32, 2, 8, 64)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        hand_table(grid={"embed_dim": [16, 1, 32], "num_heads": [1, 2], "head_dim": [16], "mlp_hidden": [1, 64, 128]})
+    model = micro()
+    with pytest.raises(ValueError, match="measured at 50 tokens"):
+        models.GlobalUnits(model, hand_table(tokens=50))
+    short = hand_table(grid={"embed_dim": [1, 16, 32], "num_heads": [1, 2], "head_dim": [16], "mlp_hidden": [1, 64]},
+                       ms=hand_table().ms[:, :, :, :2])
+    with pytest.raises(ValueError, match="mlp_hidden grid"):
+        models.GlobalUnits(plain_micro(), short)
+
+
+def test_the_latency_penalty_reorders_the_global_ranking() -> None:
+    """Scores alone remove the cheap-to-keep neuron first; with λ the unit whose removal saves most latency goes
+    first; each unit's saving is its group's cost drop at the current counts."""
+    counts = {"a": 3, "b": 2, "c": 1}
+    cost = {"a": 1.0, "b": 10.0, "c": 100.0}
+
+    def latency(k):
+        return sum(cost[n] * v for n, v in k.items())
+
+    savings = removal_savings(counts, latency)
+    assert savings == {"a": 1.0, "b": 10.0, "c": 0.0}
+    active = {n: torch.ones(v, dtype=torch.bool) for n, v in counts.items()}
+    scores = {"a": torch.tensor([0.5, 0.2, 0.9]), "b": torch.tensor([0.3, 0.6]), "c": torch.tensor([0.0])}
+    assert global_order(scores, active)[:3] == [("c", 0), ("a", 1), ("b", 0)]
+    penalised = latency_penalised(scores, savings, lam=0.05)  # b loses 0.5, a 0.05
+    assert global_order(penalised, active)[:3] == [("b", 0), ("c", 0), ("b", 1)]
+    assert global_order(latency_penalised(scores, savings, lam=0.0), active) == global_order(scores, active)
+
+
+def test_pruning_meets_a_latency_budget_by_the_table_within_one_percent(tmp_path) -> None:
+    model = plain_micro()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    units = models.GlobalUnits(model, hand_table())
+    sparsifier = GlobalPruning(model, optimizer, units, 30, target_latency=0.6, latency_lambda=1e-3, prune_every=1,
+                               prune_units=40, latency_table="hand", log_fn=lambda record: None)
+    dense = units.latency({g.name: g.num_units for g in sparsifier.groups})
+    assert dense == pytest.approx(2 * hand_table()(32, 2, 16, 128))
+    train_steps(model, optimizer, range(1, 13), sparsifier)
+    record = sparsifier.record()
+    assert sparsifier.budget_met and 0.6 * 0.99 <= record["latency_fraction"] <= 0.6
+    assert record["macs_fraction"] < 1
+    with pytest.raises(ValueError, match="--latency-table FILE"):
+        GlobalPruning(model, optimizer, models.GlobalUnits(model), 30, target_latency=0.6)
+    with pytest.raises(ValueError, match="one budget"):
+        SparsityConfig(pruning_type="global", target_macs=0.5, target_latency=0.5)
+    with pytest.raises(ValueError, match="belongs to --pruning_type global"):
+        SparsityConfig(latency_lambda=1e-3)
+
+
+def test_the_latency_table_command_measures_a_table_that_covers_the_model(tmp_path) -> None:
+    from benchmarks import latency_table
+
+    out = tmp_path / "micro.json"
+    latency_table.main(["--model", "vit_digits_micro", "--out", str(out), "--points", "2", "--batch-size", "1",
+                        "--iters", "1", "--repeats", "1", "--warm", "0"])
+    table = load_table(out)
+    assert table.grid == {"embed_dim": [1, 32], "num_heads": [1, 2], "head_dim": [16], "mlp_hidden": [1, 128]}
+    assert table.tokens == 17 and table.meta["command"].endswith("--warm 0") and table.meta["threads"] >= 1
+    units = models.GlobalUnits(plain_micro(), table)
+    assert units.latency({"embed": 32, "blocks.0.attn": 2, "blocks.0.mlp": 128, "blocks.1.attn": 2,
+                          "blocks.1.mlp": 128}) == pytest.approx(2 * float(table.ms[-1, -1, 0, -1]))
