@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.channel_units import channels_alive, embedding_group, unsupported_channels
 from models.flops import DENSE_FRACTION, is_weight_tensor
 from models.vit import MODEL_NAMES, architecture, create_model
 from sparselearning.units import head_group, heads_in_qkv, neuron_group, select_units, units_alive
@@ -30,9 +31,12 @@ class Detection:
         num_heads, head_dim, mlp_hidden: the full model's per-block sizes (heads come from ``--model``).
         block_heads, block_mlp: heads and MLP neurons each block really has: non-zero units of a masked model,
             or the physical sizes of a compact one.
-        compact: blocks are physically smaller than ``--model``'s.
-        structured: whole heads or neurons are zero and the surviving units are dense.
+        compact: blocks or the embedding are physically smaller than ``--model``'s.
+        structured: whole heads, neurons or embedding channels (global pruning) are zero and the surviving units
+            are dense.
         weight_density: non-zero fraction over the maskable weights (2-D/4-D, scorers excluded).
+        embed_dim, embed_kept: the full model's embedding width, and the channels the file really has (non-zero
+            channels of a masked model, the physical width of a compact one).
         unstructured: scattered zeros (density below 0.99 without the structured pattern).
     """
 
@@ -48,6 +52,8 @@ class Detection:
     structured: bool
     weight_density: float
     unstructured: bool
+    embed_dim: int = 0
+    embed_kept: int = 0
 
     def lines(self) -> list[str]:
         """Human-readable findings, one per line."""
@@ -61,6 +67,9 @@ class Detection:
             out.append(f"compact shapes: {units}")
         elif self.structured:
             out.append(f"structured sparsity (zero heads / neurons, dense survivors): {units}")
+        if self.embed_kept < self.embed_dim:
+            out.append(f"embedding channels: {self.embed_kept} of {self.embed_dim} kept"
+                       + ("" if self.compact else " (the residual LayerNorms normalise over the kept ones)"))
         if self.unstructured:
             out.append(f"unstructured sparsity: {1 - self.weight_density:.2%} of the maskable weights are zero "
                        f"(density {self.weight_density:.4f})")
@@ -112,12 +121,16 @@ def mismatches(state_dict: Mapping[str, torch.Tensor], model_name: str) -> list[
 
 def detect(state_dict: Mapping[str, torch.Tensor], model_name: str) -> Detection:
     """Detect selector, compact shapes and sparsity of a state_dict that ``check_fits`` accepted for ``model_name``."""
-    arch = architecture(_meta_model(model_name, state_dict))
+    meta = _meta_model(model_name, state_dict)
+    arch = architecture(meta)
     heads, head_dim = arch["block_heads"][0], arch["head_dim"]
     hidden = arch["block_mlp_hidden"][0]
     depth = arch["depth"]
     block_heads, block_mlp, survivors_dense, some_unit_zero = [], [], True, False
-    compact = False
+    width = state_dict["patch_embed.proj.weight"].shape[0]
+    compact = width != arch["embed_dim"]
+    channels = pruned_channels_of(meta, state_dict) if not compact else None
+    some_unit_zero = channels is not None
     for i in range(depth):
         qkv, fc1 = state_dict[f"blocks.{i}.attn.qkv.weight"], state_dict[f"blocks.{i}.mlp.fc1.weight"]
         kept_heads = heads_in_qkv(qkv.shape[0], head_dim)
@@ -131,6 +144,7 @@ def detect(state_dict: Mapping[str, torch.Tensor], model_name: str) -> Detection
         some_unit_zero |= not bool(head_alive.all()) or not bool(row_alive.all())
         for live in (select_units(qkv, head_spec, kept_heads, head_alive.nonzero().flatten()),
                      select_units(fc1, neuron_spec, fc1.shape[0], row_alive.nonzero().flatten())):
+            live = live if channels is None else live.index_select(1, channels)  # a pruned channel's column is zero
             if live.numel() and live.ne(0).float().mean().item() < DENSE_FRACTION:
                 survivors_dense = False
     total = nonzero = 0
@@ -144,8 +158,18 @@ def detect(state_dict: Mapping[str, torch.Tensor], model_name: str) -> Detection
         selector=selector_kind(state_dict), img_size=arch["img_size"], num_classes=arch["num_classes"],
         num_heads=heads, head_dim=head_dim, mlp_hidden=hidden, block_heads=tuple(block_heads),
         block_mlp=tuple(block_mlp), compact=compact, structured=structured, weight_density=density,
-        unstructured=not structured and density < DENSE_FRACTION,
+        unstructured=not structured and density < DENSE_FRACTION, embed_dim=arch["embed_dim"],
+        embed_kept=width if channels is None else channels.numel(),
     )
+
+
+def pruned_channels_of(meta: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The kept embedding channels (int64) of a full-width ``state_dict`` when some are all zero, else None (also
+    for models whose embedding channels cannot be pruned); ``meta`` is the model it fits."""
+    if unsupported_channels(meta):
+        return None
+    alive = channels_alive(embedding_group(meta), state_dict)
+    return None if bool(alive.all()) else alive.nonzero().flatten()
 
 
 def _meta_model(model_name: str, state_dict: Mapping[str, torch.Tensor]):

@@ -9,7 +9,8 @@ position embedding of another resolution without a word, so a snippet missing ``
 model silently.
 
 Every export (compact and token-selecting models too) loads with ``load_export(dir)``, which rebuilds the model
-through ``models.create_model`` from ``config.json``.
+through ``models.create_model`` from ``config.json``; a masked model with pruned embedding channels gets back its
+kept-channel LayerNorms from the weights' zeros (timm alone cannot express them).
 
 ``model.sparse.safetensors`` stores each mostly-zero tensor as a bit mask of its non-zero entries plus those
 entries' values, so a 50%-dense model takes about 0.53x the dense size; ``load_sparse`` restores it bit for bit, and
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from models.channel_units import pruned_channels, restore_kept_channels
 from models.token_selection import TokenConfig, apply_token_selection, token_scorers
 from models.vit import (DEIT_MODELS, DISTILLED_SUFFIX, SMALL_DISTILLED, SMALL_MODELS, architecture, count_parameters,
                         create_model)
@@ -56,11 +58,14 @@ def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig,
     with torch.device("meta"):
         full = architecture(create_model(base, num_classes=arch["num_classes"], img_size=arch["img_size"]))
     compact = any(arch[key] != full[key] for key in ("block_heads", "block_mlp_hidden", "embed_dim"))
-    timm_loadable = base in (*DEIT_MODELS, *SMALL_MODELS, *SMALL_DISTILLED) and not compact and not token_scorers(model)
+    channels = pruned_channels(model)  # a masked model with pruned embedding channels: kept-channel norms
+    timm_loadable = (base in (*DEIT_MODELS, *SMALL_MODELS, *SMALL_DISTILLED) and not compact and channels is None
+                     and not token_scorers(model))
     total, nonzero = count_parameters(model)
     config: dict[str, Any] = {
         "format": EXPORT_FORMAT, "model": base, "architecture": arch, "compact": compact,
         "token_selection": tokens.to_dict() if tokens.enabled else None,
+        "embed_channels_kept": None if channels is None else channels.numel(),
         "params": total, "params_nonzero": nonzero, "weights": WEIGHTS, "sparse_weights": SPARSE_WEIGHTS,
         "timm_loadable": timm_loadable,
     }
@@ -119,7 +124,9 @@ def export_message(paths: dict[str, Path]) -> str:
         lines += ["", "load it with timm alone (copy and paste into Python):", "", config["load_with_timm"], "",
                   "or with this checkout:", "", config["load_with_this_project"]]
     else:
-        why = "per-block head counts or MLP widths" if config["compact"] else "a token selector"
+        why = ("per-block head counts or MLP widths" if config["compact"] else
+               "LayerNorms over the kept embedding channels of a masked model (its compact.pth has none)"
+               if config.get("embed_channels_kept") else "a token selector")
         lines += ["", f"timm's VisionTransformer cannot express {why}; load it with this checkout "
                       "(copy and paste into Python):", "", config["load_with_this_project"]]
     return "\n".join(lines)
@@ -138,6 +145,7 @@ def load_export(out_dir: str | Path) -> VisionTransformer:
     if config["token_selection"]:
         apply_token_selection(model, TokenConfig(**config["token_selection"]))
     model.load_state_dict(load_file(out / config["weights"]))
+    restore_kept_channels(model)
     return model.eval()
 
 

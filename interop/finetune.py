@@ -9,7 +9,8 @@ another resolution is resampled with timm's ``resample_abs_pos_embed``. Token sc
 initialisation (they are this project's additions to a timm ViT). Anything else that does not fit stops the run.
 
 A compact (physically pruned) file is refused: its blocks are narrower than any ``--model``, and loading its units
-into chosen rows of a full-width model would be a guess about which rows they came from.
+into chosen rows of a full-width model would be a guess about which rows they came from. A masked file whose
+embedding channels are pruned keeps them pruned: its kept-channel LayerNorms are restored (``models.channel_units``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from interop.checkpoint_contents import read_checkpoint
 from interop.detect import check_fits, detect, selector_kind
 from interop.restore import load_weights
+from models.channel_units import restore_kept_channels
 
 CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 """The classifiers of timm's ViTs (``head_dist``: DeiT's distilled models), re-initialised when their width differs."""
@@ -86,6 +88,11 @@ def load_pretrained(model: VisionTransformer, path: str | Path, model_name: str)
                      f"({len(scorers)} tensors) start from their initialisation")
         weights.update({key: own[key] for key in scorers})
     load_weights(model, weights, source, model_name)
+    kept = restore_kept_channels(model, contents.masks or None, tensors=state)
+    if kept is not None:
+        lines.append(f"--finetune: {kept} of the file's {model.embed_dim} embedding channels are kept (global "
+                     "pruning): the residual LayerNorms normalise over them, as the file's model did, and the pruned "
+                     "channels stay silent")
     return lines
 
 

@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from interop.checkpoint_contents import CheckpointContents
 from interop.detect import Detection, check_fits
+from models.channel_units import restore_kept_channels
 from models.compact import build_compact
 from models.token_selection import TokenConfig, apply_token_selection
 from models.vit import create_model
@@ -58,7 +59,8 @@ def recorded_tokens(contents: CheckpointContents) -> TokenConfig | None:
 
 def build_model(contents: CheckpointContents, detection: Detection, model_name: str,
                 tokens: TokenConfig) -> VisionTransformer:
-    """The model the file describes with its weights loaded strictly, in eval mode."""
+    """The model the file describes with its weights loaded strictly, in eval mode; a masked model with pruned
+    embedding channels normalises over its kept ones, as in training (``restore_kept_channels``)."""
     if contents.architecture is not None:
         model = build_compact(contents.architecture)
     elif detection.compact:
@@ -70,6 +72,7 @@ def build_model(contents: CheckpointContents, detection: Detection, model_name: 
                              img_size=detection.img_size)
     apply_token_selection(model, tokens)
     load_weights(model, contents.state_dict, str(contents.path))
+    restore_kept_channels(model, contents.masks or None)  # pruned embedding channels: the norms training used
     return model.eval()
 
 

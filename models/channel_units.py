@@ -36,7 +36,7 @@ def _vit(model: nn.Module) -> VisionTransformer:
     return net
 
 
-def _unsupported(net: VisionTransformer) -> list[str]:
+def unsupported_channels(net: VisionTransformer) -> list[str]:
     """What in ``net``'s residual stream the channel units do not cover (empty when its channels can be pruned)."""
     problems = []
     if getattr(net, "reg_token", None) is not None:
@@ -75,7 +75,7 @@ def residual_norms(model: nn.Module) -> list[tuple[str, nn.LayerNorm]]:
             tokens, a pre-norm, LayerScale, attention pooling, a token scorer, a non-LayerNorm norm).
     """
     net = _vit(model)
-    problems = _unsupported(net)
+    problems = unsupported_channels(net)
     if problems:
         raise ValueError(f"cannot prune the embedding dimension of this model: {', '.join(problems)}; only timm "
                          "ViTs/DeiTs with cls-token pooling, LayerNorm and no LayerScale are supported")
@@ -140,7 +140,53 @@ def set_kept_channels(model: nn.Module, active: torch.Tensor) -> None:
                 delattr(norm, _KEPT)
 
 
+def restore_kept_channels(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None,
+                          tensors: Mapping[str, torch.Tensor] | None = None) -> int | None:
+    """Give a model restored from a file the kept-channel LayerNorms its training computed with; returns the kept
+    channel count when some channel is pruned, else None (nothing is installed: unpruned models run unhooked).
+
+    The hooks are not in any state_dict, so every reader that rebuilds a masked model (evaluation, export, the EMA, a
+    teacher, ``--finetune``, a resume) calls this after loading the weights. The kept channels come from the saved
+    ``masks`` where the file stores them, else from the weights' zero pattern: every entry a pruned channel owns is
+    masked to zero during training, while a kept channel owns nonzero LayerNorm and patch-embedding entries.
+    ``tensors`` reads that pattern from a file's state_dict instead of the model (``--finetune`` re-initialises
+    a classifier of another width)."""
+    net = unwrap_model(model)
+    if not isinstance(net, VisionTransformer) or unsupported_channels(net):
+        return None
+    alive = channels_alive(embedding_group(net), dict(net.named_parameters()) if tensors is None else tensors, masks)
+    if bool(alive.all()):
+        return None
+    set_kept_channels(net, alive)
+    return int(alive.sum())
+
+
+def kept_channels(model: nn.Module) -> torch.Tensor:
+    """Bool [D]: the channels the residual LayerNorms of ``model`` normalise over (all, when no hook is installed)."""
+    net = _vit(model)
+    active = torch.ones(net.embed_dim, dtype=torch.bool)
+    kept = getattr(net.norm, _KEPT, None)
+    if kept is not None:
+        active[:] = False
+        active[kept.cpu()] = True
+    return active
+
+
 # ------------------------------------------------------------------------------------------------ compaction
+
+
+def channels_alive(group: UnitGroup, tensors: Mapping[str, torch.Tensor],
+                   masks: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Bool [D]: whether each channel of ``group`` owns an active entry anywhere: a set mask where ``masks`` has the
+    tensor, else a nonzero entry of ``tensors`` (a model's parameters or a state_dict)."""
+    alive = torch.zeros(group.num_units, dtype=torch.bool)
+    for spec in group.slices:
+        mask = None if masks is None else masks.get(spec.param)
+        if mask is None and spec.param not in tensors:  # e.g. a file without a classifier
+            continue
+        entries = mask if mask is not None else tensors[spec.param].detach().ne(0)
+        alive |= units_alive(entries, spec, group.num_units).cpu()
+    return alive
 
 
 def pruned_channels(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -148,15 +194,9 @@ def pruned_channels(model: nn.Module, masks: Mapping[str, torch.Tensor] | None =
     models whose embedding cannot be pruned). A channel is kept if it owns an active entry anywhere: a set mask when
     ``masks`` has the tensor, else a nonzero entry."""
     net = unwrap_model(model)
-    if not isinstance(net, VisionTransformer) or _unsupported(net):
+    if not isinstance(net, VisionTransformer) or unsupported_channels(net):
         return None
-    group = embedding_group(net)
-    params = dict(net.named_parameters())
-    alive = torch.zeros(group.num_units, dtype=torch.bool)
-    for spec in group.slices:
-        mask = None if masks is None else masks.get(spec.param)
-        entries = mask if mask is not None else params[spec.param].detach().ne(0)
-        alive |= units_alive(entries, spec, group.num_units).cpu()
+    alive = channels_alive(embedding_group(net), dict(net.named_parameters()), masks)
     if bool(alive.all()):
         return None
     if not bool(alive.any()):

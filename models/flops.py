@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from models.channel_units import pruned_channels
 from models.compact import compact_model
 from models.token_selection import TokenScorer, num_tokens
 from models.wrappers import unwrap_model
@@ -227,8 +228,9 @@ def mac_summary(model: nn.Module, densities: Mapping[str, float] | None = None) 
 def structured_form(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module | None:
     """The compact model of a structured-sparse ViT, or None when it is not one.
 
-    Structured means whole heads or MLP neurons are removed (their q/k/v or fc1 rows are zero, or masked off when
-    ``masks`` is given) and the surviving units are dense: the pattern S²ViTE trains. A model with scattered zeros
+    Structured means whole heads, MLP neurons or embedding channels are removed (their q/k/v or fc1 rows, or every
+    entry a channel owns, are zero, or masked off when ``masks`` is given) and the surviving units are dense: the
+    pattern S²ViTE and global pruning train. A model with scattered zeros
     that happen to empty a row is unstructured, and its count stays per weight.
     """
     net = unwrap_model(model)
@@ -258,7 +260,10 @@ def nonzero_parameters(model: nn.Module, masks: Mapping[str, torch.Tensor] | Non
 
 
 def _has_removed_unit(net: VisionTransformer, masks: Mapping[str, torch.Tensor]) -> bool:
-    """Whether some block has a head whose q, k and v rows are all inactive, or an fc1 row that is."""
+    """Whether some block has a head whose q, k and v rows are all inactive, or an fc1 row that is, or some embedding
+    channel is inactive everywhere (global pruning)."""
+    if pruned_channels(net, masks or None) is not None:
+        return True
     for i, blk in enumerate(net.blocks):
         qkv, fc1 = blk.attn.qkv.weight, blk.mlp.fc1.weight
         qkv_alive = masks.get(f"blocks.{i}.attn.qkv.weight", qkv.ne(0))

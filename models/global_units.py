@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.channel_units import EMBED_GROUP, embedding_group, set_kept_channels
+from models.channel_units import EMBED_GROUP, embedding_group, kept_channels, set_kept_channels
 from models.flops import block_shapes, vit_macs
 from models.head_stats import block_units, prunable_blocks
 from models.wrappers import unwrap_model
+from sparselearning.latency_table import LatencyTable, load_table
 
 
 class GlobalUnits:
@@ -23,11 +24,17 @@ class GlobalUnits:
     ``macs`` is ``models.flops.vit_macs`` of the executed block shapes with the given counts, so the count a budget
     is met at is the count of the compact model (``count_macs``).
 
+    ``latency`` is the sum over blocks of a measured ``LatencyTable`` at the blocks' kept widths (the patch
+    embedding and the classifier are not in the table: under 1% of a DeiT's time).
+
     Args:
         model: the (possibly DDP-wrapped) timm ViT.
+        table: a block-latency table measured for this model (``--latency-table``); None: no latency term.
+        table_source: the table's file, for messages.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, table: LatencyTable | None = None, table_source: str = "the latency table"
+                 ) -> None:
         net = unwrap_model(model)
         blocks = prunable_blocks(net)
         self.groups: list[dict[str, Any]] = [g.to_dict() for name, attn, mlp in blocks
@@ -40,6 +47,10 @@ class GlobalUnits:
                            patch_dim=math.prod(net.patch_embed.proj.weight.shape[1:]),
                            num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
                            distilled=isinstance(getattr(net, "head_dist", None), nn.Linear))
+        self.table = table
+        if table is not None:
+            table.check_covers(net.embed_dim, [s.num_heads for s in self._shapes], [s.head_dim for s in self._shapes],
+                               [s.mlp_hidden for s in self._shapes], self._shapes[0].tokens, table_source)
 
     def macs(self, counts: Mapping[str, int]) -> float:
         """MACs per image with ``counts[group]`` units kept (groups ``blocks.i.attn``, ``blocks.i.mlp``, ``embed``)."""
@@ -47,11 +58,30 @@ class GlobalUnits:
                   for name, shape in zip(self._blocks, self._shapes)]
         return vit_macs(counts[EMBED_GROUP], shapes, **self._fixed).total
 
+    def latency(self, counts: Mapping[str, int]) -> float:
+        """Milliseconds per forward pass of the blocks with ``counts[group]`` units kept, by the table.
+
+        Raises:
+            ValueError: no table was given (``--latency-table``).
+        """
+        if self.table is None:
+            raise ValueError("--target-latency and --latency-lambda read measured block latencies: pass "
+                             "--latency-table FILE (measure one with python -m benchmarks.latency_table --model NAME "
+                             "--out FILE)")
+        return sum(self.table(counts[EMBED_GROUP], counts[f"{name}.attn"], shape.head_dim, counts[f"{name}.mlp"])
+                   for name, shape in zip(self._blocks, self._shapes))
+
     def set_channels(self, module: nn.Module, active: torch.Tensor) -> None:
         """The kept-channel LayerNorms of ``module`` (``models.channel_units.set_kept_channels``)."""
         set_kept_channels(module, active)
 
+    def active_channels(self, module: nn.Module) -> torch.Tensor:
+        """The channels ``module`` already normalises over (fewer than all after ``--finetune`` of a pruned file)."""
+        return kept_channels(module)
 
-def global_units(model: nn.Module) -> GlobalUnits:
-    """Every unit group of a timm ViT and its MAC count, for ``build_sparsifier(units=...)`` with global pruning."""
-    return GlobalUnits(model)
+
+def global_units(model: nn.Module, latency_table: str | None = None) -> GlobalUnits:
+    """Every unit group of a timm ViT, its MAC count and, given a table file (``--latency-table``), its latency, for
+    ``build_sparsifier(units=...)`` with global pruning."""
+    table = None if latency_table is None else load_table(latency_table)
+    return GlobalUnits(model, table, f"--latency-table {latency_table}")

@@ -59,6 +59,10 @@ class SparsityConfig:
         target_macs: ``pruning_type`` global: the MAC budget, a fraction of the dense model's in (0, 1).
         prune_every: ``pruning_type`` global: optimizer steps between pruning steps.
         prune_units: ``pruning_type`` global: units (heads, neurons, channels) removed per pruning step.
+        target_latency: ``pruning_type`` global: the budget as a fraction of the dense model's block latency by the
+            table (``latency_table``), instead of ``target_macs``.
+        latency_lambda: ``pruning_type`` global: λ, the ranking score of a unit minus λ × the ms its removal saves.
+        latency_table: ``pruning_type`` global: the measured block-latency table (JSON) for the two above.
     """
 
     density: float | None = None
@@ -82,6 +86,9 @@ class SparsityConfig:
     target_macs: float | None = None
     prune_every: int = 100
     prune_units: int = 32
+    target_latency: float | None = None
+    latency_lambda: float = 0.0
+    latency_table: str | None = None
 
     def __post_init__(self) -> None:
         valid_number = isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
@@ -144,14 +151,22 @@ class SparsityConfig:
         for flag, value in (("prune_every", self.prune_every), ("prune_units", self.prune_units)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{flag} must be a positive int, got {value!r}")
+        lam = self.latency_lambda
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"--latency-lambda must be a finite number >= 0, got {lam!r}")
         if self.pruning_type != "global":
-            if self.target_macs is not None:
-                raise ValueError("--target-macs is the budget of --pruning_type global; pass that too or leave it out")
+            for flag, value in (("--target-macs", self.target_macs), ("--target-latency", self.target_latency),
+                                ("--latency-table", self.latency_table), ("--latency-lambda", lam or None)):
+                if value is not None:
+                    raise ValueError(f"{flag} belongs to --pruning_type global; pass that too or leave it out")
             return
-        target = self.target_macs
+        if (self.target_macs is None) == (self.target_latency is None):
+            raise ValueError("--pruning_type global needs one budget: --target-macs F (a fraction of the dense MACs) "
+                             "or --target-latency F (a fraction of the dense latency by --latency-table)")
+        flag, target = (("--target-macs", self.target_macs) if self.target_latency is None
+                        else ("--target-latency", self.target_latency))
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < 1.0:
-            raise ValueError(f"--pruning_type global needs --target-macs F, a fraction of the dense MACs in (0, 1), "
-                             f"got {target!r}")
+            raise ValueError(f"--pruning_type global needs {flag} F, a fraction of dense in (0, 1), got {target!r}")
         if self.density is not None or self.sparse_include or self.sparse_exclude:
             raise ValueError("--density/--sparse-include/--sparse-exclude choose weight masks; global pruning "
                              "removes whole heads, neurons and channels (leave them out)")
@@ -194,6 +209,9 @@ class SparsityConfig:
             target_macs=args.target_macs,
             prune_every=args.prune_every,
             prune_units=args.prune_units,
+            target_latency=args.target_latency,
+            latency_lambda=args.latency_lambda,
+            latency_table=args.latency_table,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,4 +276,13 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                       help="optimizer steps between pruning steps")
     glob.add_argument("--prune-units", dest="prune_units", type=int, default=32, metavar="K",
                       help="units removed per pruning step, lowest global score first")
+    glob.add_argument("--target-latency", dest="target_latency", type=float, default=None, metavar="F",
+                      help="latency budget instead of --target-macs: a fraction of the dense blocks' latency by "
+                           "--latency-table, in (0, 1); pruning stops within 1%% of it")
+    glob.add_argument("--latency-lambda", dest="latency_lambda", type=float, default=0.0, metavar="L",
+                      help="latency-aware ranking: a unit's score minus L x the ms its removal saves by "
+                           "--latency-table (NViT: 5e-4); 0: scores alone")
+    glob.add_argument("--latency-table", dest="latency_table", default=None, metavar="FILE",
+                      help="block-latency table (JSON) measured on the target device by python -m "
+                           "benchmarks.latency_table")
     return group

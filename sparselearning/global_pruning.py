@@ -1,10 +1,15 @@
-"""Global structural pruning toward a MAC budget (after NViT, Yang et al. CVPR 2023, built from the paper's text).
+"""Global structural pruning toward a MAC or latency budget (after NViT, Yang et al. CVPR 2023, built from the
+paper's text).
 
 Every removable unit of the model (each block's heads and MLP neurons, and the embedding channels shared by all
 blocks) is scored and ranked in one list. Every ``prune_every`` optimizer steps the ``prune_units`` lowest-ranked
-active units are removed for good, until the model's MACs reach ``target_macs`` of the dense count; then the
-topology is frozen and the run fine-tunes the survivors. The units, the masks, the MAC count and the kept-channel
-LayerNorms come from the model adapter (``models.global_units``), so this package needs no model code.
+active units are removed for good, until the model's MACs reach ``target_macs`` of the dense count (or its latency by
+a measured table ``target_latency`` of the dense latency); then the topology is frozen and the run fine-tunes the
+survivors. The units, the masks, the MAC and latency counts and the kept-channel LayerNorms come from the model
+adapter (``models.global_units``), so this package needs no model code.
+
+Latency awareness (NViT's): with λ > 0 each unit's score is lowered by λ × the milliseconds its removal saves by the
+table, at the current unit counts of each pruning step, so slow units go first.
 
 Score (NViT's): per optimizer step and unit, s = Σ w·∂L/∂w over every parameter entry the unit owns (the first-order
 Taylor estimate of the loss change when it is removed), divided by a per-type constant so that heads, neurons and
@@ -49,8 +54,14 @@ class GlobalSource(Protocol):
     def macs(self, counts: Mapping[str, int]) -> float:
         """MACs per image of the model with ``counts[group]`` units kept in each group."""
 
+    def latency(self, counts: Mapping[str, int]) -> float:
+        """Milliseconds per forward pass with ``counts[group]`` units kept, by a measured table (raises without one)."""
+
     def set_channels(self, module: nn.Module, active: torch.Tensor) -> None:
         """Make ``module``'s residual LayerNorms normalise over the channels where ``active`` is True."""
+
+    def active_channels(self, module: nn.Module) -> torch.Tensor:
+        """Bool [D]: the channels ``module``'s residual LayerNorms already normalise over."""
 
 
 class TaylorWindow:
@@ -174,8 +185,22 @@ def prune_to_budget(order: Sequence[tuple[str, int]], active: Mapping[str, torch
     if removed == 0 and current > budget:
         raise RuntimeError(f"global pruning is stuck at {current:,.0f} MACs above its budget {budget:,.0f}: every "
                            "remaining unit is the last of its block or residual stream, or overshoots the budget by "
-                           f"more than {tolerance:.0%}; raise --target-macs")
+                           f"more than {tolerance:.0%}; raise --target-macs (or --target-latency)")
     return new
+
+
+def removal_savings(counts: Mapping[str, int], cost: Callable[[Mapping[str, int]], float]) -> dict[str, float]:
+    """Per group, how much ``cost`` drops when one more of its units goes (0 for a group down to its last unit): every
+    unit of a group saves the same, so it is computed once per group at the current counts."""
+    base = cost(counts)
+    return {name: base - cost({**counts, name: n - 1}) if n > 1 else 0.0 for name, n in counts.items()}
+
+
+def latency_penalised(scores: Mapping[str, torch.Tensor], savings: Mapping[str, float],
+                      lam: float) -> dict[str, torch.Tensor]:
+    """NViT's latency-aware score: each unit's score minus ``lam`` × the latency its removal saves, so a unit that
+    costs more time ranks lower and goes first."""
+    return {name: score.double() - lam * savings[name] for name, score in scores.items()}
 
 
 def _is_rank0() -> bool:
@@ -183,11 +208,11 @@ def _is_rank0() -> bool:
 
 
 class GlobalPruning(ScheduledMasks):
-    """Global structural pruning of heads, MLP neurons and embedding channels to a MAC budget (``--pruning_type
-    global``).
+    """Global structural pruning of heads, MLP neurons and embedding channels to a MAC or latency budget
+    (``--pruning_type global``).
 
-    It starts with every unit active (pretrained weights, ``--finetune``) and masks every parameter entry a removed
-    unit owns, so a removed unit is exactly silent; removed channels make the residual LayerNorms normalise over
+    It starts with every unit active (pretrained weights, ``--finetune``; the embedding channels a ``--finetune``
+    of a channel-pruned file restored as pruned stay pruned) and masks every parameter entry a removed unit owns, so a removed unit is exactly silent; removed channels make the residual LayerNorms normalise over
     the kept channels (``GlobalSource.set_channels``), which is what the compact model computes. Units never come
     back, and the optimizer state is left alone.
 
@@ -197,9 +222,13 @@ class GlobalPruning(ScheduledMasks):
         units: the model adapter, e.g. ``models.global_units(model)``.
         total_steps: optimizer steps of the whole run.
         target_macs: the budget, a fraction of the dense model's MACs in (0, 1).
+        target_latency: instead, a fraction of the dense model's latency by ``units.latency`` (a measured table).
+        latency_lambda: λ: the ranking uses each unit's score minus λ × the ms its removal saves (``units.latency``);
+            0 ranks by the scores alone.
         prune_every: optimizer steps between pruning steps.
         prune_units: units removed per pruning step.
         seed: kept for the schedule state (the selection is deterministic).
+        latency_table: the table file ``units`` measures latency with, recorded in the config.
         log_fn: receives a record at construction, after every pruning step and on resume.
 
     Raises:
@@ -209,10 +238,12 @@ class GlobalPruning(ScheduledMasks):
     STATE_FORMAT = "sparselearning.GlobalPruning/1"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, units: GlobalSource, total_steps: int, *,
-                 target_macs: float, prune_every: int = 100, prune_units: int = 32, seed: int = 0,
+                 target_macs: float | None = None, target_latency: float | None = None, latency_lambda: float = 0.0,
+                 prune_every: int = 100, prune_units: int = 32, seed: int = 0, latency_table: str | None = None,
                  log_fn: LogFn | None = None) -> None:
         self.config = SparsityConfig(pruning_type="global", target_macs=target_macs, prune_every=prune_every,
-                                     prune_units=prune_units)
+                                     prune_units=prune_units, target_latency=target_latency,
+                                     latency_lambda=latency_lambda, latency_table=latency_table)
         self._start_schedule(optimizer, total_steps, seed, log_fn)
         self.model, self.units = model, units
         self.params = dict(unwrap_model(model).named_parameters())
@@ -223,13 +254,20 @@ class GlobalPruning(ScheduledMasks):
             raise ValueError(f"global pruning needs exactly one channel group from the model adapter, got {len(channels)}")
         self.channel_group = channels[0].name
         self.active = {g.name: torch.ones(g.num_units, dtype=torch.bool) for g in self.groups}
-        self.dense_macs = units.macs({g.name: g.num_units for g in self.groups})
-        self.budget = target_macs * self.dense_macs
-        floor = units.macs({g.name: 1 for g in self.groups})
+        self.active[self.channel_group] = units.active_channels(model).clone()  # a --finetune of a pruned file
+        dense = {g.name: g.num_units for g in self.groups}
+        self.dense_macs = units.macs(dense)
+        self.uses_latency = target_latency is not None or latency_lambda > 0
+        self.dense_latency = units.latency(dense) if self.uses_latency else None
+        flag, target, self.cost = (("--target-macs", target_macs, units.macs) if target_latency is None
+                                   else ("--target-latency", target_latency, units.latency))
+        self.dense_cost = self.cost(dense)
+        self.budget = target * self.dense_cost
+        floor = self.cost({g.name: 1 for g in self.groups})
         if floor > self.budget:
-            raise ValueError(f"--target-macs {target_macs} is below {floor / self.dense_macs:.4g}, the MACs of one "
-                             "head and one MLP neuron per block and one embedding channel: it would empty a block or "
-                             "the residual stream. Raise --target-macs")
+            raise ValueError(f"{flag} {target} is below {floor / self.dense_cost:.4g}, the cost of one head and one "
+                             "MLP neuron per block and one embedding channel: it would empty a block or the residual "
+                             f"stream. Raise {flag}")
         if prune_every >= total_steps:
             warnings.warn(f"--prune-every {prune_every} >= the run's {total_steps} optimizer steps: nothing will be "
                           "pruned", stacklevel=2)
@@ -246,8 +284,9 @@ class GlobalPruning(ScheduledMasks):
     def from_config(cls, cfg: SparsityConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
                     units: GlobalSource, *, seed: int = 0, log_fn: LogFn | None = None) -> GlobalPruning:
         """Build from a validated ``SparsityConfig`` with ``pruning_type`` global."""
-        return cls(model, optimizer, units, total_steps, target_macs=cfg.target_macs, prune_every=cfg.prune_every,
-                   prune_units=cfg.prune_units, seed=seed, log_fn=log_fn)
+        return cls(model, optimizer, units, total_steps, target_macs=cfg.target_macs,
+                   target_latency=cfg.target_latency, latency_lambda=cfg.latency_lambda, prune_every=cfg.prune_every,
+                   prune_units=cfg.prune_units, seed=seed, latency_table=cfg.latency_table, log_fn=log_fn)
 
     # ------------------------------------------------------------------------------------------------ masks
 
@@ -268,7 +307,7 @@ class GlobalPruning(ScheduledMasks):
 
     @property
     def budget_met(self) -> bool:
-        return self.current_macs <= self.budget
+        return self.cost(self._active_counts()) <= self.budget
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -299,9 +338,14 @@ class GlobalPruning(ScheduledMasks):
         return UpdateScores(death=scores.__getitem__, growth=scores.__getitem__)
 
     def _select(self, scores: UpdateScores, rate: float, step: int) -> dict[str, torch.Tensor]:
-        """The global rule: the ``prune_units`` lowest-scored active units of all groups go, within the budget."""
-        order = global_order({name: scores.death(name) for name in self.active}, self.active)
-        return prune_to_budget(order, self.active, self.units.macs, self.budget, self.config.prune_units)
+        """The global rule: the ``prune_units`` lowest-scored active units of all groups go, within the budget; with
+        λ > 0 the scores are latency-penalised at the current counts first."""
+        ranked = {name: scores.death(name) for name in self.active}
+        if self.config.latency_lambda:
+            savings = removal_savings(self._active_counts(), self.units.latency)
+            ranked = latency_penalised(ranked, savings, self.config.latency_lambda)
+        order = global_order(ranked, self.active)
+        return prune_to_budget(order, self.active, self.cost, self.budget, self.config.prune_units)
 
     def _commit(self, new: dict[str, torch.Tensor], step: int) -> bool:
         self._removed = sum(int((self.active[n] & ~new[n]).sum()) for n in new)
@@ -350,13 +394,15 @@ class GlobalPruning(ScheduledMasks):
                 "nonzero_parameters": nonzero, "total_parameters": self.total_parameters,
                 "macs_fraction": self.current_macs / self.dense_macs, "target_macs": self.config.target_macs,
                 "removed_units": self._removed, "heads_kept": kept["head"], "neurons_kept": kept["neuron"],
-                "channels_kept": sum(kept["channel"])}
+                "channels_kept": sum(kept["channel"]),
+                **({"latency_fraction": self.units.latency(self._active_counts()) / self.dense_latency,
+                    "target_latency": self.config.target_latency} if self.uses_latency else {})}
 
     def report(self) -> dict[str, float]:
         """Scalars for the epoch log."""
         record = self.record()
         scalars = {key: record[key] for key in ("density", "density_all", "nonzero_parameters", "macs_fraction",
-                                                "channels_kept")}
+                                                "channels_kept", "latency_fraction") if key in record}
         return {**scalars, "heads_kept": sum(record["heads_kept"]), "neurons_kept": sum(record["neurons_kept"])}
 
     # ------------------------------------------------------------------------------------------------ checkpoints

@@ -3,6 +3,9 @@ channels, the Taylor score window, the one global ranking and the MAC budget. Th
 enforcement) cover it through tests/sparsifiers.py CASES."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,13 +14,21 @@ import interop
 import models
 from models.channel_units import embedding_group
 from sparselearning import SparsityConfig
-from sparselearning.global_pruning import TYPE_SCALE, GlobalPruning, global_order, prune_to_budget
+from sparselearning.global_pruning import (TYPE_SCALE, GlobalPruning, global_order, latency_penalised, prune_to_budget,
+                                          removal_savings)
+from sparselearning.latency_table import LatencyTable, load_table, save_table
 from sparselearning.units import unit_sum
 
 
 def micro(name: str = "vit_digits_micro") -> torch.nn.Module:
     torch.manual_seed(0)
     return models.create_model(name, num_classes=10, block_heads=[4, 4], head_dim=8)
+
+
+def plain_micro() -> torch.nn.Module:
+    """vit_digits_micro as named: 2 heads of 16, MLP 128, 17 tokens."""
+    torch.manual_seed(0)
+    return models.create_model("vit_digits_micro", num_classes=10)
 
 
 def pruner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, target: float = 0.5, every: int = 3,
@@ -222,3 +233,173 @@ def test_a_resume_with_pruned_channels_restores_the_kept_channel_norms() -> None
     plain = micro()
     plain.load_state_dict(model.state_dict())
     assert not torch.allclose(plain.eval()(x), model(x)), "non-vacuous: without the hooks the norms differ"
+
+
+def channel_pruned_checkpoint(tmp_path, prune_neurons: bool = True):
+    """A training checkpoint (model, masks, EMA) of a global run whose units include pruned embedding channels, the
+    live model and EMA, and the x the tests feed."""
+    import copy
+
+    from interop.checkpoint import save_atomic
+
+    model = plain_micro()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparsifier = pruner(model, optimizer)
+    new = {name: mask.clone() for name, mask in sparsifier.active.items()}
+    new["embed"][[2, 3, 11, 30]] = False
+    new["blocks.1.mlp"][:40] = not prune_neurons
+    sparsifier._commit(new, 3)
+    train_steps(model, optimizer, range(1, 3))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.9)
+    sparsifier.apply_masks(ema)
+    path = tmp_path / "checkpoint.pth"
+    save_atomic({"model": model.state_dict(), "model_ema": ema.state_dict(), "sparsifier": sparsifier.state_dict(),
+                 "optimizer": optimizer.state_dict(), "epoch": 0, "step": 3,
+                 "args": {"model": "vit_digits_micro", "pruning_type": "global", "target_macs": 0.5}}, path)
+    return path, model.eval(), ema.eval(), sparsifier, torch.randn(3, 3, 16, 16)
+
+
+def test_every_reader_of_a_channel_pruned_checkpoint_computes_what_training_computed(tmp_path) -> None:
+    """checkpoint_tool (--eval/--report/--flops/--export/--compact all build through ``load_for_evaluation``), its
+    EMA, a teacher read from it and --finetune of it restore the kept-channel LayerNorms: they give the compact
+    model's logits; the export reloads equal and is not offered to timm alone."""
+    import checkpoint_tool
+    from training.teacher import load_teacher
+
+    path, model, ema, sparsifier, x = channel_pruned_checkpoint(tmp_path)
+    small = models.compact_model(model, sparsifier.masks)
+    assert small.embed_dim == 28
+    args = checkpoint_tool.get_args_parser().parse_args(["--report", "--resume", str(path), "--model",
+                                                         "vit_digits_micro"])
+    contents, detection, _, restored = checkpoint_tool.load_for_evaluation(args, models.TokenConfig(), print)
+    assert detection.structured and (detection.embed_kept, detection.embed_dim) == (28, 32)
+    with torch.no_grad():
+        expected = small(x)
+        torch.testing.assert_close(restored(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(models.compact_model(restored, contents.masks)(x), expected, rtol=0, atol=1e-5)
+        ema_file = interop.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection,
+                                       "vit_digits_micro", models.TokenConfig())
+        torch.testing.assert_close(ema_file(x), ema(x), rtol=0, atol=0)
+        teacher = load_teacher(None, str(path), num_classes=10, img_size=16, device=torch.device("cpu"))
+        torch.testing.assert_close(teacher(x), expected, rtol=0, atol=1e-5)
+        fresh = models.create_model("vit_digits_micro", num_classes=10)
+        lines = interop.load_pretrained(fresh, path, "vit_digits_micro")
+        assert any("28 of the file's 32 embedding channels" in line for line in lines)
+        torch.testing.assert_close(fresh.eval()(x), expected, rtol=0, atol=1e-5)
+    resumed_pruner = pruner(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    assert resumed_pruner.record()["channels_kept"] == 28, "a global run from the file keeps its channels pruned"
+    export = tmp_path / "export"
+    checkpoint_tool.run(checkpoint_tool.get_args_parser().parse_args(["--export", str(export), "--resume", str(path),
+                                                                       "--model", "vit_digits_micro"]))
+    config = json.loads((export / "config.json").read_text())
+    assert config["embed_channels_kept"] == 28 and not config["timm_loadable"]
+    with torch.no_grad():
+        torch.testing.assert_close(interop.load_export(export)(x), restored(x), rtol=0, atol=0)
+    plain = models.create_model("vit_digits_micro", num_classes=10).eval()
+    plain.load_state_dict(contents.state_dict)
+    assert not torch.allclose(plain(x), expected, atol=1e-3), "non-vacuous: without the hooks the logits differ"
+
+
+def test_parameter_and_mac_counts_of_a_channel_pruned_masked_model_are_the_compact_models(tmp_path) -> None:
+    """Channel pruning alone is structured: the non-zero parameters and the theoretical MACs (removed units cost
+    nothing) equal the compact model's parameters and MACs, from the weights' zeros and from the masks."""
+    _, model, _, sparsifier, _ = channel_pruned_checkpoint(tmp_path, prune_neurons=False)
+    small = models.compact_model(model, sparsifier.masks)
+    assert small.blocks[1].mlp.fc1.out_features == 128 and small.embed_dim == 28
+    params = sum(p.numel() for p in small.parameters())
+    for masks in (None, sparsifier.masks):
+        assert models.nonzero_parameters(model, masks) == params
+    views = models.mac_views(model)
+    assert views["theoretical"] == pytest.approx(models.count_macs(small).total)
+    assert views["theoretical"] == pytest.approx(sparsifier.current_macs)
+    assert views["params_nonzero"] == params == sparsifier.record()["nonzero_parameters"]
+
+
+def hand_table(**overrides) -> LatencyTable:
+    """A latency table over vit_digits_micro's shapes (17 tokens, head dim 16) whose ms are a made-up function of
+    the widths, not multilinear, so interpolation is exact only at the grid points."""
+    grid = {"embed_dim": [1, 16, 32], "num_heads": [1, 2], "head_dim": [16], "mlp_hidden": [1, 64, 128]}
+    ms = [[[[0.1 + e * h * 0.02 + e * m * 1e-3 + (e / 8) ** 2 + (m / 64) ** 2 for m in grid["mlp_hidden"]]]
+           for h in grid["num_heads"]] for e in grid["embed_dim"]]
+    return LatencyTable(**{"grid": grid, "ms": ms, "tokens": 17, "batch_size": 1, **overrides})
+
+
+def test_latency_table_is_exact_at_grid_points_linear_between_and_refuses_outside(tmp_path) -> None:
+    table = load_table(save_table(hand_table(), tmp_path / "t.json"))
+    ms = table.ms
+    for i, e in enumerate((1, 16, 32)):
+        for j, h in enumerate((1, 2)):
+            for k, m in enumerate((1, 64, 128)):
+                assert table(e, h, 16, m) == pytest.approx(float(ms[i, j, 0, k]), rel=1e-12)
+    # linear along each axis between neighbours, and multilinear in the cell: the mean of the 4 corners at the centre
+    assert table(16, 1.25, 16, 64) == pytest.approx(0.75 * float(ms[1, 0, 0, 1]) + 0.25 * float(ms[1, 1, 0, 1]))
+    assert table(24, 1.5, 16, 96) == pytest.approx(float(ms[1:, :, 0, 1:].mean()))
+    with pytest.raises(ValueError, match="mlp_hidden 129 lies outside"):
+        table(32, 2, 16, 129)
+    with pytest.raises(ValueError, match="head_dim 8"):
+        table(32, 2, 8, 64)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        hand_table(grid={"embed_dim": [16, 1, 32], "num_heads": [1, 2], "head_dim": [16], "mlp_hidden": [1, 64, 128]})
+    model = micro()
+    with pytest.raises(ValueError, match="measured at 50 tokens"):
+        models.GlobalUnits(model, hand_table(tokens=50))
+    short = hand_table(grid={"embed_dim": [1, 16, 32], "num_heads": [1, 2], "head_dim": [16], "mlp_hidden": [1, 64]},
+                       ms=hand_table().ms[:, :, :, :2])
+    with pytest.raises(ValueError, match="mlp_hidden grid"):
+        models.GlobalUnits(plain_micro(), short)
+
+
+def test_the_latency_penalty_reorders_the_global_ranking() -> None:
+    """Scores alone remove the cheap-to-keep neuron first; with λ the unit whose removal saves most latency goes
+    first; each unit's saving is its group's cost drop at the current counts."""
+    counts = {"a": 3, "b": 2, "c": 1}
+    cost = {"a": 1.0, "b": 10.0, "c": 100.0}
+
+    def latency(k):
+        return sum(cost[n] * v for n, v in k.items())
+
+    savings = removal_savings(counts, latency)
+    assert savings == {"a": 1.0, "b": 10.0, "c": 0.0}
+    active = {n: torch.ones(v, dtype=torch.bool) for n, v in counts.items()}
+    scores = {"a": torch.tensor([0.5, 0.2, 0.9]), "b": torch.tensor([0.3, 0.6]), "c": torch.tensor([0.0])}
+    assert global_order(scores, active)[:3] == [("c", 0), ("a", 1), ("b", 0)]
+    penalised = latency_penalised(scores, savings, lam=0.05)  # b loses 0.5, a 0.05
+    assert global_order(penalised, active)[:3] == [("b", 0), ("c", 0), ("b", 1)]
+    assert global_order(latency_penalised(scores, savings, lam=0.0), active) == global_order(scores, active)
+
+
+def test_pruning_meets_a_latency_budget_by_the_table_within_one_percent(tmp_path) -> None:
+    model = plain_micro()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    units = models.GlobalUnits(model, hand_table())
+    sparsifier = GlobalPruning(model, optimizer, units, 30, target_latency=0.6, latency_lambda=1e-3, prune_every=1,
+                               prune_units=40, latency_table="hand", log_fn=lambda record: None)
+    dense = units.latency({g.name: g.num_units for g in sparsifier.groups})
+    assert dense == pytest.approx(2 * hand_table()(32, 2, 16, 128))
+    train_steps(model, optimizer, range(1, 13), sparsifier)
+    record = sparsifier.record()
+    assert sparsifier.budget_met and 0.6 * 0.99 <= record["latency_fraction"] <= 0.6
+    assert record["macs_fraction"] < 1
+    with pytest.raises(ValueError, match="--latency-table FILE"):
+        GlobalPruning(model, optimizer, models.GlobalUnits(model), 30, target_latency=0.6)
+    with pytest.raises(ValueError, match="one budget"):
+        SparsityConfig(pruning_type="global", target_macs=0.5, target_latency=0.5)
+    with pytest.raises(ValueError, match="belongs to --pruning_type global"):
+        SparsityConfig(latency_lambda=1e-3)
+
+
+def test_the_latency_table_command_measures_a_table_that_covers_the_model(tmp_path) -> None:
+    from benchmarks import latency_table
+
+    out = tmp_path / "micro.json"
+    latency_table.main(["--model", "vit_digits_micro", "--out", str(out), "--points", "2", "--batch-size", "1",
+                        "--iters", "1", "--repeats", "1", "--warm", "0"])
+    table = load_table(out)
+    assert table.grid == {"embed_dim": [1, 32], "num_heads": [1, 2], "head_dim": [16], "mlp_hidden": [1, 128]}
+    assert table.tokens == 17 and table.meta["command"].endswith("--warm 0") and table.meta["threads"] >= 1
+    units = models.GlobalUnits(plain_micro(), table)
+    assert units.latency({"embed": 32, "blocks.0.attn": 2, "blocks.0.mlp": 128, "blocks.1.attn": 2,
+                          "blocks.1.mlp": 128}) == pytest.approx(2 * float(table.ms[-1, -1, 0, -1]))

@@ -12,6 +12,7 @@ from timm.utils import ModelEmaV3
 import interop
 import sparselearning
 from interop.checkpoint import load_checkpoint, set_rng_state
+from models.channel_units import restore_kept_channels
 from training.resume_check import check_resume, run_settings, saved_settings
 
 
@@ -59,9 +60,11 @@ class TrainingState:
             self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         if ckpt["scaler"]:  # empty when the saved run did not use fp16; --amp and --amp-dtype may change on resume
             self.scaler.load_state_dict(ckpt["scaler"])
+        restore_kept_channels(self.model)  # pruned embedding channels of a --finetune'd file (any method)
         self.sparsifier.load_state_dict(ckpt["sparsifier"])
         if self.model_ema is not None:
             self.model_ema.module.load_state_dict(ckpt["model_ema"])
+            restore_kept_channels(self.model_ema.module)
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         position = ckpt.get("position")
         return ckpt["epoch"] + (position is None), ckpt["step"], ckpt.get("best_acc1", 0.0), position

@@ -1,0 +1,107 @@
+"""Measure a block-latency table for latency-aware global pruning (``--latency-table``), on the current device.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.latency_table --model deit_small_patch16_224 --out table.json
+
+Every grid point is one timm ``Block`` (the modules a compact model is made of: ``Attention`` with the given heads and
+head dim, ``Mlp`` with the given hidden width) timed in eval mode on ``--batch-size`` images of the model's token
+count, with ``benchmarks.timing``'s protocol (warm-up, synchronized timed loops, median over repeats). The default
+grid spans 1 unit to the dense width on every pruned axis (what pruning can reach), in ``--points`` steps; the table
+records the device, versions, date, grid and this command.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from collections.abc import Sequence
+
+import torch
+from timm.models.vision_transformer import Attention, Block, Mlp
+
+import models
+from benchmarks.env import environment
+from benchmarks.timing import measure
+from sparselearning.latency_table import AXES, LatencyTable, save_table
+
+
+def default_grid(dense: int, points: int) -> list[int]:
+    """1, then ``points - 1`` evenly spaced widths up to ``dense`` (fewer when ``dense`` is small)."""
+    return sorted({1, *(max(1, round(dense * k / (points - 1))) for k in range(1, points))})
+
+
+def timm_block(embed_dim: int, num_heads: int, head_dim: int, mlp_hidden: int) -> Block:
+    """A timm ``Block`` of these widths, as ``models.resize_blocks`` builds a compact block (qkv bias on)."""
+    block = Block(embed_dim, num_heads=1, mlp_ratio=1.0, qkv_bias=True)
+    block.attn = Attention(embed_dim, num_heads=num_heads, attn_head_dim=head_dim, qkv_bias=True)
+    block.mlp = Mlp(embed_dim, hidden_features=mlp_hidden)
+    return block.eval()
+
+
+def block_ms(shape: Sequence[int], tokens: int, batch_size: int, device: torch.device, *, warm: int, iters: int,
+             repeats: int) -> float:
+    """Median milliseconds of one forward pass of a ``timm_block(*shape)`` on ``batch_size`` x ``tokens`` tokens."""
+    block = timm_block(*shape).to(device)
+    x = torch.randn(batch_size, tokens, shape[0], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @torch.inference_mode()
+    def run(n: int) -> None:
+        for _ in range(n):
+            block(x)
+
+    return measure({"block": run}, batch_size=batch_size, num_warm_iter=warm, num_bench_iter=iters,
+                   repeats=repeats, sync=sync)["block"].step_ms
+
+
+def build_table(model_name: str, grid: dict[str, list[int]], batch_size: int, device: torch.device, *, warm: int,
+                iters: int, repeats: int, command: str) -> LatencyTable:
+    """Time every grid point for ``model_name``'s token count; ``grid`` has the ``AXES``."""
+    with torch.device("meta"):
+        net = models.create_model(model_name)
+    tokens = net.patch_embed.num_patches + net.num_prefix_tokens
+    shape = [len(grid[a]) for a in AXES]
+    ms = torch.zeros(shape, dtype=torch.float64)
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in shape)).reshape(-1, len(AXES)).tolist():
+        point = [grid[a][i] for a, i in zip(AXES, index)]
+        ms[tuple(index)] = block_ms(point, tokens, batch_size, device, warm=warm, iters=iters, repeats=repeats)
+    meta = {**environment(device), "model": model_name, "command": command, "warm": warm, "iters": iters,
+            "repeats": repeats, "unit": f"ms per forward pass of one block on {batch_size} images"}
+    return LatencyTable(grid, ms, tokens, batch_size, meta)
+
+
+def main(argv: Sequence[str] | None = None) -> LatencyTable:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, choices=models.MODEL_NAMES)
+    parser.add_argument("--out", required=True, help="the table's JSON file")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--points", type=int, default=4, help="grid points per pruned axis, 1 and dense included")
+    for axis in ("embed_dim", "num_heads", "mlp_hidden"):
+        parser.add_argument(f"--{axis.replace('_', '-')}", type=int, nargs="+", default=None, metavar="N",
+                            help=f"{axis} grid (default: --points values from 1 to the model's)")
+    parser.add_argument("--warm", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.points < 2 or min(args.batch_size, args.iters, args.repeats) < 1 or args.warm < 0:
+        raise SystemExit("error: --points >= 2, --batch-size, --iters and --repeats >= 1, --warm >= 0")
+    with torch.device("meta"):
+        arch = models.architecture(models.create_model(args.model))
+    dense = {"embed_dim": arch["embed_dim"], "num_heads": arch["block_heads"][0],
+             "mlp_hidden": arch["block_mlp_hidden"][0]}
+    grid = {axis: sorted(set(getattr(args, axis) or default_grid(dense[axis], args.points))) for axis in dense}
+    grid["head_dim"] = [arch["head_dim"]]
+    command = "python -m benchmarks.latency_table " + " ".join(map(shlex.quote, argv if argv is not None
+                                                                         else sys.argv[1:]))
+    table = build_table(args.model, grid, args.batch_size, torch.device(args.device), warm=args.warm,
+                        iters=args.iters, repeats=args.repeats, command=command)
+    path = save_table(table, args.out)
+    dense_ms = table(dense["embed_dim"], dense["num_heads"], arch["head_dim"], dense["mlp_hidden"])
+    print(f"wrote {path}: {math.prod(len(v) for v in grid.values())} grid points, dense block {dense_ms:.2f} ms "
+          f"per {args.batch_size} images on {table.meta['device']}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
