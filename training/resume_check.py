@@ -16,7 +16,7 @@ The rule, by flag:
   unless it grows.
 - Must match where they act: the sparsity kind (``--density`` for dense or unstructured, ``--pruning_type``) always;
   ``--sparse_init``, ``--erk-power``, ``--sparse-include``, ``--sparse-exclude`` for unstructured runs;
-  ``--atten_density``, ``--other_density``, ``--structure-compat`` for structured runs; the topology schedule and
+  ``--atten_density``, ``--other_density``, ``--structure-compat``, ``--unit-multiple`` for structured runs; the topology schedule and
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
   ``--decay-schedule``, ``--t_end``) for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
@@ -55,7 +55,7 @@ EXPERIMENT_FLAGS = frozenset({
     "reprob", "remode", "recount", "seed",
     "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
     "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type",
-    "atten_density", "other_density", "structure_compat",
+    "atten_density", "other_density", "structure_compat", "unit_multiple",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
 })
 """Flags (argparse dests) that must match; the sparsity and token ones only where they act (``compare``)."""
@@ -66,7 +66,7 @@ KIND_FLAGS = ("density", "pruning_type", "token_selection")
 _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
                            "t_end"})
 _UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude"})
-_STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat"})
+_STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat", "unit_multiple"})
 _TOKEN_FLAGS = frozenset({"token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise"})
 
 GLOBAL_BATCH = "global_batch"
