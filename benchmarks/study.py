@@ -59,6 +59,9 @@ SVITE = ("--sparse_init", "fixed_ERK", "--growth", "gradient", "--death", "magni
          "--update_frequency", "25")
 # S²ViTE at the original's "40%" configuration: 0.7 of the heads, 0.6 of the MLP neurons.
 S2VITE = ("--pruning_type", "structure", "--atten_density", "0.7", "--other_density", "0.6", "--update_frequency", "25")
+# The paper's exact neuron count (153 of 256), and the same rounded to a multiple of 8 (152), the multiple the
+# default --unit-multiple gives every DeiT (vit_digits_tiny's 256 neurons keep the exact count by default).
+EXACT_UNITS, UNITS_OF_8 = ("--unit-multiple", "1"), ("--unit-multiple", "8")
 # SViTE+: a global token selector that really drops tokens (the original only zeroed them).
 TOKENS = ("--token_selection", "--token-mode", "drop")
 
@@ -66,7 +69,8 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "dense": (),
     "sviite_d50": (*SVITE, "--density", "0.5"),
     "sviite_d30": (*SVITE, "--density", "0.3"),
-    "s2vite_h07_m06": S2VITE,
+    "s2vite_h07_m06": (*S2VITE, *EXACT_UNITS),
+    "s2vite_h07_m06_mult8": (*S2VITE, *UNITS_OF_8),
     "sviteplus_keep07": (*TOKENS, "--token-ratio", "0.7"),
     "sviteplus_keep07_d50": (*TOKENS, "--token-ratio", "0.7", *SVITE, "--density", "0.5"),
 }

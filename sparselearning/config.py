@@ -10,7 +10,7 @@ from typing import Any
 from sparselearning.criteria import DEATH_MODES, GROWTH_MODES, REDISTRIBUTION_MODES
 from sparselearning.distributions import DISTRIBUTIONS
 from sparselearning.schedules import DECAY_SCHEDULES
-from sparselearning.units import AUTO_MULTIPLES, AUTO_MULTIPLES_PER_LAYER, UNIT_MULTIPLE_AUTO
+from sparselearning.units import AUTO_MIN_WIDTH, AUTO_MULTIPLE, UNIT_MULTIPLE_AUTO
 
 PRUNING_TYPES = ("unstructure", "structure", "structure_new")
 """SViTE's ``--pruning_type`` values; ``structure_new`` (the original scripts' spelling) aliases ``structure``."""
@@ -52,7 +52,7 @@ class SparsityConfig:
             multiple of ``unit_multiple``.
         unit_multiple: MLP neurons are kept in multiples of this many (``units.kept_count``: nearest multiple,
             ties up), so that the compacted widths suit matrix kernels; 1 keeps the paper's exact count, ``auto``
-            a multiple per layer width (``units.auto_multiple``). Heads stay whole heads.
+            8 for MLPs of at least 384 neurons and 1 below (``units.auto_multiple``). Heads stay whole heads.
         structure_compat: reproduce SViTE's structured quirks: biases of pruned heads and neurons are not masked
             (a pruned head leaks a constant through ``proj``), regrown units start from zero weights, and the fc2
             columns of pruned neurons are masked too.
@@ -231,8 +231,7 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                            metavar="N",
                            help="keep MLP neurons in multiples of N (nearest multiple of int(hidden * other_density), "
                                 "ties up) so compacted widths suit matrix kernels; 1: the paper's exact counts; auto "
-                                f"(default): the largest of {'/'.join(map(str, AUTO_MULTIPLES))} that fits "
-                                f"{AUTO_MULTIPLES_PER_LAYER} times in the layer, else 1")
+                                f"(default): {AUTO_MULTIPLE} for MLPs of at least {AUTO_MIN_WIDTH} neurons, else 1")
     structure.add_argument("--structure-compat", dest="structure_compat", action="store_true",
                            help="SViTE's quirks: unmasked biases of pruned units (pruned heads leak a constant), "
                                 "zero-initialised regrown units")

@@ -25,8 +25,8 @@ from sparselearning.metrics import UnitCount, unit_record
 from sparselearning.optimizer_state import restart_gated_entries
 from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores
 from sparselearning.unit_scores import HeadScores, UnitScoreWindow
-from sparselearning.units import (UNIT_MULTIPLE_AUTO, UnitGroup, UnitSlice, expand_units, kept_count, resolve_multiple, unit_l1,
-                                  unit_positions)
+from sparselearning.units import (UNIT_MULTIPLE_AUTO, UnitGroup, UnitSlice, expand_units, kept_count,
+                                  resolve_multiple, unit_l1, unit_positions)
 
 __all__ = ["HeadScores", "StructureSource", "StructuredDST", "UnitGroup", "UnitSlice", "expand_units", "swap_units",
            "unit_l1", "unit_positions"]
@@ -78,8 +78,9 @@ class StructuredDST(ScheduledMasks):
 
     Construction picks ``int(H * atten_density)`` heads and ``int(hidden * other_density)`` neurons per block at
     random, the neuron count rounded to the nearest multiple of ``unit_multiple`` (``units.kept_count``) so that
-    the compacted widths suit matrix kernels; the densities this keeps are in every record. The draw is a pure function of (seed, block), so DDP ranks agree without a broadcast. It then masks the
-    other units and hooks ``optimizer.step()`` so they stay zero. On the schedule of ``Masking`` (every
+    the compacted widths suit matrix kernels; the densities this keeps are in every record. The draw is a pure
+    function of (seed, block), so DDP ranks agree without a broadcast. It then masks the other units and hooks
+    ``optimizer.step()`` so they stay zero. On the schedule of ``Masking`` (every
     ``update_frequency`` steps until ``t_end``, cosine-decayed rate), ``step(step)`` swaps ``ceil(rate * active)``
     units per block:
 
@@ -107,8 +108,8 @@ class StructuredDST(ScheduledMasks):
         other_density: fraction of each block's MLP neurons kept.
         atten_head: expected heads per block (SViTE's ``--atten_head``); None takes them from the model.
         compat: SViTE's bias leak, fc2-column masks and zero regrowth, so original runs are reproduced exactly.
-        unit_multiple: MLP neurons are kept in multiples of this many; 1 is the paper's exact count, ``auto`` a
-            multiple per MLP width (``units.auto_multiple``).
+        unit_multiple: MLP neurons are kept in multiples of this many; 1 is the paper's exact count, ``auto`` 8
+            for MLPs of at least 384 neurons and 1 below (``units.auto_multiple``).
         update_frequency: optimizer steps between topology updates.
         growth: ``gradient`` (SViTE) or ``random`` (seeded by seed, block, step).
         death_rate: initial fraction of each block's active units swapped per update.

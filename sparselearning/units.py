@@ -25,11 +25,13 @@ V_SECTION = 2
 """The section of ``qkv`` holding v, whose bias a pruned head still emits when that bias is not masked."""
 UNIT_MULTIPLE_AUTO = "auto"
 """The ``--unit-multiple`` setting that picks a multiple per layer width (``auto_multiple``)."""
-AUTO_MULTIPLES = (64, 32, 16, 8)
-"""The multiples ``auto`` chooses from, largest first."""
-AUTO_MULTIPLES_PER_LAYER = 48
-"""``auto`` aligns a layer only to a multiple that fits this many times in it, so that rounding to the nearest
-multiple moves the kept fraction by at most 1 / (2 x 48), about one percentage point."""
+AUTO_MULTIPLE = 8
+"""The multiple ``auto`` keeps wide layers in. On the CPU sweep (benchmarks/results/cpu-unit-multiple.md) the
+compacted DeiT-S and DeiT-B realised as much of their MAC saving with MLP widths in multiples of 8 as with 16, 32 or
+64, and 8 moves the kept fraction least."""
+AUTO_MIN_WIDTH = 384
+"""Layers narrower than this keep the paper's exact count under ``auto``. Rounding to a multiple of 8 moves a count
+by at most 4 units: at most 1/96 of a layer this wide (about one point of density), 1/768 of DeiT-B's MLP."""
 
 
 @dataclass(frozen=True)
@@ -197,13 +199,13 @@ def kept_count(width: int, density: float, multiple: int = 1) -> int:
 
 
 def auto_multiple(width: int) -> int:
-    """The multiple ``--unit-multiple auto`` gives a layer of ``width`` units: the largest of ``AUTO_MULTIPLES``
-    that fits ``AUTO_MULTIPLES_PER_LAYER`` times in it, else 1 (the paper's exact count).
+    """The multiple ``--unit-multiple auto`` gives a layer of ``width`` units: ``AUTO_MULTIPLE`` from
+    ``AUTO_MIN_WIDTH`` units up (every DeiT MLP), else 1, the paper's exact count.
 
-    Wide layers, where kernel alignment pays, get a large multiple (3,072 neurons: 64; 1,536: 32; 768: 16). Narrow
-    ones keep the exact count (256 neurons: 1), where rounding would move the kept fraction by several points.
+    A narrow layer gains little from aligned widths and a rounded count is a larger share of it (4 of DIGITS' 256
+    neurons are 1.6 points of density), so the small models' experiments stay exactly the paper's.
     """
-    return next((m for m in AUTO_MULTIPLES if m * AUTO_MULTIPLES_PER_LAYER <= width), 1)
+    return AUTO_MULTIPLE if width >= AUTO_MIN_WIDTH else 1
 
 
 def resolve_multiple(setting: int | str, width: int) -> int:
