@@ -167,7 +167,8 @@ def planned_model(args: argparse.Namespace, tokens: models.TokenConfig
 
     Returns (model, per-weight densities, full-size reference) for ``models.mac_report``. Unstructured flags give
     the initial layer densities (ERK, uniform, ...); structured flags give the compact model with
-    int(heads * atten_density) heads and int(hidden * other_density) neurons per block.
+    int(heads * atten_density) heads and int(hidden * other_density) neurons per block, rounded to a multiple of
+    --unit-multiple.
     """
     num_classes = {"IMNET": 1000, "DIGITS": datasets.DIGITS_NUM_CLASSES,
                    **{name: n for name, (_, n) in datasets.CIFAR_CLASSES.items()}}.get(args.data_set, 1000)
@@ -176,8 +177,8 @@ def planned_model(args: argparse.Namespace, tokens: models.TokenConfig
     sparse = sparselearning.SparsityConfig.from_args(args)
     if sparse.structured:
         full = model
-        model = models.compact_model(full, models.random_unit_masks(full, sparse.atten_density,
-                                                                    sparse.other_density, args.seed))
+        model = models.compact_model(full, models.random_unit_masks(full, sparse.atten_density, sparse.other_density,
+                                                                    args.seed, sparse.unit_multiple))
         return model, None, full
     densities = None
     if sparse.density is not None and sparse.density < 1:

@@ -107,6 +107,10 @@ def not_measured() -> list[str]:
                      "| not measured | no GPU was lent to the sessions that produced these results; "
                      "`python benchmarks/run.py --suite` on a CUDA machine writes `<gpu>-suite.csv` and this section "
                      "picks it up. The CPU suite below uses the same protocol and modes. |")
+    if not any(p.name != "cpu-unit-multiple.csv" for p in RESULTS.glob("*-unit-multiple.csv")):
+        lines.append("| GPU speed of MLP widths in multiples of 8-64 (`--unit-multiple`) | not measured | no GPU was "
+                     "lent; `python benchmarks/unit_multiple.py --device cuda` writes `<gpu>-unit-multiple.csv` and "
+                     "this page picks it up. |")
     for precision in PRECISIONS:
         if precision not in measured_precisions:
             lines.append(f"| {precision} suite rows | not measured | {SKIPPED[precision]} |")
@@ -151,6 +155,18 @@ def suite_section(path: Path) -> list[str]:
              *report.mac_table(rows), "", *report.speedup_table(rows), "",
              f"Beside the paper (its savings were measured on GPU with AMP; ours on {rows[0]['device']}; "
              f"for scale, other token methods: {anchors.COMPARATORS}):", "", *suite_anchor_table(rows), ""]
+    return lines
+
+
+def unit_multiple_section() -> list[str]:
+    """The unit-multiple sweeps (benchmarks/unit_multiple.py): each file's header and per-model summary tables."""
+    lines = []
+    for md in sorted(RESULTS.glob("*-unit-multiple.md")):
+        text = md.read_text().split("\n| model | mode |")[0].strip()
+        lines += [f"## MLP widths in multiples of N (`--unit-multiple`): {md.stem.removesuffix('-unit-multiple')}", "",
+                  "Compact S²ViTE (0.7 heads, 0.6 MLP) with every block's MLP width the paper's count rounded to a "
+                  "multiple of N, timed against dense (`python benchmarks/unit_multiple.py`; every row in "
+                  f"[{md.name}](../benchmarks/results/{md.name})).", "", text, ""]
     return lines
 
 
@@ -251,6 +267,7 @@ def render() -> str:
     lines += not_measured()
     for path in suite_files():
         lines += suite_section(path)
+    lines += unit_multiple_section()
     lines += study_section()
     lines += optimizer_state_section()
     lines += earlier_section()

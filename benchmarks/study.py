@@ -59,6 +59,9 @@ SVITE = ("--sparse_init", "fixed_ERK", "--growth", "gradient", "--death", "magni
          "--update_frequency", "25")
 # S²ViTE at the original's "40%" configuration: 0.7 of the heads, 0.6 of the MLP neurons.
 S2VITE = ("--pruning_type", "structure", "--atten_density", "0.7", "--other_density", "0.6", "--update_frequency", "25")
+# The paper's exact neuron count (153 of 256), and the same rounded to a multiple of 8 (152), the multiple the
+# default --unit-multiple gives every DeiT (vit_digits_tiny's 256 neurons keep the exact count by default).
+EXACT_UNITS, UNITS_OF_8 = ("--unit-multiple", "1"), ("--unit-multiple", "8")
 # SViTE+: a global token selector that really drops tokens (the original only zeroed them).
 TOKENS = ("--token_selection", "--token-mode", "drop")
 
@@ -66,7 +69,8 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "dense": (),
     "sviite_d50": (*SVITE, "--density", "0.5"),
     "sviite_d30": (*SVITE, "--density", "0.3"),
-    "s2vite_h07_m06": S2VITE,
+    "s2vite_h07_m06": (*S2VITE, *EXACT_UNITS),
+    "s2vite_h07_m06_mult8": (*S2VITE, *UNITS_OF_8),
     "sviteplus_keep07": (*TOKENS, "--token-ratio", "0.7"),
     "sviteplus_keep07_d50": (*TOKENS, "--token-ratio", "0.7", *SVITE, "--density", "0.5"),
 }
@@ -148,12 +152,15 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
         for key in ("params", "params_nonzero", "mmacs_theoretical", "mmacs_executed"):
             s[key] = statistics.fmean(float(r[key]) for r in runs)
-        s["samples_per_sec"] = statistics.median(float(r["samples_per_sec"]) for r in runs)
+        # Rows appended from another session carry no samples/s: throughput is compared within one session only.
+        rates = [float(r["samples_per_sec"]) for r in runs if r["samples_per_sec"] not in ("", None)]
+        s["samples_per_sec"] = statistics.median(rates) if rates else None
         summary.append(s)
     dense = next((s for s in summary if s["config"] == "dense"), None)
     for s in summary:
         s["delta_vs_dense"] = None if dense is None else paired_gap(by_seed(rows, s["config"]), by_seed(rows, "dense"))
-        s["speedup"] = None if dense is None else s["samples_per_sec"] / dense["samples_per_sec"]
+        s["speedup"] = (None if dense is None or s["samples_per_sec"] is None
+                        else s["samples_per_sec"] / dense["samples_per_sec"])
         s["mac_ratio"] = None if dense is None else dense["mmacs_executed"] / s["mmacs_executed"]
     return summary
 
@@ -167,9 +174,10 @@ def table(summary: list[dict[str, Any]]) -> list[str]:
     for s in summary:
         delta = "" if s["delta_vs_dense"] is None or s["config"] == "dense" else s["delta_vs_dense"].text()
         speed = "" if s["speedup"] is None else f"{s['speedup']:.2f}× ({s['speedup'] / s['mac_ratio']:.2f})"
+        rate = "-" if s["samples_per_sec"] is None else f"{s['samples_per_sec']:,.0f}"
         lines.append(f"| {s['config']} | {s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f} | {delta} | "
                      f"{s['params_nonzero']:,.0f} / {s['params']:,.0f} | {s['mmacs_theoretical']:.3f} | "
-                     f"{s['mmacs_executed']:.3f} | {s['samples_per_sec']:,.0f} | {speed} | `{s['flags']}` |")
+                     f"{s['mmacs_executed']:.3f} | {rate} | {speed} | `{s['flags']}` |")
     return lines
 
 

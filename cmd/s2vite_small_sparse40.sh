@@ -4,4 +4,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_paper_run.sh"
 paper_run "${SVITE[@]}" --model deit_small_patch16_224 --batch-size 64 --pruning_type structure_new --t_end 0.8 \
-  --atten_head 6 --atten_density 0.7 --other_density 0.6 --update_frequency 15000 -- "$@"
+  --atten_head 6 --atten_density 0.7 --other_density 0.6 --unit-multiple 1 --update_frequency 15000 -- "$@"

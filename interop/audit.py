@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from interop.checkpoint_contents import CheckpointContents
 from interop.detect import Detection
 from models.flops import is_weight_tensor
+from sparselearning.units import kept_count, resolve_multiple
 
 # Densities closer than this agree (masks and weights of a healthy checkpoint agree exactly).
 TOLERANCE = 0.01
@@ -91,7 +92,9 @@ def _flag_claims(contents: CheckpointContents, detection: Detection) -> list[str
     density = args.get("density")
     if structured:
         heads = int(detection.num_heads * float(args.get("atten_density", 1.0)))
-        neurons = int(detection.mlp_hidden * float(args.get("other_density", 1.0)))
+        # a run from before --unit-multiple (or the original SViTE) kept the exact count: multiple 1
+        multiple = resolve_multiple(args.get("unit_multiple", 1), detection.mlp_hidden)
+        neurons = kept_count(detection.mlp_hidden, float(args.get("other_density", 1.0)), multiple)
         if not (detection.structured or detection.compact) or set(detection.block_heads) != {heads} \
                 or set(detection.block_mlp) != {neurons}:
             out.append(f"the recorded flags claim structured sparsity with {heads} heads and {neurons} MLP neurons per "

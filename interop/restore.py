@@ -109,7 +109,8 @@ def describe(contents: CheckpointContents) -> list[str]:
     out = [f"{contents.path}: {contents.description}"
            + (f", epoch {contents.epoch}" if contents.epoch is not None else "")]
     recorded: dict[str, Any] = {k: contents.args[k] for k in ("model", "pruning_type", "density", "atten_density",
-                                                               "other_density", "token_selection", "token_number")
+                                                               "other_density", "unit_multiple", "token_selection",
+                                                               "token_number")
                                 if k in contents.args}
     if recorded:
         out.append("recorded flags: " + ", ".join(f"{k}={v}" for k, v in recorded.items()))

@@ -19,7 +19,8 @@ from models.channel_units import clear_kept_channels, compact_channels, pruned_c
 from models.head_stats import block_units, prunable_blocks
 from models.vit import architecture, create_model
 from models.wrappers import unwrap_model
-from sparselearning.units import V_SECTION, expand_units, select_units, units_alive
+from sparselearning.units import (UNIT_MULTIPLE_AUTO, V_SECTION, expand_units, kept_count, resolve_multiple,
+                                  select_units, units_alive)
 
 
 def _masked(param: torch.Tensor | None, fqn: str, masks: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
@@ -133,18 +134,22 @@ def compact_model(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = N
     return compact
 
 
-def random_unit_masks(model: nn.Module, atten_density: float, other_density: float,
-                      seed: int = 0) -> dict[str, torch.Tensor]:
-    """Masks keeping ``int(H * atten_density)`` random heads and ``int(hidden * other_density)`` random neurons in
-    every block (the counts of ``--pruning_type structure``), over qkv/fc1 weights and biases; for benchmarks."""
+def random_unit_masks(model: nn.Module, atten_density: float, other_density: float, seed: int = 0,
+                      unit_multiple: int | str = UNIT_MULTIPLE_AUTO) -> dict[str, torch.Tensor]:
+    """Masks keeping ``int(H * atten_density)`` random heads and ``kept_count(hidden, other_density, multiple)``
+    random neurons in every block (the counts of ``--pruning_type structure`` with ``--unit-multiple``), over
+    qkv/fc1 weights and biases; for benchmarks."""
     generator = torch.Generator().manual_seed(seed)
     masks = {}
     params = dict(unwrap_model(model).named_parameters())
     for name, attn, mlp in prunable_blocks(model):
-        for group, density in zip(block_units(name, attn, mlp), (atten_density, other_density)):
+        heads, neurons = block_units(name, attn, mlp)
+        for group, count in ((heads, max(int(heads.num_units * atten_density), 1)),
+                             (neurons, kept_count(neurons.num_units, other_density,
+                                                  resolve_multiple(unit_multiple, neurons.num_units)))):
             n = group.num_units
             active = torch.zeros(n, dtype=torch.bool)
-            active[torch.randperm(n, generator=generator)[: max(int(n * density), 1)]] = True
+            active[torch.randperm(n, generator=generator)[:count]] = True
             for spec in group.slices:
                 if spec.role != "out":
                     param = params[spec.param]
@@ -153,11 +158,12 @@ def random_unit_masks(model: nn.Module, atten_density: float, other_density: flo
 
 
 def random_compact_model(name: str, atten_density: float = 0.7, other_density: float = 0.6, seed: int = 0,
-                         num_classes: int = 1000) -> nn.Module:
-    """A randomly initialised ``name`` model compacted with random unit masks (DeiT-S at 0.7/0.6: 4 of 6 heads and
-    921 of 1536 neurons per block), in eval mode; for speed benchmarks."""
+                         num_classes: int = 1000, unit_multiple: int | str = UNIT_MULTIPLE_AUTO) -> nn.Module:
+    """A randomly initialised ``name`` model compacted with random unit masks (DeiT-S at 0.7/0.6 with
+    ``unit_multiple`` 1: 4 of 6 heads and 921 of 1536 neurons per block), in eval mode; for speed benchmarks."""
     model = create_model(name, num_classes=num_classes)
-    return compact_model(model, random_unit_masks(model, atten_density, other_density, seed)).eval()
+    masks = random_unit_masks(model, atten_density, other_density, seed, unit_multiple)
+    return compact_model(model, masks).eval()
 
 
 def compact_architecture(model: nn.Module, model_name: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from sparselearning.criteria import DEATH_MODES, GROWTH_MODES, REDISTRIBUTION_MO
 from sparselearning.distributions import DISTRIBUTIONS
 from sparselearning.masks import MASK_INITS
 from sparselearning.schedules import DECAY_SCHEDULES
+from sparselearning.units import AUTO_MIN_WIDTH, AUTO_MULTIPLE, UNIT_MULTIPLE_AUTO
 
 PRUNING_TYPES = ("unstructure", "structure", "structure_new", "global")
 """SViTE's ``--pruning_type`` values; ``structure_new`` (the original scripts' spelling) aliases ``structure``;
@@ -49,7 +50,11 @@ class SparsityConfig:
         atten_head: heads per block the run expects (SViTE's ``--atten_head``); None takes them from the model, a
             number must match it.
         atten_density: fraction of each block's heads kept: ``int(heads * atten_density)``.
-        other_density: fraction of each block's MLP neurons kept: ``int(hidden * other_density)``.
+        other_density: fraction of each block's MLP neurons kept: ``int(hidden * other_density)``, rounded to a
+            multiple of ``unit_multiple``.
+        unit_multiple: MLP neurons are kept in multiples of this many (``units.kept_count``: nearest multiple,
+            ties up), so that the compacted widths suit matrix kernels; 1 keeps the paper's exact count, ``auto``
+            8 for MLPs of at least 384 neurons and 1 below (``units.auto_multiple``). Heads stay whole heads.
         structure_compat: reproduce SViTE's structured quirks: biases of pruned heads and neurons are not masked
             (a pruned head leaks a constant through ``proj``), regrown units start from zero weights, and the fc2
             columns of pruned neurons are masked too.
@@ -89,6 +94,7 @@ class SparsityConfig:
     target_latency: float | None = None
     latency_lambda: float = 0.0
     latency_table: str | None = None
+    unit_multiple: int | str = UNIT_MULTIPLE_AUTO
 
     def __post_init__(self) -> None:
         valid_number = isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
@@ -126,6 +132,10 @@ class SparsityConfig:
         for flag, value in (("atten_density", self.atten_density), ("other_density", self.other_density)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise ValueError(f"{flag} must be in (0, 1], got {value!r}")
+        multiple = self.unit_multiple
+        if multiple != UNIT_MULTIPLE_AUTO and (isinstance(multiple, bool) or not isinstance(multiple, int)
+                                               or multiple < 1):
+            raise ValueError(f"unit_multiple must be a positive int or {UNIT_MULTIPLE_AUTO!r}, got {multiple!r}")
         head = self.atten_head
         if head is not None and (isinstance(head, bool) or not isinstance(head, int) or head <= 0):
             raise ValueError(f"atten_head must be a positive int (heads per block) or None, got {head!r}")
@@ -212,11 +222,25 @@ class SparsityConfig:
             target_latency=args.target_latency,
             latency_lambda=args.latency_lambda,
             latency_table=args.latency_table,
+            unit_multiple=args.unit_multiple,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON- and ``weights_only``-safe dict (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _unit_multiple(text: str) -> int | str:
+    """``--unit-multiple``: ``auto`` or a positive int."""
+    if text == UNIT_MULTIPLE_AUTO:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or {UNIT_MULTIPLE_AUTO!r}, got {text!r}")
+    return value
 
 
 def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -263,7 +287,13 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     structure.add_argument("--atten_density", type=float, default=0.2,
                            help="fraction of heads kept per block: int(H * atten_density)")
     structure.add_argument("--other_density", type=float, default=0.2,
-                           help="fraction of MLP neurons kept per block: int(hidden * other_density)")
+                           help="fraction of MLP neurons kept per block: int(hidden * other_density), rounded to a "
+                                "multiple of --unit-multiple")
+    structure.add_argument("--unit-multiple", dest="unit_multiple", type=_unit_multiple, default=UNIT_MULTIPLE_AUTO,
+                           metavar="N",
+                           help="keep MLP neurons in multiples of N (nearest multiple of int(hidden * other_density), "
+                                "ties up) so compacted widths suit matrix kernels; 1: the paper's exact counts; auto "
+                                f"(default): {AUTO_MULTIPLE} for MLPs of at least {AUTO_MIN_WIDTH} neurons, else 1")
     structure.add_argument("--structure-compat", dest="structure_compat", action="store_true",
                            help="SViTE's quirks: unmasked biases of pruned units (pruned heads leak a constant), "
                                 "zero-initialised regrown units")

@@ -132,6 +132,13 @@ def format_table(record: Mapping[str, Any]) -> str:
         f"masked density {record['density']:.4f} | density of all parameters {record['density_all']:.4f} "
         f"({record['nonzero_parameters']:,} of {record['total_parameters']:,}) | explored {record['explored_rate']:.4f}"
     )
+    if "other_density_kept" in record:  # a StructuredDST record: the densities its whole units come to
+        multiples = sorted(set(record["neuron_multiples"]))
+        lines.append(
+            f"heads kept {record['atten_density_kept']:.4f} (asked {record['atten_density']}) | MLP neurons kept "
+            f"{record['other_density_kept']:.4f} (asked {record['other_density']}, in multiples of "
+            f"{'/'.join(map(str, multiples))})"
+        )
     return "\n".join(lines)
 
 

@@ -25,7 +25,8 @@ from sparselearning.metrics import UnitCount, unit_record
 from sparselearning.optimizer_state import restart_gated_entries
 from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores
 from sparselearning.unit_scores import HeadScores, UnitScoreWindow, unit_magnitude
-from sparselearning.units import UnitGroup, UnitSlice, expand_units, unit_l1, unit_positions
+from sparselearning.units import (UNIT_MULTIPLE_AUTO, UnitGroup, UnitSlice, expand_units, kept_count,
+                                  resolve_multiple, unit_l1, unit_positions)
 
 __all__ = ["HeadScores", "StructureSource", "StructuredDST", "UnitGroup", "UnitSlice", "expand_units", "swap_units",
            "unit_l1", "unit_positions"]
@@ -76,8 +77,9 @@ class StructuredDST(ScheduledMasks):
     """S²ViTE: dynamic sparsity of whole attention heads and MLP neurons, with a fixed count per block.
 
     Construction picks ``int(H * atten_density)`` heads and ``int(hidden * other_density)`` neurons per block at
-    random (or, with ``mask_init="magnitude"``, those of largest weight L1 norm). The draw is a pure function of
-    (seed, block), so DDP ranks agree without a broadcast. It then masks the other units and hooks
+    random (or, with ``mask_init="magnitude"``, those of largest weight L1 norm), the neuron count rounded to the nearest multiple of ``unit_multiple`` (``units.kept_count``) so that
+    the compacted widths suit matrix kernels; the densities this keeps are in every record. The draw is a pure
+    function of (seed, block), so DDP ranks agree without a broadcast. It then masks the other units and hooks
     ``optimizer.step()`` so they stay zero. On the schedule of ``Masking`` (every
     ``update_frequency`` steps until ``t_end``, cosine-decayed rate), ``step(step)`` swaps ``ceil(rate * active)``
     units per block:
@@ -108,6 +110,8 @@ class StructuredDST(ScheduledMasks):
         compat: SViTE's bias leak, fc2-column masks and zero regrowth, so original runs are reproduced exactly.
         mask_init: ``random`` (SViTE) or ``magnitude``: each block starts with its heads and neurons of largest
             weight L1 norm (for pretrained weights).
+        unit_multiple: MLP neurons are kept in multiples of this many; 1 is the paper's exact count, ``auto`` 8
+            for MLPs of at least 384 neurons and 1 below (``units.auto_multiple``).
         update_frequency: optimizer steps between topology updates.
         growth: ``gradient`` (SViTE) or ``random`` (seeded by seed, block, step).
         death_rate: initial fraction of each block's active units swapped per update.
@@ -132,6 +136,7 @@ class StructuredDST(ScheduledMasks):
         atten_head: int | None = None,
         compat: bool = False,
         mask_init: str = "random",
+        unit_multiple: int | str = UNIT_MULTIPLE_AUTO,
         update_frequency: int = 100,
         growth: str = "gradient",
         death_rate: float = 0.5,
@@ -145,6 +150,7 @@ class StructuredDST(ScheduledMasks):
             decay_schedule=decay_schedule, t_end=t_end,
             atten_head=atten_head, atten_density=atten_density, other_density=other_density, structure_compat=compat,
             mask_init=mask_init,
+            unit_multiple=unit_multiple,
         )
         self._start_schedule(optimizer, total_steps, seed, log_fn)
         self._death_rule = drop_lowest
@@ -155,7 +161,10 @@ class StructuredDST(ScheduledMasks):
         self.total_parameters = sum(p.numel() for p in self.params.values())
         self.groups = [UnitGroup.from_dict(spec) for spec in units.groups]
         self._validate_groups()
+        self.multiples = {g.name: 1 if g.kind == "head" else resolve_multiple(unit_multiple, g.num_units)
+                          for g in self.groups}
         keep = {g.name: self._keep_count(g) for g in self.groups}
+        self.kept_counts = keep
 
         self.masked = [(g, s) for g in self.groups for s in g.slices if self._is_masked(g, s)]
         active = {g.name: self._first_units(g, keep[g.name]) for g in self.groups}
@@ -192,6 +201,7 @@ class StructuredDST(ScheduledMasks):
         return cls(
             model, optimizer, units, total_steps, atten_density=cfg.atten_density, other_density=cfg.other_density,
             atten_head=cfg.atten_head, compat=cfg.structure_compat, mask_init=cfg.mask_init,
+            unit_multiple=cfg.unit_multiple,
             update_frequency=cfg.update_frequency,
             growth=cfg.growth, death_rate=cfg.death_rate, decay_schedule=cfg.decay_schedule, t_end=cfg.t_end,
             seed=seed, log_fn=log_fn,
@@ -223,15 +233,26 @@ class StructuredDST(ScheduledMasks):
                                      "used); SViTE silently sliced the wrong rows here")
 
     def _keep_count(self, group: UnitGroup) -> int:
+        """Units of ``group`` kept for the whole run: ``int(H * atten_density)`` heads, ``kept_count`` neurons."""
         head = group.kind == "head"
         density = self.config.atten_density if head else self.config.other_density
+        flag, what = ("--atten_density", "heads") if head else ("--other_density", "MLP neurons")
         keep = int(group.num_units * density)
-        if keep < 1:
-            flag, what = ("--atten_density", "heads") if head else ("--other_density", "MLP neurons")
+        if head and keep < 1:
             raise ValueError(f"{flag} {density} keeps int({group.num_units} x {density}) = 0 of the {group.num_units} "
                              f"{what} of {group.name}; every block needs at least one ({flag} >= "
                              f"{1 / group.num_units:.4g})")
-        return keep
+        if head:
+            return keep
+        multiple = self.multiples[group.name]
+        try:
+            return kept_count(group.num_units, density, multiple)
+        except ValueError as err:
+            fix = (f"pass a --unit-multiple of at most {group.num_units}" if multiple > group.num_units else
+                   f"every block needs at least one ({flag} >= {(multiple + 1) // 2 / group.num_units:.4g}"
+                   + ("" if multiple == 1 else " or a smaller --unit-multiple") + ")")
+            raise ValueError(f"{flag} {density} with --unit-multiple {self.config.unit_multiple} keeps no "
+                             f"{what} of the {group.num_units} of {group.name}: {err}; {fix}") from None
 
     def _first_units(self, group: UnitGroup, keep: int) -> torch.Tensor:
         """The ``keep`` units a group starts with: drawn from (seed, block), or with ``mask_init`` magnitude those of
@@ -337,15 +358,23 @@ class StructuredDST(ScheduledMasks):
     # ------------------------------------------------------------------------------------------------ reporting
 
     def record(self, event: str = "report") -> dict[str, Any]:
-        """The current topology as a ``unit_record`` (per block and kind, plus totals)."""
+        """The current topology as a ``unit_record`` (per block and kind, plus totals), with the multiple of every
+        block's neuron count (``neuron_multiples``) and the head and neuron densities asked for and kept
+        (``atten_density``, ``atten_density_kept``, ``other_density``, ``other_density_kept``)."""
         groups = []
         for g in self.groups:
             fired = unit_l1(self.mask_set.fired[g.primary.param], g.primary, g.num_units) > 0
             size = sum(self.params[s.param].numel() for s in g.slices) // g.num_units
             active = int(self.active[g.name].sum())
             groups.append(UnitCount(g.name, g.kind, g.num_units, size, active, int(fired.sum())))
-        return unit_record(event, self._step, self.death_rate(self._step), groups, self.total_parameters,
-                           self._swapped)
+        record = unit_record(event, self._step, self.death_rate(self._step), groups, self.total_parameters,
+                             self._swapped)
+        record["neuron_multiples"] = [self.multiples[g.name] for g in self.groups if g.kind == "neuron"]
+        for kind, key in (("head", "atten_density"), ("neuron", "other_density")):
+            kept = [c for c in groups if c.kind == kind]
+            record[f"{key}_kept"] = sum(c.active for c in kept) / sum(c.num_units for c in kept)
+            record[key] = getattr(self.config, key)
+        return record
 
     def report(self) -> dict[str, float]:
         """Scalars for the epoch log: density, density_all, explored_rate, nonzero_parameters, death_rate, heads_kept
@@ -360,20 +389,25 @@ class StructuredDST(ScheduledMasks):
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def _own_state(self) -> dict[str, Any]:
-        """The open score window and the units awaiting an optimizer-state restart. Active heads and neurons are not
-        stored separately: loading derives them from the masks, so the two can never disagree (SViTE saved the masks
-        but not its head list)."""
+        """The open score window, the units awaiting an optimizer-state restart and each block's unit multiple (a
+        record; loading checks the counts). Active heads and neurons are not stored separately: loading derives them
+        from the masks, so the two can never disagree (SViTE saved the masks but not its head list)."""
         return {**self.window.state_dict(),
-                "joined_units": {name: units.clone() for name, units in self._joined.items()}}
+                "joined_units": {name: units.clone() for name, units in self._joined.items()},
+                "unit_multiples": dict(self.multiples)}
 
     def _load_own_state(self, state: dict[str, Any]) -> None:
-        """Masks, active units, window and pending restart; a ValueError for a different compat mode, or masks that
-        do not cover whole units."""
+        """Masks, active units, window and pending restart; a ValueError for a different compat mode, masks that
+        do not cover whole units, or unit counts other than this run keeps."""
         saved_compat = bool(state["config"].get("structure_compat"))
         if saved_compat != self.config.structure_compat:
             raise ValueError(f"the checkpoint was trained with structure_compat={saved_compat}, which masks other "
                              f"tensors; pass {'--structure-compat' if saved_compat else 'no --structure-compat'}")
         self.mask_set.load_state_dict(state)
+        # Other densities or multiples are reported by the settings check that follows; a checkpoint from before
+        # --unit-multiple has the exact counts, which this run's multiple may round otherwise.
+        same_counts_asked = all(state["config"][key] == getattr(self.config, key) for key in
+                                ("atten_density", "other_density", "unit_multiple") if key in state["config"])
         active = {}
         for g in self.groups:
             mask = self.mask_set.masks[g.primary.param]
@@ -382,6 +416,12 @@ class StructuredDST(ScheduledMasks):
             if not bool(((counts == 0) | (counts == per_unit)).all()):
                 raise ValueError(f"the checkpoint's mask of {g.primary.param} does not cover whole units")
             active[g.name] = (counts > 0).cpu()
+            kept = int(active[g.name].sum())
+            if kept != self.kept_counts[g.name] and same_counts_asked:
+                raise ValueError(f"the checkpoint keeps {kept} of the {g.num_units} units of {g.name}, this run "
+                                 f"{self.kept_counts[g.name]} (unit multiple {self.multiples[g.name]}, the "
+                                 f"checkpoint's {state.get('unit_multiples', {}).get(g.name, 1)}). Resume with the "
+                                 "checkpoint's --unit-multiple (1 for a checkpoint from before that flag)")
             for s in g.slices:
                 if self._is_masked(g, s) and not torch.equal(self.mask_set.masks[s.param],
                                                             expand_units(active[g.name].to(mask.device), s,

@@ -54,8 +54,8 @@ EXPECTED = {
 COMMON_SPARSE = dict(sparse_init="fixed_ERK", growth="gradient", death="magnitude", redistribution="none", t_end=0.8)
 # The only flags a paper script may set; everything else must stay at main.py's (DeiT) defaults.
 ALLOWED = {"data_set", "data_path", "output_dir", "auto_resume", "model", "batch_size", "epochs", "density", "update_frequency",
-           "pruning_type", "atten_head", "atten_density", "other_density", "token_selection", "token_number",
-           "token_mode", *COMMON_SPARSE}
+           "pruning_type", "atten_head", "atten_density", "other_density", "unit_multiple", "token_selection",
+           "token_number", "token_mode", *COMMON_SPARSE}
 
 
 def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
@@ -109,6 +109,7 @@ def test_dry_run_launches_the_configuration(name: str) -> None:
     if sparse_cfg.enabled:
         assert {key: getattr(args, key) for key in COMMON_SPARSE} == COMMON_SPARSE
         assert sparse_cfg.structured == (args.pruning_type == "structure_new")
+        assert sparse_cfg.unit_multiple == (1 if sparse_cfg.structured else "auto"), "the paper's exact counts"
 
 
 @pytest.mark.slow

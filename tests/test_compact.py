@@ -146,7 +146,7 @@ def test_save_and_load_compact_round_trip(tmp_path):
 
 
 def test_random_compact_deit_small_at_the_s2vite_setting():
-    compact = random_compact_model("deit_small_patch16_224", 0.7, 0.6)
+    compact = random_compact_model("deit_small_patch16_224", 0.7, 0.6, unit_multiple=1)
     arch = models.architecture(compact)
     assert arch["block_heads"] == [4] * 12 and arch["block_mlp_hidden"] == [921] * 12 and arch["head_dim"] == 64
     removed_per_block = 2 * (3 * 64 * 384 + 3 * 64 + 384 * 64) + (1536 - 921) * (384 + 1 + 384)

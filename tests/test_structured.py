@@ -128,7 +128,8 @@ def test_original_structured_flag_lines_parse(script):
 @pytest.mark.parametrize("script,heads,neurons", [("0428/deit_tiny_structure", (2, 3), (537, 768)),
                                                   ("0502/vm2", (4, 6), (921, 1536))])
 def test_original_scripts_build_on_the_real_deit(script, heads, neurons, caplog):
-    args = main.get_args_parser().parse_args(f"{ORIGINAL_SCRIPTS[script]} {COMMON}".split())
+    # --unit-multiple 1: the original's exact counts, as cmd/s2vite_*.sh pass it (the default rounds them)
+    args = main.get_args_parser().parse_args(f"{ORIGINAL_SCRIPTS[script]} {COMMON} --unit-multiple 1".split())
     model = models.create_model(args.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     with caplog.at_level(logging.WARNING, logger="sparselearning.structured"):

@@ -17,9 +17,9 @@ The rule, by flag:
   unless it grows.
 - Must match where they act: the sparsity kind (``--density`` for dense or unstructured, ``--pruning_type``) always;
   ``--sparse_init``, ``--erk-power``, ``--sparse-include``, ``--sparse-exclude`` for unstructured runs;
-  ``--atten_density``, ``--other_density``, ``--structure-compat`` for structured runs; ``--target-macs``,
-  ``--prune-every``, ``--prune-units``, ``--target-latency``, ``--latency-lambda``, ``--latency-table`` for global
-  pruning; the topology schedule and
+  ``--atten_density``, ``--other_density``, ``--structure-compat``, ``--unit-multiple`` for structured runs;
+  ``--target-macs``, ``--prune-every``, ``--prune-units``, ``--target-latency``, ``--latency-lambda``,
+  ``--latency-table`` for global pruning; the topology schedule and
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
   ``--decay-schedule``, ``--t_end``) and ``--mask-init`` for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
@@ -61,7 +61,7 @@ EXPERIMENT_FLAGS = frozenset({
     "reprob", "remode", "recount", "seed", "finetune",
     "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
     "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type", "mask_init",
-    "atten_density", "other_density", "structure_compat", "target_macs", "prune_every", "prune_units",
+    "atten_density", "other_density", "structure_compat", "unit_multiple", "target_macs", "prune_every", "prune_units",
     "target_latency", "latency_lambda", "latency_table",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
     "distillation_type", "teacher_model", "teacher_path", "distillation_alpha", "distillation_tau",
@@ -75,9 +75,9 @@ KIND_FLAGS = ("density", "pruning_type", "token_selection", "distillation_type")
 _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
                            "t_end", "mask_init"})
 _UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude"})
-_STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat"})
 _GLOBAL_FLAGS = frozenset({"target_macs", "prune_every", "prune_units", "target_latency", "latency_lambda",
                            "latency_table"})
+_STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat", "unit_multiple"})
 _TOKEN_FLAGS = frozenset({"token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise"})
 _TEACHER_FLAGS = frozenset({"teacher_model", "teacher_path", "distillation_alpha", "distillation_tau", "teacher_topk",
                             "teacher_topk_k"})
