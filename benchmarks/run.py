@@ -42,7 +42,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-SUITE_MODES = ["dense", "masked50", "compact", "drop70", "compact+drop70"]
+SUITE_MODES = ["dense", "masked50", "compact", "drop70", "compact+drop70", "tome-r13", "tome-mac70"]
 
 # The plain defaults; every option left as None by the parser is filled from here or, with --suite, from the suite's.
 DEFAULTS = dict(model="deit_small_patch16_224", modes=["dense"], reference=REFERENCE_MODE, bench="both",
@@ -51,7 +51,8 @@ DEFAULTS = dict(model="deit_small_patch16_224", modes=["dense"], reference=REFER
 
 
 def suite_defaults(device: torch.device) -> dict[str, object]:
-    """The suite: dense, masked unstructured, compact structured, token drop and compact + drop, one protocol.
+    """The suite: dense, masked unstructured, compact structured, token drop, compact + drop and token merging (ToMe's
+    r = 13, and the r at drop70's MACs), one protocol.
 
     Inference only (the training step is its own table), speedups against the project's dense model, every
     precision and torch.compile (those the device cannot run are skipped with a note). On CUDA: DeiT-Small at

@@ -116,6 +116,7 @@ class RunConfig:
     mixup: MixupConfig = field(default_factory=MixupConfig)
     sparsity: sparselearning.SparsityConfig | None = None
     tokens: models.TokenConfig = field(default_factory=models.TokenConfig)
+    merge: models.MergeConfig = field(default_factory=models.MergeConfig)  # token merging, after any selection
     seed: int = 0  # the mask seed and the lr noise seed, the same on every rank
 
     @classmethod
@@ -138,7 +139,7 @@ class RunConfig:
             precision=PrecisionConfig(args.amp, args.amp_dtype, args.opt_fused),
             mixup=MixupConfig(args.mixup, args.cutmix, tuple(args.cutmix_minmax) if args.cutmix_minmax else None,
                               args.mixup_prob, args.mixup_switch_prob, args.mixup_mode, args.smoothing),
-            sparsity=sparsity, tokens=tokens, seed=args.seed)
+            sparsity=sparsity, tokens=tokens, merge=models.MergeConfig.from_args(args), seed=args.seed)
 
 
 @dataclass
@@ -230,6 +231,7 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
         model = models.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     models.apply_token_selection(model, cfg.tokens)  # before the optimizer, EMA and DDP see the parameters
+    models.apply_token_merging(model, cfg.merge)  # no parameters, no random draws; before the EMA copies the model
     model.to(device)
     say(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; {world} process(es) "
         f"on {device}; {precision}")

@@ -32,6 +32,7 @@ def add_flags(parser: argparse.ArgumentParser, training: bool = True) -> argpars
     datasets.add_data_args(parser)
     sparselearning.add_sparse_args(parser)
     models.add_token_args(parser)
+    models.add_merge_args(parser)
 
     runtime = parser.add_argument_group("runtime")
     run = parser.add_argument_group("training run") if training else None

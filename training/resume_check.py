@@ -20,7 +20,8 @@ The rule, by flag:
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
   ``--decay-schedule``, ``--t_end``) for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
-  ``--eval-noise``) when it is on. A flag the run ignores (``--density`` of a structured run) may differ.
+  ``--eval-noise``) when it is on; the token merging (``--tome-r``, ``--tome-schedule``) always. A flag the run
+  ignores (``--density`` of a structured run) may differ.
 - May differ (``RUNTIME_FLAGS``): where and how the run executes and what it prints or writes, not what it computes:
   ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--opt-fused``, ``--compile``, ``--num_workers``,
   ``--pin-mem``, ``--data-path`` (the same data moved; a different set changes the steps per epoch), ``--skip-unreadable-images``,
@@ -57,6 +58,7 @@ EXPERIMENT_FLAGS = frozenset({
     "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type",
     "atten_density", "other_density", "structure_compat",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
+    "tome_r", "tome_schedule",
 })
 """Flags (argparse dests) that must match; the sparsity and token ones only where they act (``compare``)."""
 
