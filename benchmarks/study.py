@@ -199,12 +199,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
         for key in ("params", "params_nonzero", "mmacs_theoretical", "mmacs_executed"):
             s[key] = statistics.fmean(float(r[key]) for r in runs)
-        s["samples_per_sec"] = statistics.median(float(r["samples_per_sec"]) for r in runs)
+        timed = [float(r["samples_per_sec"]) for r in runs if r.get("samples_per_sec") not in (None, "")]
+        s["samples_per_sec"] = statistics.median(timed) if timed else None  # appended rows are not timed here
         summary.append(s)
     dense = next((s for s in summary if s["config"] == "dense"), None)
     for s in summary:
         s["delta_vs_dense"] = None if dense is None else paired_gap(by_seed(rows, s["config"]), by_seed(rows, "dense"))
-        s["speedup"] = None if dense is None else s["samples_per_sec"] / dense["samples_per_sec"]
+        s["speedup"] = (None if dense is None or None in (s["samples_per_sec"], dense["samples_per_sec"])
+                        else s["samples_per_sec"] / dense["samples_per_sec"])
         s["mac_ratio"] = None if dense is None else dense["mmacs_executed"] / s["mmacs_executed"]
     return summary
 
@@ -217,30 +219,36 @@ def flags_text(config: str) -> str:
     return " ".join(CONFIGS[config]) or "(dense)"
 
 
-def append_to(rows: list[dict[str, Any]], target: Path, command: str) -> None:
+def append_to(rows: list[dict[str, Any]], target: Path, command: str) -> list[str]:
     """Add ``rows`` to ``target``/study.csv and re-render its study.md and study.png (see the module docstring).
 
-    Raises:
-        ValueError: when a (configuration, seed) the file holds got another top-1: the numerics changed.
+    A (configuration, seed) the file already holds keeps its recorded row; where the re-trained top-1 differs, the
+    numerics of that configuration changed since it was recorded, and study.md's header says so, run by run.
+
+    Returns:
+        The differing runs, as "config seed s: recorded a, now b" (also printed).
     """
     with open(target / "study.csv", newline="") as f:
         old = list(csv.DictReader(f))
     recorded = {(r["config"], int(r["seed"])): float(r["test_acc1"]) for r in old}
-    for row in rows:
-        key = (row["config"], int(row["seed"]))
-        if key in recorded and abs(recorded[key] - float(row["test_acc1"])) > 1e-9:
-            raise ValueError(f"{key[0]} seed {key[1]}: top-1 {row['test_acc1']} against the recorded "
-                             f"{recorded[key]}; the numerics of an existing configuration changed")
-    new = [r for r in rows if (r["config"], int(r["seed"])) not in recorded]
+    changed = [f"{row['config']} seed {row['seed']}: recorded {recorded[key]:.2f}, now {float(row['test_acc1']):.2f}"
+               for row in rows if (key := (row["config"], int(row["seed"]))) in recorded
+               and abs(recorded[key] - float(row["test_acc1"])) > 1e-9]
+    # Samples/s from another invocation are not comparable with the file's: the appended rows leave them out.
+    new = [{**r, "samples_per_sec": ""} for r in rows if (r["config"], int(r["seed"])) not in recorded]
     fields = list(old[0])
     with open(target / "study.csv", "a", newline="") as f:
         csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerows(new)
     header = [line for line in (target / "study.md").read_text().splitlines() if line.startswith("- ")]
-    kept = len(rows) - len(new)
+    same = len(rows) - len(new) - len(changed)
     header.append(f"- appended {len(new)} rows by `{command}` on {env.environment(torch.device('cpu'))['date']} "
-                  f"(their samples/s measured in that invocation, not interleaved with the rows above; {kept} rows "
-                  "it re-trained reproduced their recorded top-1 exactly and are kept as recorded)")
+                  "(without samples/s: theirs were timed with that invocation's runs, not with the rows above); of "
+                  f"the runs it re-trained, kept as recorded, {same} reproduced their top-1 exactly"
+                  + (f" and {len(changed)} did not: {'; '.join(changed)}" if changed else ""))
     rerender(target, header)
+    for line in changed:
+        print(f"WARNING: re-trained run differs from its recorded row: {line}")
+    return changed
 
 
 def table(summary: list[dict[str, Any]]) -> list[str]:
@@ -252,9 +260,10 @@ def table(summary: list[dict[str, Any]]) -> list[str]:
     for s in summary:
         delta = "" if s["delta_vs_dense"] is None or s["config"] == "dense" else s["delta_vs_dense"].text()
         speed = "" if s["speedup"] is None else f"{s['speedup']:.2f}× ({s['speedup'] / s['mac_ratio']:.2f})"
+        rate = "-" if s["samples_per_sec"] is None else f"{s['samples_per_sec']:,.0f}"
         lines.append(f"| {s['config']} | {s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f} | {delta} | "
                      f"{s['params_nonzero']:,.0f} / {s['params']:,.0f} | {s['mmacs_theoretical']:.3f} | "
-                     f"{s['mmacs_executed']:.3f} | {s['samples_per_sec']:,.0f} | {speed} | `{s['flags']}` |")
+                     f"{s['mmacs_executed']:.3f} | {rate} | {speed} | `{s['flags']}` |")
     return lines
 
 
@@ -338,11 +347,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from-csv", action="store_true",
                         help="train nothing: rewrite study.md and study.png from the study.csv in --out")
     parser.add_argument("--append-to", type=Path, default=None, metavar="DIR",
-                        help="also add this invocation's rows to DIR/study.csv and re-render DIR/study.md")
+                        help="also add this invocation's rows (with --from-csv: those of --out/study.csv) to "
+                             "DIR/study.csv and re-render DIR/study.md")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.from_csv:
         rerender(args.out)
+        if args.append_to is not None:
+            with open(args.out / "study.csv", newline="") as f:
+                append_to(list(csv.DictReader(f)), args.append_to, shlex.join(["python", "benchmarks/study.py", *argv]))
         return
     start = time.perf_counter()
     load_before = "{:.2f}/{:.2f}/{:.2f}".format(*os.getloadavg())
