@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,10 +55,6 @@ class MergeConfig:
     def recorded(cls, args: dict[str, Any]) -> MergeConfig:
         """The merging a checkpoint's ``args`` record (none for files written before merging existed)."""
         return cls(r=tuple(args.get("tome_r") or ()), schedule=args.get("tome_schedule") or "constant")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values, for config.json and checkpoints."""
-        return {**dataclasses.asdict(self), "r": list(self.r)}
 
     def per_block(self, depth: int) -> tuple[int, ...]:
         """r of each of ``depth`` blocks.
