@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from timm.utils import ModelEmaV3
 from torch.utils.flop_counter import FlopCounterMode
 
 import engine
@@ -18,16 +19,18 @@ import main
 import models
 import sparselearning
 from conftest import ROOT, TINY_RUN, run_main
+from datasets import DataConfig
 from interop.checkpoint import load_checkpoint
-from models.token_merging import MergeConfig, bipartite_soft_matching, matching, merge_tokens
+from models.token_merging import MergeConfig, bipartite_soft_matching, merge_tokens
 from test_amp_compile import batches, per_step_losses
+from training.loaders import LoaderConfig, build_val_loader
 
 MICRO = "vit_digits_micro"  # 2 blocks, dim 32, 2 heads of 16; 17 tokens (cls + 16 patches)
 
 
-def micro(seed: int = 0, **kwargs) -> VisionTransformer:
-    torch.manual_seed(seed)
-    return models.create_model(MICRO, num_classes=10, **kwargs).eval()
+def micro() -> VisionTransformer:
+    torch.manual_seed(0)
+    return models.create_model(MICRO, num_classes=10).eval()
 
 
 def step_context(model: torch.nn.Module, amp_dtype: torch.dtype | None) -> engine.StepContext:
@@ -77,8 +80,8 @@ def test_merging_identical_tokens_with_proportional_attention_equals_the_unmerge
         models.apply_token_merging(model, MergeConfig(r=merges))
         torch.testing.assert_close(model(x), stock, rtol=1e-5, atol=1e-6)
         if merges[0] < 8:  # sizes 1 and 2 side by side: without the log-size bias the attention is not the same
-            monkeypatch.setattr(matching, "size_bias", lambda size, dtype: torch.zeros_like(size)[:, None, None, :])
-            monkeypatch.setattr("models.token_merging.patch.size_bias", matching.size_bias)
+            monkeypatch.setattr("models.token_merging.patch.size_bias",
+                                lambda size, dtype: torch.zeros_like(size, dtype=dtype)[:, None, None, :])
             assert not torch.allclose(model(x), stock, rtol=1e-3, atol=1e-4)
 
 
@@ -95,6 +98,26 @@ def test_matching_keeps_the_prefix_and_averages_by_size() -> None:
     assert merged.flatten().tolist() == [0.0, 1.0, 4.0, 3.5, 5.0] and new_size.tolist() == [[1, 1, 1, 6, 1]]
     with pytest.raises(ValueError, match=r"r must be in \[0, 3\]"):
         bipartite_soft_matching(metric, 4, num_prefix=2)
+
+
+def test_every_prefix_token_stays_unmerged_and_first() -> None:
+    """A second prefix token (a register here; a distillation token likewise) is protected like cls."""
+    torch.manual_seed(0)
+    model = VisionTransformer(**{**models.SMALL_MODELS[MICRO], "num_classes": 10, "reg_tokens": 1}).eval()
+    models.apply_token_merging(model, MergeConfig(r=(8, 4)))  # 16 patches: every A token merges in block 0
+    seen, x = [], torch.randn(2, 3, 16, 16)
+    model.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(x)
+        size = model.token_merging.state.size  # after the last block: 2 prefix + 8 - 4 tokens
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        models.remove_token_merging(model)
+        unmerged = model.blocks[0](tokens)
+    assert model.num_prefix_tokens == 2 and seen[0].shape[1] == 2 + 8 and size.shape == (2, 6)
+    torch.testing.assert_close(seen[0][:, :2], unmerged[:, :2])  # the prefix tokens: untouched, first
+    assert size[:, :2].eq(1).all() and size.sum(dim=1).eq(18).all()  # the sizes account for every token
+    with pytest.raises(ValueError, match=r"block 0 receives 18 tokens \(2 prefix\) and can merge at most 8"):
+        models.apply_token_merging(model, MergeConfig(r=(9, 0)))
 
 
 def tokens_seen(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
@@ -203,8 +226,6 @@ def test_compiled_select_then_merge_trains_as_eager() -> None:
 
 
 def test_ema_copy_merges_on_its_own_weights() -> None:
-    from timm.utils import ModelEmaV3
-
     model = micro()
     models.apply_token_merging(model, MergeConfig(r=(4,)))
     ema = ModelEmaV3(model, decay=0.5)
@@ -232,9 +253,6 @@ def test_checkpoint_tool_merges_timm_weights_and_honours_a_recorded_r(tmp_path: 
     models.apply_token_merging(model, MergeConfig(r=(4, 2)))
     assert f"executed (what runs: masked weights and zeroed tokens cost the dense price): " \
            f"{models.count_macs(model).total / 1e9:.4g}" in out
-    from datasets import DataConfig
-    from training.loaders import LoaderConfig, build_val_loader
-
     parsed = main.get_args_parser().parse_args([*TINY_RUN, "--input-size", "16"])
     loader, _ = build_val_loader(DataConfig.from_args(parsed), LoaderConfig.from_args(parsed), 0, 1)
     assert stats["test_acc1"] == pytest.approx(engine.evaluate(model, loader, torch.device("cpu"))["acc1"])
