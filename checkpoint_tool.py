@@ -9,6 +9,7 @@ token selection, and whether its stored masks agree with its weights. ``main.py 
     python checkpoint_tool.py --flops --model deit_small_patch16_224 --density 0.4       # counts of a planned model
     python checkpoint_tool.py --export out/export --resume out/checkpoint.pth            # safetensors + config
     python checkpoint_tool.py --eval --compact --resume out/checkpoint.pth               # structured: compact.pth
+    python checkpoint_tool.py --eval --resume out/checkpoint.pth --tome-r 2              # with token merging (ToMe)
 """
 from __future__ import annotations
 
@@ -77,9 +78,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         0, 1, torch.device(args.device))
     say = proc.say
     cli_tokens = models.TokenConfig.from_args(args)
+    cli_merge = models.MergeConfig.from_args(args)
     contents = None
     if args.resume:
         contents, detection, tokens, model = load_for_evaluation(args, cli_tokens, say)
+        merge = cli_merge if cli_merge.enabled else models.MergeConfig.recorded(contents.args)  # --tome-r 0: off
+        models.apply_token_merging(model, merge)
+        say(models.merge_summary(model))
         model_name = contents.architecture["model"] if contents.architecture else args.model
         if args.compact and not detection.structured:
             raise ValueError(f"--compact removes pruned heads and neurons, but {args.resume} has none "
@@ -97,8 +102,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         if args.report or args.export or args.compact:
             raise ValueError("--report, --export and --compact read a checkpoint: pass --resume FILE")
-        model_name, tokens = args.model, cli_tokens
+        model_name, tokens, merge = args.model, cli_tokens, cli_merge
         model, densities, reference = planned_model(args, tokens)
+        models.apply_token_merging(model, merge)
         macs = models.mac_report(model, densities, reference)
     if args.flops or args.report or args.eval:
         say("\n".join(macs))
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if contents is not None and contents.ema is not None:
         ema = interop.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection, model_name,
                                  tokens)
+        models.apply_token_merging(ema, merge)
         stats.update({f"ema_test_{k}": v for k, v in engine.evaluate(ema.to(device), val_loader, device,
                                                                      amp_dtype).items()})
     say(f"Accuracy of {args.resume or args.model} on {stats['test_images']} images: top-1 "
@@ -129,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         draw_tokens(model, val_loader, tokens.visualize, Path(args.output_dir or Path(args.resume).parent), device)
     if args.compact:
         compact = models.compact_model(model, contents.masks or None)  # the zero pattern when no masks are stored
+        models.apply_token_merging(compact, merge)
         compact_stats = engine.evaluate(compact.to(device), val_loader, device, amp_dtype)
         stats.update({f"compact_test_{k}": v for k, v in compact_stats.items()})
         if proc.is_main:

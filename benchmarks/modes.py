@@ -7,6 +7,7 @@ trained by the plain hand-written loop; one with a context goes through `engine.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -64,7 +65,7 @@ def build_optimizer(model: nn.Module, batch_size: int) -> torch.optim.Optimizer:
 def _project_setup(name: str, *, img_size: int | None, batch_size: int, device: torch.device,
                    amp_dtype: torch.dtype | None, model: nn.Module | None = None,
                    sparsity: sparselearning.SparsityConfig | None = None,
-                   tokens: models.TokenConfig | None = None) -> ModeSetup:
+                   tokens: models.TokenConfig | None = None, merge: models.MergeConfig | None = None) -> ModeSetup:
     """A run assembled as main.py assembles it (``training.assemble.build_run``) with the benchmark's settings:
     main.py's default optimizer, no EMA, mixup or lr warm-up, the unfused optimizer kernel, and batches fed by the
     caller. The topology never updates within the timed steps (benchmarks/sparse_costs.py times updates)."""
@@ -72,7 +73,7 @@ def _project_setup(name: str, *, img_size: int | None, batch_size: int, device: 
     cfg = RunConfig(model=ModelConfig(name, img_size=img_size), loader=LoaderConfig(batch_size),
                     total_steps=10**9, schedule=ScheduleConfig(warmup_epochs=0),
                     precision=PrecisionConfig(amp=amp_dtype is not None, amp_dtype=amp, opt_fused=False),
-                    sparsity=sparsity, tokens=tokens or models.TokenConfig())
+                    sparsity=sparsity, tokens=tokens or models.TokenConfig(), merge=merge or models.MergeConfig())
     run = build_run(cfg, Process(0, 1, device), model=model, log_fn=lambda record: None)
     return ModeSetup(run.model, run.step_context())
 
@@ -163,3 +164,36 @@ for _ratio in (0.5, 0.7, 0.9):
     register_mode(f"drop{int(_ratio * 100)}")(_token_drop_mode(_ratio, "drop", compact=False))
 register_mode("zero70")(_token_drop_mode(0.7, "zero", compact=False))
 register_mode("compact+drop70")(_token_drop_mode(0.7, "drop", compact=True))
+
+
+# ToMe's headline setting: r = 13 per block of DeiT at 224 px (197 tokens).
+TOME_R, TOME_TOKENS = 13, 197
+
+
+def tome_r13(model: VisionTransformer) -> tuple[int, ...]:
+    """ToMe's r = 13 as the same fraction of the sequence: round-half-up(13 N / 197) per block (13 for DeiT at 224)."""
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    return (int(TOME_R * n / TOME_TOKENS + 0.5),) * len(model.blocks)
+
+
+def tome_drop70_macs(model: VisionTransformer) -> tuple[int, ...]:
+    """The per-block r at drop70's executed MACs (``models.merges_for_macs``)."""
+    drop70 = copy.deepcopy(model)
+    models.apply_token_selection(drop70, models.TokenConfig(enabled=True, ratio=0.7, mode="drop"))
+    return models.merges_for_macs(model, models.count_macs(drop70).total)
+
+
+def _token_merge_mode(merges_of: Callable[[VisionTransformer], tuple[int, ...]], doc: str) -> ModeBuilder:
+    def build(name: str, *, img_size: int, batch_size: int, device: torch.device,
+              amp_dtype: torch.dtype | None) -> ModeSetup:
+        torch.manual_seed(0)
+        model = models.create_model(name, img_size=img_size)  # the dense mode's draws: the same weights
+        return _project_setup(name, img_size=img_size, batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                              model=model, merge=models.MergeConfig(r=merges_of(model)))
+
+    build.__doc__ = f"Token merging (ToMe) on the dense model, {doc}"
+    return build
+
+
+register_mode("tome-r13")(_token_merge_mode(tome_r13, tome_r13.__doc__))
+register_mode("tome-mac70")(_token_merge_mode(tome_drop70_macs, tome_drop70_macs.__doc__))

@@ -209,6 +209,30 @@ def study_section() -> list[str]:
             *study_anchor_table(read_csv(STUDY / "study.csv")), ""]
 
 
+TOME_STUDY = STUDY / "tome"
+TOME_CPU = RESULTS / "cpu-tome.md"
+
+
+def tome_section() -> list[str]:
+    """Token merging: DeiT-Small throughput on CPU (cpu-tome.md) and the DIGITS comparison at matched MACs."""
+    if not TOME_CPU.exists() and not (TOME_STUDY / "study.md").exists():
+        return []
+    lines = ["## Token merging (ToMe): no training against trained token dropping", "",
+             f"Beside: {anchors.TOME}.", ""]
+    if TOME_CPU.exists():
+        lines += ["### DeiT-Small inference throughput on CPU", "",
+                  "`tome-r13` is ToMe's r = 13; `tome-mac70` merges at drop70's executed MACs (`models.merges_for_"
+                  "macs`); `drop70` is the SViTE+ selector keeping 70% of the tokens in drop mode. Random weights: "
+                  "speed does not depend on them.", "", TOME_CPU.read_text().strip(), ""]
+    if (TOME_STUDY / "study.md").exists():
+        lines += ["### DIGITS: merging with and without training against trained dropping, at matched MACs", "",
+                  "`dense+tome_keep07` trains nothing: each dense run's checkpoint is evaluated with merging. All "
+                  "rows of this table were trained and timed in one invocation, paired by seed.", "",
+                  (TOME_STUDY / "study.md").read_text().strip(), "",
+                  "![DIGITS top-1 against MACs, token merging](../benchmarks/results/study/tome/study.png)", ""]
+    return lines
+
+
 def optimizer_state_section() -> list[str]:
     """The SViTE rows under the old and the new optimizer-state default (benchmarks/optimizer_state.py)."""
     table = STUDY / "optimizer-state.md"
@@ -269,6 +293,7 @@ def render() -> str:
         lines += suite_section(path)
     lines += unit_multiple_section()
     lines += study_section()
+    lines += tome_section()
     lines += optimizer_state_section()
     lines += earlier_section()
     lines.append(END)

@@ -42,7 +42,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-SUITE_MODES = ["dense", "masked50", "compact", "compact_aligned", "drop70", "compact+drop70"]
+SUITE_MODES = ["dense", "masked50", "compact", "compact_aligned", "drop70", "compact+drop70", "tome-r13",
+               "tome-mac70"]
 
 # The plain defaults; every option left as None by the parser is filled from here or, with --suite, from the suite's.
 DEFAULTS = dict(model="deit_small_patch16_224", modes=["dense"], reference=REFERENCE_MODE, bench="both",
@@ -52,7 +53,8 @@ DEFAULTS = dict(model="deit_small_patch16_224", modes=["dense"], reference=REFER
 
 def suite_defaults(device: torch.device) -> dict[str, object]:
     """The suite: dense, masked unstructured, compact structured (the paper's unit counts, and the MLP widths of the
-    default ``--unit-multiple``), token drop and compact + drop, one protocol.
+    default ``--unit-multiple``), token drop, compact + drop and token merging (ToMe's r = 13, and the r at drop70's
+    MACs), one protocol.
 
     Inference only (the training step is its own table), speedups against the project's dense model, every
     precision and torch.compile (those the device cannot run are skipped with a note). On CUDA: DeiT-Small at

@@ -16,6 +16,11 @@ measured interleaved in one protocol (benchmarks/timing.py). Writes to `--out`:
 
 `--from-csv` trains nothing: it re-renders the tables and the plot of the recorded runs (after a change to how they
 are presented), keeping the command, machine and wall time that study.md recorded.
+
+Post-hoc configurations (`POSTHOC`) train nothing either: each seed's finished run of their source configuration is
+evaluated again with token merging (`checkpoint_tool.py --eval --tome-r ...`), after the training runs are done.
+`--append-to DIR` adds the rows of this invocation to DIR's study.csv (a (configuration, seed) it already holds must
+have the same top-1, and keeps its recorded row) and re-renders DIR's study.md and study.png.
 """
 from __future__ import annotations
 
@@ -74,6 +79,15 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "sviteplus_keep07": (*TOKENS, "--token-ratio", "0.7"),
     "sviteplus_keep07_d50": (*TOKENS, "--token-ratio", "0.7", *SVITE, "--density", "0.5"),
 }
+# Token merging (ToMe) at sviteplus_keep07's executed MACs: the r per block `models.merges_for_macs` finds for
+# vit_digits_tiny (2.456 against 2.484 MMACs; a test keeps the two in step).
+TOME_KEEP07_R = (3, 2, 2, 2)
+CONFIGS["tome_keep07"] = ("--token-mode", "merge", "--tome-r", *map(str, TOME_KEEP07_R))
+
+# Configurations that train nothing: (the configuration whose finished runs they evaluate, the r per block).
+POSTHOC: dict[str, tuple[str, tuple[int, ...]]] = {
+    "dense+tome_keep07": ("dense", TOME_KEEP07_R),
+}
 
 # Inference protocol for the trained models: DIGITS-sized random input, one thread on the process CPU clock (the
 # runs share the machine), every model timed interleaved with the others, median of the repeats.
@@ -89,6 +103,36 @@ def finished_row(config: str, seed: int, run_dir: Path, epochs: int, train_secon
     last = logged[-1]
     return {"config": config, "seed": seed, "test_acc1": last["test_acc1"], "density": last.get("density", 1.0),
             "train_seconds": train_seconds, "run_dir": str(run_dir)}
+
+
+def posthoc_row(config: str, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The study row of a post-hoc evaluation, from the posthoc.json ``evaluate_posthoc`` wrote."""
+    path = run_dir / "posthoc.json"
+    if not path.exists():
+        raise ValueError(f"{run_dir} has no post-hoc evaluation; run it first (without --measure-only)")
+    info = json.loads(path.read_text())
+    return {"config": config, "seed": seed, "test_acc1": info["test_acc1"], "density": 1.0, "train_seconds": 0.0,
+            "run_dir": str(run_dir)}
+
+
+def evaluate_posthoc(config: str, seed: int, out: Path, epochs: int = EPOCHS) -> dict[str, Any]:
+    """Evaluate the finished run of ``POSTHOC[config]``'s source configuration with token merging, no training,
+    through checkpoint_tool.py (in this process: an evaluation draws no random numbers)."""
+    import checkpoint_tool
+
+    source, merges = POSTHOC[config]
+    source_dir = out / "runs" / f"{source}_seed{seed}"
+    finished_row(source, seed, source_dir, epochs)  # the source run must have finished
+    flags = ["--eval", "--resume", str(source_dir / "checkpoint.pth"), "--model", BASE[1], "--data-set", "DIGITS",
+             "--batch-size", "64", "--num_workers", "0", "--no-pin-mem", "--tome-r", *map(str, merges)]
+    torch.set_num_threads(1)
+    stats = checkpoint_tool.main(checkpoint_tool.get_args_parser().parse_args(flags))
+    run_dir = out / "runs" / f"{config}_seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "posthoc.json").write_text(json.dumps({"source": str(source_dir), "tome_r": list(merges),
+                                                      "test_acc1": stats["test_acc1"], "command": flags}))
+    print(f"{config} seed {seed}: top-1 {stats['test_acc1']:.2f} (no training)", flush=True)
+    return posthoc_row(config, seed, run_dir)
 
 
 def run_one(config: str, seed: int, out: Path, epochs: int = EPOCHS) -> dict[str, Any]:
@@ -109,13 +153,20 @@ def run_one(config: str, seed: int, out: Path, epochs: int = EPOCHS) -> dict[str
 
 def deployed_model(run_dir: Path) -> nn.Module:
     """The model a run ships, in eval mode: `compact.pth` (physically pruned) for structured runs, else the final
-    checkpoint's weights in the architecture its flags describe (token selectors included, masked weights zero)."""
+    checkpoint's weights in the architecture its flags describe (token selectors and merging included, masked weights
+    zero); for a post-hoc row, its source run's model with the merging it was evaluated with."""
+    if (run_dir / "posthoc.json").exists():
+        info = json.loads((run_dir / "posthoc.json").read_text())
+        model = deployed_model(Path(info["source"]))
+        models.apply_token_merging(model, models.MergeConfig(r=tuple(info["tome_r"])))
+        return model
     if (run_dir / "compact.pth").exists():
         return interop.load_compact(run_dir / "compact.pth").eval()
     ckpt = load_checkpoint(run_dir / "checkpoint.pth")
     args = argparse.Namespace(**ckpt["args"])
     model = models.create_model(args.model, num_classes=ckpt["model"]["head.weight"].shape[0], img_size=args.input_size)
     models.apply_token_selection(model, models.TokenConfig.from_args(args))
+    models.apply_token_merging(model, models.MergeConfig.recorded(ckpt["args"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -143,12 +194,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per configuration, in CONFIGS order: mean ± std top-1, its paired difference to dense (configuration − dense,
     seed by seed, with a 95% interval), mean counts, median samples/s."""
     summary = []
-    for config in CONFIGS:
+    for config in [*CONFIGS, *POSTHOC]:
         runs = [r for r in rows if r["config"] == config]
         if not runs:
             continue
         accs = [float(r["test_acc1"]) for r in runs]
-        s = {"config": config, "flags": " ".join(CONFIGS[config]) or "(dense)", "seeds": len(runs),
+        s = {"config": config, "flags": flags_text(config), "seeds": len(runs),
              "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
         for key in ("params", "params_nonzero", "mmacs_theoretical", "mmacs_executed"):
             s[key] = statistics.fmean(float(r[key]) for r in runs)
@@ -159,10 +210,50 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     dense = next((s for s in summary if s["config"] == "dense"), None)
     for s in summary:
         s["delta_vs_dense"] = None if dense is None else paired_gap(by_seed(rows, s["config"]), by_seed(rows, "dense"))
-        s["speedup"] = (None if dense is None or s["samples_per_sec"] is None
+        s["speedup"] = (None if dense is None or None in (s["samples_per_sec"], dense["samples_per_sec"])
                         else s["samples_per_sec"] / dense["samples_per_sec"])
         s["mac_ratio"] = None if dense is None else dense["mmacs_executed"] / s["mmacs_executed"]
     return summary
+
+
+def flags_text(config: str) -> str:
+    """What a configuration runs, for the tables."""
+    if config in POSTHOC:
+        source, merges = POSTHOC[config]
+        return f"no training: {source}'s checkpoints evaluated with --tome-r {' '.join(map(str, merges))}"
+    return " ".join(CONFIGS[config]) or "(dense)"
+
+
+def append_to(rows: list[dict[str, Any]], target: Path, command: str) -> list[str]:
+    """Add ``rows`` to ``target``/study.csv and re-render its study.md and study.png (see the module docstring).
+
+    A (configuration, seed) the file already holds keeps its recorded row; where the re-trained top-1 differs, the
+    numerics of that configuration changed since it was recorded, and study.md's header says so, run by run.
+
+    Returns:
+        The differing runs, as "config seed s: recorded a, now b" (also printed).
+    """
+    with open(target / "study.csv", newline="") as f:
+        old = list(csv.DictReader(f))
+    recorded = {(r["config"], int(r["seed"])): float(r["test_acc1"]) for r in old}
+    changed = [f"{row['config']} seed {row['seed']}: recorded {recorded[key]:.2f}, now {float(row['test_acc1']):.2f}"
+               for row in rows if (key := (row["config"], int(row["seed"]))) in recorded
+               and abs(recorded[key] - float(row["test_acc1"])) > 1e-9]
+    # Samples/s from another invocation are not comparable with the file's: the appended rows leave them out.
+    new = [{**r, "samples_per_sec": ""} for r in rows if (r["config"], int(r["seed"])) not in recorded]
+    fields = list(old[0])
+    with open(target / "study.csv", "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerows(new)
+    header = [line for line in (target / "study.md").read_text().splitlines() if line.startswith("- ")]
+    same = len(rows) - len(new) - len(changed)
+    header.append(f"- appended {len(new)} rows by `{command}` on {env.environment(torch.device('cpu'))['date']} "
+                  "(without samples/s: theirs were timed with that invocation's runs, not with the rows above); of "
+                  f"the runs it re-trained, kept as recorded, {same} reproduced their top-1 exactly"
+                  + (f" and {len(changed)} did not: {'; '.join(changed)}" if changed else ""))
+    rerender(target, header)
+    for line in changed:
+        print(f"WARNING: re-trained run differs from its recorded row: {line}")
+    return changed
 
 
 def table(summary: list[dict[str, Any]]) -> list[str]:
@@ -191,7 +282,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, title in ((axes[0], "mmacs_theoretical", "theoretical MACs (the paper's count)"),
                            (axes[1], "mmacs_executed", "executed MACs (what the code computes)")):
-        for s, marker in zip(summary, "os^DvP*X"):  # masked runs share dense's executed MACs: shapes tell them apart
+        # Masked runs share dense's executed MACs: shapes tell them apart.
+        for s, marker in zip(summary, "os^DvP*Xhp<>"):
             ax.errorbar(s[key], s["mean"], yerr=s["std"], fmt=marker, markersize=8, capsize=4, alpha=0.85,
                         label=s["config"])
         ax.set_xlabel(f"{title}, millions per image")
@@ -233,18 +325,21 @@ def render(rows: list[dict[str, Any]], header: list[str], out: Path) -> None:
     print("\n".join(lines))
 
 
-def rerender(out: Path) -> None:
+def rerender(out: Path, header: list[str] | None = None) -> None:
     """Rewrite study.md and study.png from the recorded study.csv, keeping study.md's header lines (command,
-    machine, wall time, protocol)."""
+    machine, wall time, protocol) unless ``header`` replaces them."""
     with open(out / "study.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    header = [line for line in (out / "study.md").read_text().splitlines() if line.startswith("- ")]
+    if header is None:
+        header = [line for line in (out / "study.md").read_text().splitlines() if line.startswith("- ")]
     render(rows, header, out)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *POSTHOC],
+                        help="configurations to train (or, for a post-hoc one, to evaluate); default: every trained "
+                             "one")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per run (fewer only for a smoke run)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one core each)")
@@ -256,24 +351,36 @@ def main(argv: list[str] | None = None) -> None:
                                                    "--measure-only tabulates were trained)")
     parser.add_argument("--from-csv", action="store_true",
                         help="train nothing: rewrite study.md and study.png from the study.csv in --out")
+    parser.add_argument("--append-to", type=Path, default=None, metavar="DIR",
+                        help="also add this invocation's rows (with --from-csv: those of --out/study.csv) to "
+                             "DIR/study.csv and re-render DIR/study.md")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.from_csv:
         rerender(args.out)
+        if args.append_to is not None:
+            with open(args.out / "study.csv", newline="") as f:
+                append_to(list(csv.DictReader(f)), args.append_to, shlex.join(["python", "benchmarks/study.py", *argv]))
         return
     start = time.perf_counter()
     load_before = "{:.2f}/{:.2f}/{:.2f}".format(*os.getloadavg())
-    jobs = [(c, s) for c in args.configs for s in args.seeds]
+    jobs = [(c, s) for c in args.configs if c in CONFIGS for s in args.seeds]
+    posthoc = [(c, s) for c in args.configs if c in POSTHOC for s in args.seeds]
     if args.measure_only:
         rows = [finished_row(c, s, args.out / "runs" / f"{c}_seed{s}", args.epochs) for c, s in jobs
                 if (args.out / "runs" / f"{c}_seed{s}" / "log.txt").exists()]
+        rows += [posthoc_row(c, s, args.out / "runs" / f"{c}_seed{s}") for c, s in posthoc
+                 if (args.out / "runs" / f"{c}_seed{s}" / "posthoc.json").exists()]
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             rows = list(pool.map(lambda job: run_one(*job, args.out, args.epochs), jobs))
+        rows += [evaluate_posthoc(c, s, args.out, args.epochs) for c, s in posthoc]  # after their sources trained
     measure_models(rows)
     load = "{} at the start, {:.2f}/{:.2f}/{:.2f} at the end".format(load_before, *os.getloadavg())
-    write_outputs(rows, args.out, shlex.join(["python", "benchmarks/study.py", *argv]),
-                  time.perf_counter() - start, load, args.note)
+    command = shlex.join(["python", "benchmarks/study.py", *argv])
+    write_outputs(rows, args.out, command, time.perf_counter() - start, load, args.note)
+    if args.append_to is not None:
+        append_to(rows, args.append_to, command)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Model construction: timm's ViT classes, never a copy of them, plus the token-selection patch and the MAC counter.
+"""Model construction: timm's ViT classes, never a copy of them, plus the token-selection and token-merging patches
+and the MAC counter.
 
 No file format lives here: reading, detecting, auditing, restoring and exporting checkpoints is ``interop``'s job.
 """
@@ -12,6 +13,7 @@ from models.flops import (
     mac_summary,
     mac_views,
     mask_densities,
+    merges_for_macs,
     nonzero_parameters,
     structured_form,
     svite_paper_densities,
@@ -70,6 +72,7 @@ __all__ = [
     "mac_summary",
     "mac_views",
     "mask_densities",
+    "merges_for_macs",
     "nonzero_parameters",
     "remove_token_selection",
     "resize_blocks",
@@ -103,3 +106,22 @@ __all__ += [
 from models.global_units import GlobalUnits, global_units  # noqa: E402
 
 __all__ += ["GlobalUnits", "global_units"]
+
+# Token merging (ToMe): training-free, hooks on timm's blocks.
+from models.token_merging import (  # noqa: E402
+    MergeConfig,
+    add_merge_args,
+    apply_token_merging,
+    merge_plan,
+    merge_summary,
+    remove_token_merging,
+)
+
+__all__ += [
+    "MergeConfig",
+    "add_merge_args",
+    "apply_token_merging",
+    "merge_plan",
+    "merge_summary",
+    "remove_token_merging",
+]

@@ -1,10 +1,12 @@
 """Analytic multiply-accumulates (MACs) and parameter counts of timm ViTs: the one counter the project uses.
 
 MACs are per image. Per block b, with embed dim D, n_b tokens entering the block, a_b tokens seen by the attention
-(a_b = n_b unless a layer-wise selector drops tokens), h_b heads of width d_b and MLP hidden width m_b:
+(a_b = n_b unless a layer-wise selector drops tokens), h_b heads of width d_b, MLP hidden width m_b and r_b tokens
+merged between attention and MLP (token merging; the next block gets n_b - r_b):
 
     qkv  a_b * D * 3 h_b d_b        QK^T and AV  2 * a_b^2 * h_b * d_b (always dense)
-    proj a_b * h_b d_b * D          fc1 + fc2    2 * n_b * D * m_b
+    proj a_b * h_b d_b * D          fc1 + fc2    2 * (n_b - r_b) * D * m_b
+    merge similarity |A_b| * |B_b| * d_b, the cosine scores of the two token sets (only where r_b > 0)
 
 plus the patch embedding (patches x C p^2 x D), the head (D x classes, on the pooled token; a distilled model's
 ``head_dist`` on its distillation token too) and the token scorers (D per scored token). The distillation token is
@@ -36,6 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from models.channel_units import pruned_channels
 from models.compact import compact_model
+from models.token_merging import block_tokens, max_merges, merge_plan, token_counts
 from models.token_selection import TokenScorer, num_tokens
 from models.wrappers import unwrap_model
 from sparselearning.units import head_group, units_alive
@@ -62,6 +65,8 @@ class BlockShape:
         tokens: n, tokens entering the block (the MLP runs on all of them).
         attn_tokens: tokens the attention runs on; None means ``tokens``.
         scorer: a layer-wise token scorer (D -> 1) runs on the block's ``tokens``.
+        merged: tokens merged away between attention and MLP (the MLP runs on ``tokens - merged``).
+        match_pairs: token pairs whose similarity (width ``head_dim``) the merging scores.
     """
 
     num_heads: int
@@ -70,6 +75,8 @@ class BlockShape:
     tokens: int
     attn_tokens: int | None = None
     scorer: bool = False
+    merged: int = 0
+    match_pairs: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,8 @@ class MacCount:
 
     @property
     def attention(self) -> float:
-        """The attention matmuls QK^T and AV, which weight sparsity does not reduce."""
+        """The activation matmuls (QK^T and AV; token merging's similarity scores), which weight sparsity does not
+        reduce."""
         return sum(v for name, v in self.layers.items() if name.endswith(".matmul"))
 
     @property
@@ -123,8 +131,10 @@ def vit_macs(
     if min(embed_dim, num_patches, patch_dim) < 1 or num_classes < 0 or global_scorer_tokens < 0:
         raise ValueError("embed_dim, num_patches and patch_dim must be positive; num_classes and tokens >= 0")
     for b in blocks:
-        if min(b.num_heads, b.head_dim, b.mlp_hidden, b.tokens) < 1 or not 1 <= (b.attn_tokens or 1) <= b.tokens:
-            raise ValueError(f"block sizes and token counts must be positive, attn_tokens <= tokens; got {b}")
+        if (min(b.num_heads, b.head_dim, b.mlp_hidden, b.tokens) < 1 or not 1 <= (b.attn_tokens or 1) <= b.tokens
+                or not 0 <= b.merged < b.tokens or b.match_pairs < 0):
+            raise ValueError(f"block sizes and token counts must be positive, attn_tokens <= tokens, 0 <= merged < "
+                             f"tokens; got {b}")
     dim = embed_dim
     macs: dict[str, float] = {"patch_embed.proj": num_patches * patch_dim * dim}
     if global_scorer_tokens:
@@ -138,8 +148,10 @@ def vit_macs(
         macs[f"blocks.{i}.attn.qkv"] = a * dim * 3 * inner
         macs[f"blocks.{i}.attn.matmul"] = 2 * a * a * inner
         macs[f"blocks.{i}.attn.proj"] = a * inner * dim
-        macs[f"blocks.{i}.mlp.fc1"] = n * dim * b.mlp_hidden
-        macs[f"blocks.{i}.mlp.fc2"] = n * b.mlp_hidden * dim
+        if b.match_pairs:
+            macs[f"blocks.{i}.tome.matmul"] = b.match_pairs * b.head_dim
+        macs[f"blocks.{i}.mlp.fc1"] = (n - b.merged) * dim * b.mlp_hidden
+        macs[f"blocks.{i}.mlp.fc2"] = (n - b.merged) * b.mlp_hidden * dim
     if num_classes:
         macs["head"] = dim * num_classes
         if distilled:
@@ -155,13 +167,16 @@ def vit_macs(
     return MacCount(macs)
 
 
-def block_shapes(model: nn.Module, kind: str = "executed") -> list[BlockShape]:
+def block_shapes(model: nn.Module, kind: str = "executed", merges: Sequence[int] | None = None) -> list[BlockShape]:
     """Per-block shapes and token counts of a live timm ViT, read from its modules and installed selectors.
 
     Args:
-        model: a timm ``VisionTransformer`` (wrappers are unwrapped), possibly with token selectors.
-        kind: ``dense`` (full sequence, no scorers), ``theoretical`` (selected tokens as if dropped) or
-            ``executed`` (what runs: zero mode keeps the full sequence, drop mode shortens it).
+        model: a timm ``VisionTransformer`` (wrappers are unwrapped), possibly with token selectors and merging.
+        kind: ``dense`` (full sequence, no scorers, no merging), ``theoretical`` (selected tokens as if dropped) or
+            ``executed`` (what runs: zero mode keeps the full sequence, drop mode shortens it). Token merging
+            shortens the sequence in both of the latter.
+        merges: per-block r to count instead of the installed merging (to plan a schedule); checked like
+            ``apply_token_merging`` checks it.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown MAC count kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -171,28 +186,40 @@ def block_shapes(model: nn.Module, kind: str = "executed") -> list[BlockShape]:
     glob = getattr(net, "gumbel", None)
     if selecting and isinstance(glob, TokenScorer) and (kind == "theoretical" or glob.mode == "drop"):
         n = glob.keep_count(n)
+    prefix = net.num_prefix_tokens
+    if merges is not None:
+        if len(merges) != len(net.blocks):
+            raise ValueError(f"merges needs one r per block ({len(net.blocks)}), got {list(merges)}")
+        token_counts(block_tokens(net), prefix, merges)  # raises for an r the sequence cannot merge
+    merges = (merges if merges is not None else merge_plan(net) if selecting else None) or (0,) * len(net.blocks)
     shapes = []
-    for blk in net.blocks:
+    for blk, r in zip(net.blocks, merges):
         attn = blk.attn
         scorer = getattr(attn, "gumbel", None) if selecting else None
         scorer = scorer if isinstance(scorer, TokenScorer) else None
         a = n
         if scorer is not None and (kind == "theoretical" or scorer.mode == "drop"):
             a = scorer.keep_count(n)
-        shapes.append(BlockShape(attn.num_heads, attn.head_dim, blk.mlp.fc1.out_features, n, a, scorer is not None))
+        rest = n - prefix  # merging splits the non-prefix tokens alternately into sets A and B
+        pairs = (rest + 1) // 2 * (rest // 2) if r else 0
+        shapes.append(BlockShape(attn.num_heads, attn.head_dim, blk.mlp.fc1.out_features, n, a, scorer is not None,
+                                 merged=r, match_pairs=pairs))
+        n -= r
     return shapes
 
 
-def count_macs(model: nn.Module, kind: str = "executed", densities: Mapping[str, float] | None = None) -> MacCount:
+def count_macs(model: nn.Module, kind: str = "executed", densities: Mapping[str, float] | None = None,
+               merges: Sequence[int] | None = None) -> MacCount:
     """MACs per image of a live timm ViT.
 
     Args:
-        model: a timm ``VisionTransformer`` (wrappers are unwrapped), possibly with token selectors.
+        model: a timm ``VisionTransformer`` (wrappers are unwrapped), possibly with token selectors and merging.
         kind: ``dense``, ``theoretical`` or ``executed`` (see the module docstring).
         densities: ``theoretical`` only: weight FQN -> density; default: the measured non-zero fraction of every
             weight (``weight_densities``), which is the mask density of a masked model and 1 for a dense one.
+        merges: per-block r to count instead of the installed merging (see ``block_shapes``).
     """
-    shapes = block_shapes(model, kind)
+    shapes = block_shapes(model, kind, merges)
     if densities is not None and kind != "theoretical":
         raise ValueError(f"densities only apply to theoretical MACs; {kind} MACs count dense matmuls")
     net = _vit(model)
@@ -207,6 +234,34 @@ def count_macs(model: nn.Module, kind: str = "executed", densities: Mapping[str,
         global_scorer_tokens=num_tokens(net)[0] if kind != "dense" and isinstance(glob, TokenScorer) else 0,
         densities=densities, distilled=isinstance(getattr(net, "head_dist", None), nn.Linear),
     )
+
+
+def merges_for_macs(model: nn.Module, target: float) -> tuple[int, ...]:
+    """The per-block r whose executed MACs come closest to ``target`` MACs per image (e.g. another mode's).
+
+    The candidates, in order of growing merges: R in every block, with one more in the first j blocks (j = 0 ...
+    depth - 1; front-loaded, as merging early saves the most). Their MACs fall with every step, so the search walks
+    them until it passes ``target`` and keeps the closer neighbour (the one with fewer merges on a tie).
+
+    Args:
+        model: the timm ViT to merge in (with its token selector, if any, and without merging installed).
+        target: MACs per image to hit.
+    """
+    net = _vit(model)
+    depth = len(net.blocks)
+    best, best_gap = (0,) * depth, abs(count_macs(net, merges=(0,) * depth).total - target)
+    for total in range(1, depth * max_merges(block_tokens(net), net.num_prefix_tokens) + 1):
+        r, j = divmod(total, depth)
+        merges = (r + 1,) * j + (r,) * (depth - j)
+        try:
+            macs = count_macs(net, merges=merges).total
+        except ValueError:  # the sequence cannot merge this many
+            break
+        if abs(macs - target) < best_gap:
+            best, best_gap = merges, abs(macs - target)
+        if macs < target:
+            break
+    return best
 
 
 def mac_summary(model: nn.Module, densities: Mapping[str, float] | None = None) -> dict[str, float]:

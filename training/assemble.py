@@ -130,6 +130,7 @@ class RunConfig:
     sparsity: sparselearning.SparsityConfig | None = None
     tokens: models.TokenConfig = field(default_factory=models.TokenConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    merge: models.MergeConfig = field(default_factory=models.MergeConfig)  # token merging, after any selection
     seed: int = 0  # the mask seed and the lr noise seed, the same on every rank
 
     @classmethod
@@ -155,7 +156,8 @@ class RunConfig:
                                     args.lr_noise_std),
             precision=PrecisionConfig(args.amp, args.amp_dtype, args.opt_fused),
             mixup=MixupConfig.from_args(args),
-            sparsity=sparsity, tokens=tokens, distillation=DistillationConfig.from_args(args), seed=args.seed)
+            sparsity=sparsity, tokens=tokens, distillation=DistillationConfig.from_args(args),
+            merge=models.MergeConfig.from_args(args), seed=args.seed)
 
 
 @dataclass
@@ -280,6 +282,7 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
             say(line)
     if isinstance(model, VisionTransformerDistilled):  # training returns (class, dist) logits only when distilling
         model.set_distilled_training(cfg.distillation.enabled)
+    models.apply_token_merging(model, cfg.merge)  # no parameters, no random draws; before the EMA copies the model
     model.to(device)
     say(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; {world} process(es) "
         f"on {device}; {precision}")

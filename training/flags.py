@@ -33,6 +33,7 @@ def add_flags(parser: argparse.ArgumentParser, training: bool = True) -> argpars
     datasets.add_data_args(parser)
     sparselearning.add_sparse_args(parser)
     models.add_token_args(parser)
+    models.add_merge_args(parser)
     if training:
         add_distillation_args(parser)
         _add_teacher_topk_args(parser)

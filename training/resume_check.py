@@ -23,10 +23,10 @@ The rule, by flag:
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
   ``--decay-schedule``, ``--t_end``) and ``--mask-init`` for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
-  ``--eval-noise``) when it is on; ``--distillation-type`` always and the teacher (``--teacher-model``,
-  ``--teacher-path``, ``--teacher-topk``, ``--teacher-topk-k``, ``--distillation-alpha``, ``--distillation-tau``) when
-  it distils: the teacher is not in the
-  checkpoint, it is loaded again from these flags. A flag the run ignores (``--density`` of a structured run) may differ.
+  ``--eval-noise``) when it is on; the token merging (``--tome-r``, ``--tome-schedule``) always; ``--distillation-type``
+  always and the teacher (``--teacher-model``, ``--teacher-path``, ``--teacher-topk``, ``--teacher-topk-k``,
+  ``--distillation-alpha``, ``--distillation-tau``) when it distils: the teacher is not in the checkpoint, it is loaded
+  again from these flags. A flag the run ignores (``--density`` of a structured run) may differ.
 - May differ (``RUNTIME_FLAGS``): where and how the run executes and what it prints or writes, not what it computes:
   ``--output_dir``, ``--device``, ``--amp``, ``--amp-dtype``, ``--opt-fused``, ``--compile``, ``--num_workers``,
   ``--pin-mem``, ``--data-path`` (the same data moved; a different set changes the steps per epoch), ``--skip-unreadable-images``,
@@ -66,6 +66,7 @@ EXPERIMENT_FLAGS = frozenset({
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
     "distillation_type", "teacher_model", "teacher_path", "distillation_alpha", "distillation_tau",
     "teacher_topk", "teacher_topk_k",
+    "tome_r", "tome_schedule",
 })
 """Flags (argparse dests) that must match; the sparsity and token ones only where they act (``compare``)."""
 

@@ -8,6 +8,8 @@ from typing import Any
 
 SELECTORS = ("global", "layerwise")
 MODES = ("zero", "drop")
+# ``--token-mode merge``: token merging alone, no selector (models/token_merging); not a selector mode.
+MERGE_MODE = "merge"
 TAU_SCHEDULES = ("linear", "reversed")
 
 
@@ -65,9 +67,15 @@ class TokenConfig:
     def from_args(cls, args: argparse.Namespace) -> TokenConfig:
         """From ``add_token_args`` flags; a ``*_data`` ``--model`` implies the layer-wise selector, as in SViTE."""
         layerwise = str(getattr(args, "model", "")).endswith("_data")
+        mode = args.token_mode
+        if mode == MERGE_MODE:
+            if args.token_selection:
+                raise ValueError("--token-mode merge merges tokens without a selector; to select, then merge, pass "
+                                 "--token_selection --token-mode drop --tome-r R")
+            mode = "zero"  # no selector is installed; the merging has its own config
         return cls(
             enabled=args.token_selection, num_keep=args.token_number, ratio=args.token_ratio,
-            selector="layerwise" if layerwise else args.token_selector, mode=args.token_mode,
+            selector="layerwise" if layerwise else args.token_selector, mode=mode,
             tau_schedule=args.tau_schedule, eval_noise=args.eval_noise, visualize=args.visualize_tokens,
         )
 
@@ -107,8 +115,9 @@ def add_token_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--token-ratio", type=float, default=None, help="fraction of tokens kept, in (0, 1]; or k")
     g.add_argument("--token-selector", default="global", choices=SELECTORS,
                    help="global: before block 0; layerwise: global plus one per block (implied by *_data models)")
-    g.add_argument("--token-mode", default="zero", choices=MODES,
-                   help="zero: multiply dropped tokens by 0 (SViTE); drop: remove them (really saves compute)")
+    g.add_argument("--token-mode", default="zero", choices=(*MODES, MERGE_MODE),
+                   help="zero: multiply dropped tokens by 0 (SViTE); drop: remove them (really saves compute); "
+                        "merge: no selector, merge tokens (ToMe, with --tome-r)")
     g.add_argument("--tau-schedule", default="linear", choices=TAU_SCHEDULES,
                    help="Gumbel temperature: linear 10 -> 0.1; reversed 0.1 -> 10 (the released checkpoints)")
     g.add_argument("--eval-noise", action="store_true", help="SViTE's noisy evaluation instead of the plain top-k")
