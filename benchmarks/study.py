@@ -61,6 +61,10 @@ SVITE = ("--sparse_init", "fixed_ERK", "--growth", "gradient", "--death", "magni
 S2VITE = ("--pruning_type", "structure", "--atten_density", "0.7", "--other_density", "0.6", "--update_frequency", "25")
 # SViTE+: a global token selector that really drops tokens (the original only zeroed them).
 TOKENS = ("--token_selection", "--token-mode", "drop")
+# N:M 2:4 in the blocks' linears (qkv, proj, fc1, fc2; patch embedding and head dense): SR-STE as in its paper (the
+# mask recomputed from the dense weights at every step of the run), and SViTE's prune-and-regrow within each group
+# of 4 on SViTE's schedule.
+NM24 = ("--sparse_init", "nm", "--nm", "2:4")
 
 CONFIGS: dict[str, tuple[str, ...]] = {
     "dense": (),
@@ -69,6 +73,9 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "s2vite_h07_m06": S2VITE,
     "sviteplus_keep07": (*TOKENS, "--token-ratio", "0.7"),
     "sviteplus_keep07_d50": (*TOKENS, "--token-ratio", "0.7", *SVITE, "--density", "0.5"),
+    "nm24_srste": (*NM24, "--nm-method", "srste", "--update_frequency", "1", "--t_end", "1"),
+    "nm24_dst": (*NM24, "--nm-method", "dst", "--growth", "gradient", "--death", "magnitude", "--update_frequency",
+                 "25"),
 }
 
 # Inference protocol for the trained models: DIGITS-sized random input, one thread on the process CPU clock (the

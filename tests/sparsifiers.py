@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from sparselearning import Masking, Sparsifier, StructuredDST
+from sparselearning import SRSTE, Masking, NMMasking, Sparsifier, StructuredDST
 from sparselearning.base import combine
 
 TOTAL_STEPS, UPDATE_FREQUENCY = 30, 3
@@ -55,6 +55,24 @@ def structured(**options: Any) -> Callable[..., Sparsifier]:
         return StructuredDST(module, optimizer, models.structure_units(module), total_steps, seed=seed, log_fn=silent,
                              **{"atten_density": 0.5, "other_density": 0.5, "update_frequency": UPDATE_FREQUENCY,
                                 **options, **schedule})
+    return build
+
+
+def nm_dst(**options: Any) -> Callable[..., Sparsifier]:
+    def build(module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
+              **schedule: Any) -> Sparsifier:
+        return NMMasking(module, optimizer, total_steps, seed=seed, log_fn=silent,
+                         **{"update_frequency": UPDATE_FREQUENCY, **options, **schedule})
+    return build
+
+
+def srste(**options: Any) -> Callable[..., Sparsifier]:
+    """SR-STE takes the schedule's ΔT and t_end; it has no growth criterion or death rate to override."""
+    def build(module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
+              **schedule: Any) -> Sparsifier:
+        timing = {k: v for k, v in schedule.items() if k in ("update_frequency", "t_end")}
+        return SRSTE(module, optimizer, total_steps, seed=seed, log_fn=silent,
+                     **{"update_frequency": UPDATE_FREQUENCY, "t_end": 0.8, **options, **timing})
     return build
 
 
@@ -107,6 +125,8 @@ CASES = [
     Case("structured-compat", structured(compat=True), local_statistics=True, variant=True),
     Case("structured-random", structured(growth="random", death_rate=0.5, decay_schedule="constant"),
          local_statistics=True, variant=True),
+    Case("nm-srste", srste()),
+    Case("nm-dst", nm_dst(), variant=True),
     Case("tokens", token_schedule(GLOBAL_ZERO), GLOBAL_ZERO, masks_weights=False, changes_topology=False),
     Case("unstructured+tokens", chain(masking(), token_schedule(LAYERWISE_DROP)), LAYERWISE_DROP, variant=True),
 ]

@@ -239,7 +239,7 @@ def test_optimizer_state_table_pairs_both_defaults_with_the_same_dense_seeds() -
 
 def test_study_default_configs_are_the_issue_list() -> None:
     assert list(study.CONFIGS) == ["dense", "sviite_d50", "sviite_d30", "s2vite_h07_m06", "sviteplus_keep07",
-                                   "sviteplus_keep07_d50"]
+                                   "sviteplus_keep07_d50", "nm24_srste", "nm24_dst"]
 
 
 def test_study_rebuilds_the_deployed_model_from_a_run_directory(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ The rule, by flag:
   would silently override new values), the regularisation and augmentation recipe, ``--clip-grad``, the EMA
   (``--model-ema``, ``--model-ema-decay``), ``--seed`` (it seeds the data order and the lr noise), and ``--epochs``
   unless it grows.
-- Must match where they act: the sparsity kind (``--density`` for dense or unstructured, ``--pruning_type``) always;
-  ``--sparse_init``, ``--erk-power``, ``--sparse-include``, ``--sparse-exclude`` for unstructured runs;
+- Must match where they act: the sparsity kind (``--density`` for dense or unstructured, ``--pruning_type``,
+  ``--nm``) always; ``--sparse_init``, ``--erk-power``, ``--sparse-include``, ``--sparse-exclude``, ``--nm-method``,
+  ``--srste-decay`` for unstructured runs (N:M runs are unstructured);
   ``--atten_density``, ``--other_density``, ``--structure-compat`` for structured runs; the topology schedule and
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
   ``--decay-schedule``, ``--t_end``) for both; ``--token_selection`` always and the
@@ -42,7 +43,7 @@ RUNTIME_FLAGS = frozenset({
     "output_dir", "device", "amp", "amp_dtype", "opt_fused", "compile", "num_workers", "pin_mem", "data_path",
     "skip_unreadable_images", "print_freq", "verbose", "tensorboard", "visualize_tokens", "save_every_steps",
     "model_ema_force_cpu", "dist_url", "atten_head",
-    "resume", "auto_resume", "start_epoch", "eval", "compact", "report", "flops", "export",
+    "resume", "auto_resume", "start_epoch", "eval", "compact", "report", "flops", "export", "semi_structured",
 })
 """Flags (argparse dests) that may differ between a checkpoint and its resumed run."""
 
@@ -54,18 +55,19 @@ EXPERIMENT_FLAGS = frozenset({
     "mixup_mode", "data_set", "inat_category", "input_size", "color_jitter", "aa", "train_interpolation", "hflip",
     "reprob", "remode", "recount", "seed",
     "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
-    "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type",
+    "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type", "nm", "nm_method", "srste_decay",
     "atten_density", "other_density", "structure_compat",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
 })
 """Flags (argparse dests) that must match; the sparsity and token ones only where they act (``compare``)."""
 
-KIND_FLAGS = ("density", "pruning_type", "token_selection")
+KIND_FLAGS = ("density", "pruning_type", "nm", "token_selection")
 """Flags that choose what kind of sparsity a run has; compared whenever either run uses them."""
 
 _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
                            "t_end"})
-_UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude"})
+_UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude", "nm",
+                                 "nm_method", "srste_decay"})
 _STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat"})
 _TOKEN_FLAGS = frozenset({"token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise"})
 
@@ -117,7 +119,8 @@ def saved_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 def _kind(settings: Mapping[str, Any]) -> str:
     if settings.get("pruning_type") == "structure":
         return "structured"
-    return "dense" if settings.get("density") is None else "unstructured"
+    nm = settings.get("sparse_init") == "nm"  # its density is N/M, given by --nm
+    return "dense" if settings.get("density") is None and not nm else "unstructured"
 
 
 def _acts(flag: str, settings: Mapping[str, Any]) -> bool:
