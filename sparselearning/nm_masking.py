@@ -78,6 +78,15 @@ class NMMasking(Masking):
         )
         self._build(model, optimizer, total_steps, seed, log_fn)
 
+    @classmethod
+    def from_config(cls, cfg: SparsityConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
+                    *, seed: int = 0, log_fn: LogFn | None = None) -> NMMasking:
+        """Build from a validated N:M ``SparsityConfig`` (``--nm-method dst``)."""
+        return cls(model, optimizer, total_steps, nm=cfg.nm, update_frequency=cfg.update_frequency,
+                   growth=cfg.growth, death=cfg.death, death_rate=cfg.death_rate, decay_schedule=cfg.decay_schedule,
+                   t_end=cfg.t_end, sparse_exclude=cfg.sparse_exclude, sparse_include=cfg.sparse_include, seed=seed,
+                   log_fn=log_fn)
+
     @property
     def nm(self) -> tuple[int, int]:
         """(N, M)."""
@@ -171,6 +180,14 @@ class SRSTE(NMMasking):
         self._updates = 0
         self._build(model, optimizer, total_steps, seed, log_fn)
 
+    @classmethod
+    def from_config(cls, cfg: SparsityConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
+                    *, seed: int = 0, log_fn: LogFn | None = None) -> SRSTE:
+        """Build from a validated N:M ``SparsityConfig`` (``--nm-method srste``)."""
+        return cls(model, optimizer, total_steps, nm=cfg.nm, decay=cfg.srste_decay,
+                   update_frequency=cfg.update_frequency, t_end=cfg.t_end, sparse_exclude=cfg.sparse_exclude,
+                   sparse_include=cfg.sparse_include, seed=seed, log_fn=log_fn)
+
     def _initial_masks(self, params: dict[str, nn.Parameter]) -> MaskSet:
         """The N largest magnitudes of every group of the initial weights."""
         n, m = self.nm
@@ -184,7 +201,12 @@ class SRSTE(NMMasking):
                         for name, p in mask_set.params.items()}
         self._hooks = [self.optimizer.register_step_pre_hook(self._join_dense),
                        self.optimizer.register_step_post_hook(self._set_pruned_aside)]
-        super()._enforce(mask_set, what, model)
+        try:
+            super()._enforce(mask_set, what, model)
+        except ValueError:  # parameters outside the optimizer or the model: leave the optimizer as it was
+            for hook in self._hooks:
+                hook.remove()
+            raise
 
     def _aligned(self, name: str, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mask and pruned values of ``name`` on its parameter's device (they follow a ``model.to``)."""
@@ -301,13 +323,9 @@ class SRSTE(NMMasking):
 
 def nm_sparsifier(cfg: SparsityConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, *,
                   seed: int = 0, log_fn: LogFn | None = None) -> Sparsifier:
-    """``SRSTE`` or ``NMMasking`` for a validated N:M ``SparsityConfig``."""
-    common = dict(nm=cfg.nm, update_frequency=cfg.update_frequency, t_end=cfg.t_end, sparse_exclude=cfg.sparse_exclude,
-                  sparse_include=cfg.sparse_include, seed=seed, log_fn=log_fn)
-    if cfg.nm_method == "srste":
-        return SRSTE(model, optimizer, total_steps, decay=cfg.srste_decay, **common)
-    return NMMasking(model, optimizer, total_steps, growth=cfg.growth, death=cfg.death, death_rate=cfg.death_rate,
-                     decay_schedule=cfg.decay_schedule, **common)
+    """``SRSTE`` or ``NMMasking``, as ``cfg.nm_method`` says, for a validated N:M ``SparsityConfig``."""
+    method = SRSTE if cfg.nm_method == "srste" else NMMasking
+    return method.from_config(cfg, model, optimizer, total_steps, seed=seed, log_fn=log_fn)
 
 
 __all__ = ["NMMasking", "SRSTE", "nm_sparsifier"]

@@ -94,6 +94,15 @@ def test_nm_flags_build_the_chosen_method_with_density_n_over_m() -> None:
     model = micro_vit()
     sparsifier = sparselearning.build_sparsifier(dst, model, torch.optim.AdamW(model.parameters()), 10, log_fn=silent)
     assert type(sparsifier) is NMMasking and sparsifier.report()["density"] == 0.25
+    assert sparsifier.config == dst, "from_config keeps every setting"
+
+
+def test_a_failed_srste_build_leaves_no_hook_on_the_optimizer() -> None:
+    model = micro_vit()
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=0.1)  # the block weights are not in it
+    with pytest.raises(ValueError, match="are not in the optimizer"):
+        SRSTE(model, optimizer, 10, log_fn=silent)
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
 
 
 # ---------------------------------------------------------------------------------------------- which tensors
