@@ -155,12 +155,15 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
         for key in ("params", "params_nonzero", "mmacs_theoretical", "mmacs_executed"):
             s[key] = statistics.fmean(float(r[key]) for r in runs)
-        s["samples_per_sec"] = statistics.median(float(r["samples_per_sec"]) for r in runs)
+        # rows appended from another session carry no samples/s: a throughput is only compared within its session
+        speeds = [float(r["samples_per_sec"]) for r in runs if r.get("samples_per_sec") not in (None, "")]
+        s["samples_per_sec"] = statistics.median(speeds) if speeds else None
         summary.append(s)
     dense = next((s for s in summary if s["config"] == "dense"), None)
     for s in summary:
         s["delta_vs_dense"] = None if dense is None else paired_gap(by_seed(rows, s["config"]), by_seed(rows, "dense"))
-        s["speedup"] = None if dense is None else s["samples_per_sec"] / dense["samples_per_sec"]
+        timed = dense is not None and None not in (s["samples_per_sec"], dense["samples_per_sec"])
+        s["speedup"] = s["samples_per_sec"] / dense["samples_per_sec"] if timed else None
         s["mac_ratio"] = None if dense is None else dense["mmacs_executed"] / s["mmacs_executed"]
     return summary
 
@@ -174,9 +177,10 @@ def table(summary: list[dict[str, Any]]) -> list[str]:
     for s in summary:
         delta = "" if s["delta_vs_dense"] is None or s["config"] == "dense" else s["delta_vs_dense"].text()
         speed = "" if s["speedup"] is None else f"{s['speedup']:.2f}× ({s['speedup'] / s['mac_ratio']:.2f})"
+        samples = "see note" if s["samples_per_sec"] is None else f"{s['samples_per_sec']:,.0f}"
         lines.append(f"| {s['config']} | {s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f} | {delta} | "
                      f"{s['params_nonzero']:,.0f} / {s['params']:,.0f} | {s['mmacs_theoretical']:.3f} | "
-                     f"{s['mmacs_executed']:.3f} | {s['samples_per_sec']:,.0f} | {speed} | `{s['flags']}` |")
+                     f"{s['mmacs_executed']:.3f} | {samples} | {speed} | `{s['flags']}` |")
     return lines
 
 
