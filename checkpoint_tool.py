@@ -47,6 +47,9 @@ def asked_for(args: argparse.Namespace) -> bool:
 def check_request(args: argparse.Namespace) -> None:
     """The checks of --eval and --visualize-tokens that hold before anything is read."""
     preflight.check_eval(args)
+    if args.semi_structured and (args.compact or not args.eval):
+        raise ValueError("--semi-structured evaluates with 2:4 sparse kernels: use it with --eval --resume CHECKPOINT "
+                         "(not with --compact, which removes whole heads and neurons)")
     if args.visualize_tokens and not args.eval and (args.report or args.flops or args.export):
         raise ValueError("--visualize-tokens draws validation images: use it when training or with --eval")
     if args.visualize_tokens and not (args.output_dir or (args.eval and args.resume)):
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.flops or args.report or args.eval:
         say("\n".join(macs))
     if args.export and proc.is_main:
-        paths = interop.export_model(model, model_name, tokens, args.export)
+        nm = contents.args.get("nm") if contents.args.get("sparse_init") == "nm" else None  # --export needs --resume
+        paths = interop.export_model(model, model_name, tokens, args.export, masks=contents.masks, nm=nm)
         say(interop.export_message(paths))
     if not args.eval:
         return {}
@@ -122,6 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          f"has {num_classes}; evaluate it on the dataset it was trained for")
     device = proc.device
     amp_dtype = choose_precision(device.type, device_supports_bf16(device), False, args.amp, args.amp_dtype).amp_dtype
+    if args.semi_structured:
+        say(models.to_semi_structured(model.to(device), amp_dtype or torch.float32).summary())
     stats = {f"test_{k}": v for k, v in engine.evaluate(model.to(device), val_loader, device, amp_dtype).items()}
     if contents is not None and contents.ema is not None:
         ema = interop.build_model(dataclasses.replace(contents, state_dict=contents.ema), detection, model_name,
@@ -174,8 +180,8 @@ def planned_model(args: argparse.Namespace, tokens: models.TokenConfig
     """--flops without a checkpoint: --model as the sparsity and token flags would make it.
 
     Returns (model, per-weight densities, full-size reference) for ``models.mac_report``. Unstructured flags give
-    the initial layer densities (ERK, uniform, ...); structured flags give the compact model with
-    int(heads * atten_density) heads and int(hidden * other_density) neurons per block, rounded to a multiple of
+    the initial layer densities (ERK, uniform, ..., N/M of the N:M tensors); structured flags give the compact model
+    with int(heads * atten_density) heads and int(hidden * other_density) neurons per block, rounded to a multiple of
     --unit-multiple.
     """
     num_classes = {"IMNET": 1000, "DIGITS": datasets.DIGITS_NUM_CLASSES,
@@ -189,7 +195,10 @@ def planned_model(args: argparse.Namespace, tokens: models.TokenConfig
                                                                     args.seed, sparse.unit_multiple))
         return model, None, full
     densities = None
-    if sparse.density is not None and sparse.density < 1:
+    if sparse.nm is not None:
+        densities = {name: sparse.density for name in sparselearning.nm_parameters(
+            model, sparse.nm_pattern[1], sparse.sparse_include, sparse.sparse_exclude)}
+    elif sparse.density is not None and sparse.density < 1:
         shapes = {name: tuple(p.shape) for name, p in
                   sparselearning.select_parameters(model, sparse.sparse_include, sparse.sparse_exclude).items()}
         densities = sparselearning.layer_densities(shapes, sparse.density, sparse.sparse_init,

@@ -69,6 +69,10 @@ S2VITE = ("--pruning_type", "structure", "--atten_density", "0.7", "--other_dens
 EXACT_UNITS, UNITS_OF_8 = ("--unit-multiple", "1"), ("--unit-multiple", "8")
 # SViTE+: a global token selector that really drops tokens (the original only zeroed them).
 TOKENS = ("--token_selection", "--token-mode", "drop")
+# N:M 2:4 in the blocks' linears (qkv, proj, fc1, fc2; patch embedding and head dense): SR-STE as in its paper (the
+# mask recomputed from the dense weights at every step of the run), and SViTE's prune-and-regrow within each group
+# of 4 on SViTE's schedule.
+NM24 = ("--sparse_init", "nm", "--nm", "2:4")
 
 CONFIGS: dict[str, tuple[str, ...]] = {
     "dense": (),
@@ -78,6 +82,9 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "s2vite_h07_m06_mult8": (*S2VITE, *UNITS_OF_8),
     "sviteplus_keep07": (*TOKENS, "--token-ratio", "0.7"),
     "sviteplus_keep07_d50": (*TOKENS, "--token-ratio", "0.7", *SVITE, "--density", "0.5"),
+    "nm24_srste": (*NM24, "--nm-method", "srste", "--update_frequency", "1", "--t_end", "1"),
+    "nm24_dst": (*NM24, "--nm-method", "dst", "--growth", "gradient", "--death", "magnitude", "--update_frequency",
+                 "25"),
 }
 # Token merging (ToMe) at sviteplus_keep07's executed MACs: the r per block `models.merges_for_macs` finds for
 # vit_digits_tiny (2.456 against 2.484 MMACs; a test keeps the two in step).
@@ -265,10 +272,10 @@ def table(summary: list[dict[str, Any]]) -> list[str]:
     for s in summary:
         delta = "" if s["delta_vs_dense"] is None or s["config"] == "dense" else s["delta_vs_dense"].text()
         speed = "" if s["speedup"] is None else f"{s['speedup']:.2f}× ({s['speedup'] / s['mac_ratio']:.2f})"
-        rate = "-" if s["samples_per_sec"] is None else f"{s['samples_per_sec']:,.0f}"
+        samples = "see note" if s["samples_per_sec"] is None else f"{s['samples_per_sec']:,.0f}"
         lines.append(f"| {s['config']} | {s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f} | {delta} | "
                      f"{s['params_nonzero']:,.0f} / {s['params']:,.0f} | {s['mmacs_theoretical']:.3f} | "
-                     f"{s['mmacs_executed']:.3f} | {rate} | {speed} | `{s['flags']}` |")
+                     f"{s['mmacs_executed']:.3f} | {samples} | {speed} | `{s['flags']}` |")
     return lines
 
 

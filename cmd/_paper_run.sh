@@ -22,7 +22,7 @@ _update_frequency_note() {
   local gpus="$1"; shift
   [ "$gpus" -eq 8 ] && return 0
   while [ $# -gt 1 ]; do
-    if [ "$1" = "--update_frequency" ]; then
+    if [ "$1" = "--update_frequency" ] && [ "$2" -gt 1 ]; then  # ΔT 1 (every step) holds on any count
       echo "note: ΔT $2 is for 8 GPUs; on $gpus keep the same updates per epoch with" \
            "--update_frequency $(( $2 * 8 / gpus )) (docs/reproduction.md#another-gpu-count)" >&2
     fi

@@ -7,7 +7,7 @@ from interop.audit import LayerAudit, audit_layers, audit_warnings, format_audit
 from interop.checkpoint_contents import CheckpointContents, read_checkpoint
 from interop.compact_checkpoint import is_compact_checkpoint, load_compact, save_compact
 from interop.detect import Detection, check_fits, detect
-from interop.export import export_message, export_model, load_export, load_sparse, save_sparse
+from interop.export import export_message, export_model, load_export, load_sparse, load_sparse_masks, save_sparse
 from interop.finetune import load_pretrained
 from interop.restore import build_model, describe, load_weights, resolve_tokens, token_summary
 
@@ -29,6 +29,7 @@ __all__ = [
     "load_export",
     "load_pretrained",
     "load_sparse",
+    "load_sparse_masks",
     "load_weights",
     "read_checkpoint",
     "resolve_tokens",

@@ -23,7 +23,7 @@ import torch
 
 from interop.checkpoint import file_kind, load_checkpoint
 from interop.compact_checkpoint import is_compact_checkpoint
-from interop.export import export_args, is_sparse_file
+from interop.export import export_args, is_sparse_file, load_sparse_masks
 
 ORIGINAL_MASK_ENTRIES = ("mask", "atten_mask", "other_mask")
 _MASK_SUFFIX = re.compile(r"_(\d+|mask)$")
@@ -86,7 +86,8 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
         masks, notes = original_masks(raw, weights)
         return CheckpointContents(path, "svite", weights, masks, args, ema, notes=notes, epoch=epoch)
     layout = "sparse" if file_kind(path) == "safetensors" and is_sparse_file(path) else "weights"
-    return CheckpointContents(path, layout, weights, args=args or export_args(path), ema=ema, epoch=epoch)
+    masks = load_sparse_masks(path) if layout == "sparse" else {}
+    return CheckpointContents(path, layout, weights, masks, args=args or export_args(path), ema=ema, epoch=epoch)
 
 
 def mask_parameter_name(key: str) -> str:

@@ -14,7 +14,10 @@ kept-channel LayerNorms from the weights' zeros (timm alone cannot express them)
 
 ``model.sparse.safetensors`` stores each mostly-zero tensor as a bit mask of its non-zero entries plus those
 entries' values, so a 50%-dense model takes about 0.53x the dense size; ``load_sparse`` restores it bit for bit, and
-``--resume`` accepts it like any checkpoint. Both files are safetensors: reading them never unpickles anything.
+``--resume`` accepts it like any checkpoint. Given the training masks, a masked tensor is stored under its mask (so
+the masks come back with ``load_sparse_masks``), and an N:M-masked one in the N:M layout of ``interop.nm_format``
+(2:4: half the values plus 4 bits of positions per group). Both files are safetensors: reading them never unpickles
+anything.
 """
 from __future__ import annotations
 
@@ -28,17 +31,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from interop.nm_format import pack_nm, unpack_nm
 from models.channel_units import pruned_channels, restore_kept_channels
 from models.token_selection import TokenConfig, apply_token_selection, token_scorers
 from models.vit import (DEIT_MODELS, DISTILLED_SUFFIX, SMALL_DISTILLED, SMALL_MODELS, architecture, count_parameters,
                         create_model)
+from sparselearning.nm import is_nm, parse_nm
 
 EXPORT_FORMAT = "svite.export/1"
 SPARSE_FORMAT = "svite.sparse/1"
 WEIGHTS, SPARSE_WEIGHTS, CONFIG = "model.safetensors", "model.sparse.safetensors", "config.json"
 
 
-def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig, out_dir: str | Path) -> dict[str, Path]:
+def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig, out_dir: str | Path,
+                 masks: dict[str, torch.Tensor] | None = None, nm: str | None = None) -> dict[str, Path]:
     """Write ``model.safetensors``, ``model.sparse.safetensors`` and ``config.json`` into ``out_dir``.
 
     Args:
@@ -46,6 +52,8 @@ def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig,
         model_name: the ``--model`` it was built as; for compact models the name of the model it was pruned from.
         tokens: its token selection (stored so ``load_export`` reinstalls the selectors).
         out_dir: created if missing.
+        masks: the training masks by parameter name, stored in the sparse file (``save_sparse``).
+        nm: the run's N:M pattern (``"2:4"``), recorded in ``config.json``; its masks are stored in the N:M layout.
 
     Returns:
         The three paths, keyed ``weights``, ``sparse`` and ``config``.
@@ -67,13 +75,13 @@ def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig,
         "token_selection": tokens.to_dict() if tokens.enabled else None,
         "embed_channels_kept": None if channels is None else channels.numel(),
         "params": total, "params_nonzero": nonzero, "weights": WEIGHTS, "sparse_weights": SPARSE_WEIGHTS,
-        "timm_loadable": timm_loadable,
+        "timm_loadable": timm_loadable, "nm": nm,
     }
     paths = {"weights": out / WEIGHTS, "sparse": out / SPARSE_WEIGHTS, "config": out / CONFIG}
     config["load_with_timm"] = timm_snippet(base, arch, paths["weights"].resolve()) if timm_loadable else None
     config["load_with_this_project"] = project_snippet(out.resolve())
     _atomic(paths["weights"], lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    save_sparse(state, paths["sparse"])
+    save_sparse(state, paths["sparse"], masks, nm)
     _atomic(paths["config"], lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return paths
 
@@ -175,10 +183,17 @@ def export_args(path: str | Path) -> dict[str, Any]:
     return {"model": config["model"], **(TokenConfig(**tokens).as_flags() if tokens else {})}
 
 
-def save_sparse(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
+def save_sparse(state_dict: dict[str, torch.Tensor], path: str | Path,
+                masks: dict[str, torch.Tensor] | None = None, nm: str | None = None) -> Path:
     """Save a state_dict with every tensor that compresses as ``<name>::bits`` (packed non-zero bit mask) plus
     ``<name>::values``; the rest as they are. Zeros come back as +0.0 (masking leaves -0.0 for negative weights;
-    storing that sign would cost the compression)."""
+    storing that sign would cost the compression).
+
+    A tensor with an entry in ``masks`` whose weights are zero outside it is stored under that mask (recorded, so
+    ``load_sparse_masks`` returns it): as ``<name>::nm_values`` plus ``<name>::nm_positions`` when the mask is ``nm``
+    (``"N:M"``), else as bits and values. Weights that do not follow their mask are stored by their non-zeros: the
+    weights are what runs."""
+    pattern = parse_nm(nm) if nm else None
     tensors: dict[str, torch.Tensor] = {}
     sparse: dict[str, dict[str, Any]] = {}
     for name, tensor in state_dict.items():
@@ -187,13 +202,19 @@ def save_sparse(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
         if not tensor.is_floating_point() or tensor.numel() == 0:
             tensors[name] = tensor
             continue
-        keep = tensor.ne(0).flatten()
+        mask = (masks or {}).get(name)
+        mask = None if mask is None or bool((tensor.ne(0) & ~mask.cpu()).any()) else mask.cpu()
+        if mask is not None and pattern is not None and is_nm(mask, *pattern):
+            tensors[f"{name}::nm_values"], tensors[f"{name}::nm_positions"] = pack_nm(tensor, mask, *pattern)
+            sparse[name] = {"shape": list(tensor.shape), "nm": list(pattern), "mask": True}
+            continue
+        keep = tensor.ne(0).flatten() if mask is None else mask.flatten()
         if int(keep.sum()) * bits + tensor.numel() >= tensor.numel() * bits:  # a bit mask + values is no smaller
             tensors[name] = tensor
             continue
         tensors[f"{name}::bits"] = torch.from_numpy(np.packbits(keep.numpy(), bitorder="little"))
         tensors[f"{name}::values"] = tensor.flatten()[keep].clone()
-        sparse[name] = {"shape": list(tensor.shape)}
+        sparse[name] = {"shape": list(tensor.shape), "mask": mask is not None}
     metadata = {"format": SPARSE_FORMAT, "sparse": json.dumps(sparse)}
     path = Path(path)
     _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -202,6 +223,15 @@ def save_sparse(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
 
 def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
     """The exact state_dict ``save_sparse`` wrote."""
+    return _read_sparse(path)[0]
+
+
+def load_sparse_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """The training masks ``save_sparse`` stored (name -> bool tensor); {} for a file written without masks."""
+    return _read_sparse(path)[1]
+
+
+def _read_sparse(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -211,10 +241,14 @@ def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
         raw = {key: f.get_tensor(key) for key in f.keys()}
     sparse = json.loads(metadata["sparse"])
     state: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
         name, _, part = key.partition("::")
         if not part:
             state[name] = tensor
+        elif part == "nm_values":
+            state[name], masks[name] = unpack_nm(tensor, raw[f"{name}::nm_positions"], sparse[name]["shape"],
+                                                 *sparse[name]["nm"])
         elif part == "values":
             shape = sparse[name]["shape"]
             numel = int(np.prod(shape))
@@ -223,7 +257,9 @@ def load_sparse(path: str | Path) -> dict[str, torch.Tensor]:
             dense = torch.zeros(numel, dtype=tensor.dtype)
             dense[keep] = tensor
             state[name] = dense.reshape(shape)
-    return state
+            if sparse[name].get("mask"):
+                masks[name] = keep.reshape(shape)
+    return state, masks
 
 
 def _atomic(path: Path, write) -> None:

@@ -20,6 +20,7 @@ from models.flops import (
     vit_macs,
     weight_densities,
 )
+from models.semi_structured import SemiStructured, to_semi_structured, two_four_linears
 from models.token_selection import (
     GlobalTokenSelector,
     TokenConfig,
@@ -55,6 +56,7 @@ __all__ = [
     "MacCount",
     "SMALL_DISTILLED",
     "SMALL_MODELS",
+    "SemiStructured",
     "TokenConfig",
     "TokenSchedule",
     "TokenScorer",
@@ -79,7 +81,9 @@ __all__ = [
     "structured_form",
     "svite_paper_densities",
     "tau_at",
+    "to_semi_structured",
     "token_scorers",
+    "two_four_linears",
     "visualize_tokens",
     "vit_macs",
     "weight_densities",

@@ -10,12 +10,18 @@ from typing import Any
 from sparselearning.criteria import DEATH_MODES, GROWTH_MODES, REDISTRIBUTION_MODES
 from sparselearning.distributions import DISTRIBUTIONS
 from sparselearning.masks import MASK_INITS
+from sparselearning.nm import parse_nm
 from sparselearning.schedules import DECAY_SCHEDULES
 from sparselearning.units import AUTO_MIN_WIDTH, AUTO_MULTIPLE, UNIT_MULTIPLE_AUTO
 
 PRUNING_TYPES = ("unstructure", "structure", "structure_new", "global")
 """SViTE's ``--pruning_type`` values; ``structure_new`` (the original scripts' spelling) aliases ``structure``;
 ``global`` is global structural pruning to a MAC budget (``sparselearning.global_pruning``)."""
+SPARSE_INITS = (*DISTRIBUTIONS, "nm")
+"""``--sparse_init`` values: a per-layer density distribution, or ``nm`` (N of every M input weights, ``--nm``)."""
+NM_METHODS = ("srste", "dst")
+"""How N:M masks are learned: SR-STE (recomputed from magnitudes, straight-through gradients) or SViTE's
+prune-and-regrow restricted to each group."""
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -32,8 +38,10 @@ class SparsityConfig:
     opt-in. ``sparse_init`` defaults to ``uniform`` as in SViTE (its scripts all passed ``fixed_ERK``).
 
     Args:
-        density: overall density of the masked tensors in (0, 1], or None for dense.
-        sparse_init: per-layer density distribution: uniform, ERK (= fixed_ERK) or ER.
+        density: overall density of the masked tensors in (0, 1], or None for dense. With ``sparse_init="nm"`` it is
+            N/M (None is set to N/M; another value is an error).
+        sparse_init: per-layer density distribution: uniform, ERK (= fixed_ERK) or ER; or ``nm``: exactly N non-zeros
+            in every group of M consecutive input weights (``nm``), by default in the transformer blocks' linears.
         update_frequency: ΔT, optimizer steps between topology updates.
         growth: gradient (RigL/SViTE), random or momentum.
         death: magnitude or SET.
@@ -68,6 +76,10 @@ class SparsityConfig:
             table (``latency_table``), instead of ``target_macs``.
         latency_lambda: ``pruning_type`` global: λ, the ranking score of a unit minus λ × the ms its removal saves.
         latency_table: ``pruning_type`` global: the measured block-latency table (JSON) for the two above.
+        nm: the N:M pattern as ``"N:M"`` (0 < N < M), with ``sparse_init="nm"`` only.
+        nm_method: ``srste`` (SR-STE: the mask is recomputed from the dense weights' magnitudes every ΔT, gradients
+            pass straight through to the pruned weights) or ``dst`` (SViTE's prune-and-regrow within each group).
+        srste_decay: SR-STE's λ: the gradient of every pruned weight w gets λ·w added (2e-4 in the paper).
     """
 
     density: float | None = None
@@ -95,12 +107,15 @@ class SparsityConfig:
     latency_lambda: float = 0.0
     latency_table: str | None = None
     unit_multiple: int | str = UNIT_MULTIPLE_AUTO
+    nm: str | None = None
+    nm_method: str = "srste"
+    srste_decay: float = 2e-4
 
     def __post_init__(self) -> None:
         valid_number = isinstance(self.density, (int, float)) and not isinstance(self.density, bool)
         if self.density is not None and not (valid_number and 0.0 < self.density <= 1.0):
             raise ValueError(f"density must be in (0, 1] (or None for dense training), got {self.density!r}")
-        _check_choice("sparse_init", self.sparse_init, DISTRIBUTIONS)
+        _check_choice("sparse_init", self.sparse_init, SPARSE_INITS)
         _check_choice("growth mode", self.growth, GROWTH_MODES)
         _check_choice("death mode", self.death, DEATH_MODES)
         _check_choice("redistribution mode", self.redistribution, REDISTRIBUTION_MODES)
@@ -121,6 +136,7 @@ class SparsityConfig:
             object.__setattr__(self, flag, tuple(patterns))
         self._check_structure()
         self._check_global()
+        self._check_nm()
         if self.mask_init != "random" and not self.enabled:
             raise ValueError(f"--mask-init {self.mask_init} chooses the first masks of a sparse run, and this run is "
                              "dense; pass --density D below 1 or --pruning_type structure, or leave --mask-init out")
@@ -184,6 +200,36 @@ class SparsityConfig:
             raise ValueError("--mask-init chooses the first masks of a DST run; global pruning starts from every "
                              "unit of the (pretrained, --finetune) model: leave --mask-init out")
 
+    def _check_nm(self) -> None:
+        if (self.sparse_init == "nm") != (self.nm is not None):
+            raise ValueError("N:M sparsity takes both --sparse_init nm and --nm N:M (e.g. --sparse_init nm --nm 2:4)")
+        _check_choice("nm method", self.nm_method, NM_METHODS)
+        if not (isinstance(self.srste_decay, (int, float)) and not isinstance(self.srste_decay, bool)
+                and math.isfinite(self.srste_decay) and self.srste_decay >= 0):
+            raise ValueError(f"--srste-decay must be a finite number >= 0, got {self.srste_decay!r}")
+        if self.nm is None:
+            return
+        n, m = parse_nm(self.nm)
+        object.__setattr__(self, "nm", f"{n}:{m}")
+        if self.structured or self.pruning_type == "global":
+            raise ValueError(f"--sparse_init nm masks single weights; it does not combine with --pruning_type "
+                             f"{self.pruning_type}")
+        if self.density is not None and not math.isclose(self.density, n / m, rel_tol=1e-9):
+            raise ValueError(f"--nm {n}:{m} keeps a density of exactly {n}/{m}; drop --density {self.density:g} (or "
+                             f"pass {n / m:g})")
+        object.__setattr__(self, "density", n / m)
+        if self.redistribution != "none":
+            raise ValueError(f"--redistribution {self.redistribution} moves weights between layers, but N:M keeps "
+                             "exactly N in every group of M; use --redistribution none")
+        if self.nm_method == "srste" and (self.growth, self.death) != ("gradient", "magnitude"):
+            raise ValueError(f"--nm-method srste recomputes the mask from the weights' magnitudes, so --growth "
+                             f"{self.growth} / --death {self.death} have no effect; drop them or use --nm-method dst")
+
+    @property
+    def nm_pattern(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M run, else None."""
+        return None if self.nm is None else parse_nm(self.nm)
+
     @property
     def structured(self) -> bool:
         """Whether heads and MLP neurons are pruned (``--pruning_type structure``)."""
@@ -223,6 +269,9 @@ class SparsityConfig:
             latency_lambda=args.latency_lambda,
             latency_table=args.latency_table,
             unit_multiple=args.unit_multiple,
+            nm=args.nm,
+            nm_method=args.nm_method,
+            srste_decay=args.srste_decay,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,8 +303,9 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("unstructured sparsity (SViTE)")
     group.add_argument("--density", type=float, default=None,
                        help="overall density of the masked weights in (0, 1]; default: dense training, no masks")
-    group.add_argument("--sparse_init", default="uniform", choices=DISTRIBUTIONS,
-                       help="per-layer density distribution (fixed_ERK is an alias of ERK; default: uniform, as SViTE)")
+    group.add_argument("--sparse_init", default="uniform", choices=SPARSE_INITS,
+                       help="per-layer density distribution (fixed_ERK is an alias of ERK; default: uniform, as SViTE), "
+                            "or nm: N of every M consecutive input weights (--nm)")
     group.add_argument("--mask-init", dest="mask_init", default="random", choices=MASK_INITS,
                        help="the first masks: random (SViTE) or magnitude: the largest-|w| weights of each layer at "
                             "the --sparse_init densities, or with --pruning_type structure the heads and neurons of "
@@ -275,8 +325,17 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--sparse-exclude", dest="sparse_exclude", nargs="+", default=[], metavar="PATTERN",
                        help="fnmatch patterns of parameter names not to mask (e.g. 'head.weight')")
     group.add_argument("--sparse-include", dest="sparse_include", nargs="+", default=[], metavar="PATTERN",
-                       help="fnmatch patterns; only matching 2-D/4-D weights are masked")
+                       help="fnmatch patterns; only matching 2-D/4-D weights are masked (default: all of them; with "
+                            "--sparse_init nm: 'blocks.*', the blocks' linears)")
     group.add_argument("--erk-power", dest="erk_power", type=float, default=1.0, help="exponent of the ERK score")
+    group.add_argument("--nm", default=None, metavar="N:M",
+                       help="with --sparse_init nm: exactly N non-zeros in every M consecutive input weights (2:4 is "
+                            "what sparse tensor cores run)")
+    group.add_argument("--nm-method", dest="nm_method", default="srste", choices=NM_METHODS,
+                       help="how N:M masks are learned: srste (recomputed from |w| every --update_frequency steps, "
+                            "straight-through gradients) or dst (SViTE's prune-and-regrow within each group)")
+    group.add_argument("--srste-decay", dest="srste_decay", type=float, default=2e-4, metavar="LAMBDA",
+                       help="SR-STE: λ·w added to the gradient of every pruned weight w")
 
     structure = parser.add_argument_group("structured sparsity (S²ViTE: attention heads and MLP neurons)")
     structure.add_argument("--pruning_type", default="unstructure", choices=PRUNING_TYPES,

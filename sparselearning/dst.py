@@ -133,19 +133,36 @@ class Masking(ScheduledMasks):
             redistribution=redistribution, death_rate=death_rate, decay_schedule=decay_schedule, t_end=t_end,
             sparse_exclude=sparse_exclude, sparse_include=sparse_include, erk_power=erk_power, mask_init=mask_init,
         )
+        self._build(model, optimizer, total_steps, seed, log_fn)
+
+    def _build(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
+               log_fn: LogFn | None) -> None:
+        """Everything after ``self.config``: criteria, masked tensors, initial masks and their enforcement. A mask
+        layout of its own (N:M) overrides ``_select_parameters`` and ``_initial_masks``."""
+        cfg = self.config
         self._start_schedule(optimizer, total_steps, seed, log_fn)
-        self._death_rule = DEATH_RULES[death]
-        self._signal = GROWTH_SIGNALS.get(growth)
-        self._layer_stat = LAYER_STATS.get(redistribution)
-        params = select_parameters(model, sparse_include, sparse_exclude)
+        self._death_rule = DEATH_RULES[cfg.death]
+        self._signal = GROWTH_SIGNALS.get(cfg.growth)
+        self._layer_stat = LAYER_STATS.get(cfg.redistribution)
+        params = self._select_parameters(model)
         self.total_parameters = sum(p.numel() for p in unwrap_model(model).parameters())
         self.shapes = {name: tuple(p.shape) for name, p in params.items()}
-        densities = layer_densities(self.shapes, density, sparse_init, erk_power=erk_power)
-        first_masks = MaskSet.magnitude if mask_init == "magnitude" else MaskSet.random
-        self._enforce(first_masks(params, layer_counts(densities, self.shapes), self.seed), "sparse training", model)
+        self._enforce(self._initial_masks(params), "sparse training", model)
         self._refresh_counts()
         self.check_consistency()
         self.log_fn(self.record("init"))
+
+    def _select_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The tensors to mask: every maskable weight, narrowed by ``sparse_include``/``sparse_exclude``."""
+        return select_parameters(model, self.config.sparse_include, self.config.sparse_exclude)
+
+    def _initial_masks(self, params: dict[str, nn.Parameter]) -> MaskSet:
+        """Exact per-layer counts from the density distribution, at random positions drawn from (seed, name), or with
+        ``mask_init`` magnitude at the largest-|w| positions."""
+        cfg = self.config
+        densities = layer_densities(self.shapes, cfg.density, cfg.sparse_init, erk_power=cfg.erk_power)
+        first_masks = MaskSet.magnitude if cfg.mask_init == "magnitude" else MaskSet.random
+        return first_masks(params, layer_counts(densities, self.shapes), self.seed)
 
     @classmethod
     def from_config(
@@ -292,8 +309,8 @@ def build_sparsifier(
     units: StructureSource | None = None,
 ) -> Sparsifier:
     """The sparsifier a run asks for: ``DenseSparsifier`` (no masks, no hook, no cost) when ``cfg`` is None, or
-    unstructured with density None or 1.0; ``StructuredDST`` for ``pruning_type`` structure; ``GlobalPruning`` for
-    ``pruning_type`` global; otherwise ``Masking``.
+    unstructured with density None or 1.0; ``SRSTE`` or ``NMMasking`` for ``sparse_init`` nm; ``StructuredDST`` for
+    ``pruning_type`` structure; ``GlobalPruning`` for ``pruning_type`` global; otherwise ``Masking``.
 
     Args:
         cfg: parsed sparsity settings.
@@ -307,6 +324,10 @@ def build_sparsifier(
     """
     if cfg is None or not cfg.enabled:
         return DenseSparsifier()
+    if cfg.nm is not None:
+        from sparselearning.nm_masking import nm_sparsifier  # builds on this module, so imported late
+
+        return nm_sparsifier(cfg, model, optimizer, total_steps, seed=seed, log_fn=log_fn)
     if cfg.structured:
         from sparselearning.structured import StructuredDST  # builds on this module, so imported late
 

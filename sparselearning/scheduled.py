@@ -189,8 +189,13 @@ class ScheduledMasks(ABC):
             return False
         changed = self._commit(self._select(scores, self.death_rate(step), step), step)
         self.check_consistency()
-        self.log_fn(self.record("update"))
+        if self._logs_update(step):
+            self.log_fn(self.record("update"))
         return changed
+
+    def _logs_update(self, step: int) -> bool:
+        """Whether the update at ``step`` goes to ``log_fn``: every one, unless a method updates too often for that."""
+        return True
 
     def _select(self, scores: UpdateScores, rate: float, step: int) -> dict[str, torch.Tensor]:
         """SViTE's per-layer rule: ``ceil(rate * active)`` active units die by the death rule (none in a frozen
@@ -205,8 +210,13 @@ class ScheduledMasks(ABC):
             kept[name] = mask & ~death
         counts = self._allocate(dropped, scores.frozen)
         for name, mask in kept.items():
-            mask |= grow_highest(scores.growth(name), ~mask, counts[name], self._tie_seeds(name, step)[1])
+            mask |= self._grow(scores.growth(name), mask, counts[name], self._tie_seeds(name, step)[1])
         return kept
+
+    def _grow(self, growth: torch.Tensor, kept: torch.Tensor, count: int, tie_seed: int) -> torch.Tensor:
+        """The ``count`` inactive units (``~kept``) with the highest growth scores; a granularity with a pattern to
+        keep (N:M) chooses them within its groups."""
+        return grow_highest(growth, ~kept, count, tie_seed)
 
     @abstractmethod
     def _units(self) -> Mapping[str, torch.Tensor]:

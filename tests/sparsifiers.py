@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from sparselearning import Masking, Sparsifier, StructuredDST
+from sparselearning import SRSTE, Masking, NMMasking, Sparsifier, StructuredDST
 from sparselearning.base import combine
 from sparselearning.global_pruning import GlobalPruning
 
@@ -64,6 +64,24 @@ def global_pruning(**options: Any) -> Callable[..., Sparsifier]:
               **schedule: Any) -> Sparsifier:
         return GlobalPruning(module, optimizer, models.global_units(module), total_steps, seed=seed, log_fn=silent,
                              **{"target_macs": 0.6, "prune_every": UPDATE_FREQUENCY, "prune_units": 12, **options})
+    return build
+
+
+def nm_dst(**options: Any) -> Callable[..., Sparsifier]:
+    def build(module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
+              **schedule: Any) -> Sparsifier:
+        return NMMasking(module, optimizer, total_steps, seed=seed, log_fn=silent,
+                         **{"update_frequency": UPDATE_FREQUENCY, **options, **schedule})
+    return build
+
+
+def srste(**options: Any) -> Callable[..., Sparsifier]:
+    """SR-STE takes the schedule's ΔT and t_end; it has no growth criterion or death rate to override."""
+    def build(module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
+              **schedule: Any) -> Sparsifier:
+        timing = {k: v for k, v in schedule.items() if k in ("update_frequency", "t_end")}
+        return SRSTE(module, optimizer, total_steps, seed=seed, log_fn=silent,
+                     **{"update_frequency": UPDATE_FREQUENCY, "t_end": 0.8, **options, **timing})
     return build
 
 
@@ -122,6 +140,8 @@ CASES = [
     Case("structured-random", structured(growth="random", death_rate=0.5, decay_schedule="constant"),
          local_statistics=True, variant=True),
     Case("global", global_pruning(), regrows=False, masks_at_start=False),
+    Case("nm-srste", srste()),
+    Case("nm-dst", nm_dst(), variant=True),
     Case("tokens", token_schedule(GLOBAL_ZERO), GLOBAL_ZERO, masks_weights=False, changes_topology=False),
     Case("unstructured+tokens", chain(masking(), token_schedule(LAYERWISE_DROP)), LAYERWISE_DROP, variant=True),
 ]

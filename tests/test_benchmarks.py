@@ -239,7 +239,19 @@ def test_optimizer_state_table_pairs_both_defaults_with_the_same_dense_seeds() -
 
 def test_study_default_configs_are_the_issue_list() -> None:
     assert list(study.CONFIGS) == ["dense", "sviite_d50", "sviite_d30", "s2vite_h07_m06", "s2vite_h07_m06_mult8",
-                                   "sviteplus_keep07", "sviteplus_keep07_d50", "tome_keep07"]
+                                   "sviteplus_keep07", "sviteplus_keep07_d50", "nm24_srste", "nm24_dst", "tome_keep07"]
+
+
+def test_study_rows_appended_without_a_throughput_show_no_speedup() -> None:
+    """Rows trained and timed in another session carry no samples/s: their accuracy pairs with dense, their speed
+    does not compare."""
+    rows = [{"config": c, "seed": str(s), "test_acc1": str(90.0 + s + (c == "nm24_srste")), "params": "1",
+             "params_nonzero": "1", "mmacs_theoretical": "1", "mmacs_executed": "1",
+             "samples_per_sec": "" if c == "nm24_srste" else "100"} for c in ("dense", "nm24_srste") for s in range(2)]
+    dense, nm = study.summarize(rows)
+    assert dense["speedup"] == 1.0 and nm["samples_per_sec"] is None and nm["speedup"] is None
+    assert nm["delta_vs_dense"].mean == 1.0
+    assert "| see note |  |" in study.table([dense, nm])[-1]
 
 
 def test_study_rebuilds_the_deployed_model_from_a_run_directory(tmp_path: Path) -> None:

@@ -49,13 +49,14 @@ EXPECTED = {
     "sviteplus_small_data5_sparse50_drop": (SMALL, 64, 600, 0.5, 15000, None, (187, "drop")),
     "sviteplus_small_data10_sparse50_zero": (SMALL, 64, 600, 0.5, 15000, None, (177, "zero")),
     "sviteplus_small_data10_sparse50_drop": (SMALL, 64, 600, 0.5, 15000, None, (177, "drop")),
+    "srste_small_nm24": (SMALL, 128, 300, None, 1, None, None),  # --nm 2:4: density 2/4 without --density
 }
 # SViTE's flags common to all its runs (and the original's t_end for the structured ones).
 COMMON_SPARSE = dict(sparse_init="fixed_ERK", growth="gradient", death="magnitude", redistribution="none", t_end=0.8)
 # The only flags a paper script may set; everything else must stay at main.py's (DeiT) defaults.
 ALLOWED = {"data_set", "data_path", "output_dir", "auto_resume", "model", "batch_size", "epochs", "density", "update_frequency",
            "pruning_type", "atten_head", "atten_density", "other_density", "unit_multiple", "token_selection",
-           "token_number", "token_mode", *COMMON_SPARSE}
+           "token_number", "token_mode", "nm", "nm_method", *COMMON_SPARSE}
 
 
 def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
@@ -106,7 +107,9 @@ def test_dry_run_launches_the_configuration(name: str) -> None:
     defaults = main.get_args_parser().parse_args([])
     changed = {key for key, value in vars(args).items() if value != getattr(defaults, key)}
     assert changed <= ALLOWED, f"{name} sets flags outside the paper configuration: {changed - ALLOWED}"
-    if sparse_cfg.enabled:
+    if sparse_cfg.nm is not None:  # SR-STE's recipe: the mask recomputed at every step of the whole run
+        assert (args.sparse_init, args.nm, args.nm_method, args.t_end) == ("nm", "2:4", "srste", 1.0)
+    elif sparse_cfg.enabled:
         assert {key: getattr(args, key) for key in COMMON_SPARSE} == COMMON_SPARSE
         assert sparse_cfg.structured == (args.pruning_type == "structure_new")
         assert sparse_cfg.unit_multiple == (1 if sparse_cfg.structured else "auto"), "the paper's exact counts"

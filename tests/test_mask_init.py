@@ -111,3 +111,20 @@ def test_mask_init_is_validated_and_checked_on_resume() -> None:
         masking(micro(), mask_init="magnitude").load_state_dict(state)
     older = {**state, "config": {k: v for k, v in state["config"].items() if k != "mask_init"}}
     masking(micro(), mask_init="magnitude").load_state_dict(older)  # a state that predates the setting loads
+
+
+def test_nm_dst_magnitude_keeps_the_n_largest_of_every_group_of_m() -> None:
+    from sparselearning.nm_masking import NMMasking
+
+    model = micro()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    sparsifier = NMMasking(model, torch.optim.AdamW(model.parameters()), total_steps=1000, nm="2:4",
+                           mask_init="magnitude", log_fn=silent)
+    assert sparsifier.masks and sparsifier.state_dict()["config"]["mask_init"] == "magnitude"
+    for name, mask in sparsifier.masks.items():
+        groups = before[name].abs().reshape(-1, 4)
+        expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(2, dim=1).indices, True)
+        assert torch.equal(mask.reshape(-1, 4), expected), name
+    other = micro()
+    random_init = NMMasking(other, torch.optim.AdamW(other.parameters()), total_steps=1000, nm="2:4", log_fn=silent)
+    assert any(not torch.equal(random_init.masks[n], m) for n, m in sparsifier.masks.items())

@@ -160,15 +160,3 @@ def test_the_sweep_tabulates_every_multiple_with_its_width_and_marks_the_default
     (tmp_path / "sweep.md").write_text(text.replace("| 64 | 64 of 128 |", "| stale |"))
     unit_multiple.main(["--csv", str(csv_path), "--from-csv"])
     assert csv_path.with_suffix(".md").read_text() == text
-
-
-def test_study_rows_appended_without_throughput_keep_their_accuracy_and_show_no_speed():
-    from benchmarks import study
-
-    rows = [{"config": config, "seed": seed, "test_acc1": 90.0 + seed + shift, "params": 10, "params_nonzero": 10,
-             "mmacs_theoretical": macs, "mmacs_executed": macs, "samples_per_sec": rate}
-            for config, shift, macs, rate in (("dense", 1.0, 4.0, "100.0"), ("s2vite_h07_m06_mult8", 0.0, 2.0, ""))
-            for seed in range(3)]
-    lines = study.table(study.summarize(rows))
-    mult8 = next(line for line in lines if line.startswith("| s2vite_h07_m06_mult8 |"))
-    assert "| -1.00 [-1.00, -1.00] (n=3) |" in mult8 and "| 2.000 | - |  |" in mult8

@@ -159,6 +159,10 @@ def _add_checkpoint_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--flops", action="store_true",
                    help="print params (dense, non-zero) and MACs per image (dense, SViTE-theoretical, executed); "
                         "without --resume, of --model with the given sparsity and token flags")
+    g.add_argument("--semi-structured", dest="semi_structured", action="store_true",
+                   help="with --eval: run the 2:4-masked linears on sparse tensor cores "
+                        "(torch.sparse.to_sparse_semi_structured; CUDA, fp16/bf16); elsewhere evaluates dense and "
+                        "says why")
     g.add_argument("--export", default="", metavar="DIR",
                    help="write model.safetensors + config.json (timm-loadable where possible) and a compressed "
                         "sparse model.sparse.safetensors into DIR")
@@ -168,7 +172,7 @@ def _add_checkpoint_args(g: argparse._ArgumentGroup) -> None:
 # schedule, the temperature schedule): checkpoint_tool.py hides and refuses them.
 TRAINING_ONLY = ("color_jitter", "aa", "train_interpolation", "hflip", "reprob", "remode", "recount",
                  "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule", "t_end",
-                 "atten_head", "structure_compat", "tau_schedule", "mask_init")
+                 "atten_head", "structure_compat", "tau_schedule", "mask_init", "nm_method", "srste_decay")
 
 
 class _TrainingOnly(argparse.Action):

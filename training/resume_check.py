@@ -15,8 +15,9 @@ The rule, by flag:
   would silently override new values), the regularisation and augmentation recipe, ``--clip-grad``, the EMA
   (``--model-ema``, ``--model-ema-decay``), ``--seed`` (it seeds the data order and the lr noise), and ``--epochs``
   unless it grows.
-- Must match where they act: the sparsity kind (``--density`` for dense or unstructured, ``--pruning_type``) always;
-  ``--sparse_init``, ``--erk-power``, ``--sparse-include``, ``--sparse-exclude`` for unstructured runs;
+- Must match where they act: the sparsity kind (``--density`` for dense or unstructured, ``--pruning_type``,
+  ``--nm``) always; ``--sparse_init``, ``--erk-power``, ``--sparse-include``, ``--sparse-exclude``, ``--nm-method``,
+  ``--srste-decay`` for unstructured runs (N:M runs are unstructured);
   ``--atten_density``, ``--other_density``, ``--structure-compat``, ``--unit-multiple`` for structured runs;
   ``--target-macs``, ``--prune-every``, ``--prune-units``, ``--target-latency``, ``--latency-lambda``,
   ``--latency-table`` for global pruning; the topology schedule and
@@ -49,6 +50,7 @@ RUNTIME_FLAGS = frozenset({
     "skip_unreadable_images", "print_freq", "verbose", "tensorboard", "visualize_tokens", "save_every_steps",
     "model_ema_force_cpu", "dist_url", "atten_head",
     "resume", "auto_resume", "start_epoch", "eval", "compact", "report", "flops", "export", "save_teacher_topk",
+    "semi_structured",
 })
 """Flags (argparse dests) that may differ between a checkpoint and its resumed run."""
 
@@ -60,9 +62,9 @@ EXPERIMENT_FLAGS = frozenset({
     "mixup_mode", "data_set", "inat_category", "input_size", "color_jitter", "aa", "train_interpolation", "hflip",
     "reprob", "remode", "recount", "seed", "finetune",
     "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
-    "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type", "mask_init",
-    "atten_density", "other_density", "structure_compat", "unit_multiple", "target_macs", "prune_every", "prune_units",
-    "target_latency", "latency_lambda", "latency_table",
+    "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type", "mask_init", "nm", "nm_method",
+    "srste_decay", "atten_density", "other_density", "structure_compat", "unit_multiple", "target_macs", "prune_every",
+    "prune_units", "target_latency", "latency_lambda", "latency_table",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
     "distillation_type", "teacher_model", "teacher_path", "distillation_alpha", "distillation_tau",
     "teacher_topk", "teacher_topk_k",
@@ -70,12 +72,13 @@ EXPERIMENT_FLAGS = frozenset({
 })
 """Flags (argparse dests) that must match; the sparsity and token ones only where they act (``compare``)."""
 
-KIND_FLAGS = ("density", "pruning_type", "token_selection", "distillation_type")
+KIND_FLAGS = ("density", "pruning_type", "nm", "token_selection", "distillation_type")
 """Flags that choose what kind of sparsity a run has; compared whenever either run uses them."""
 
 _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
                            "t_end", "mask_init"})
-_UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude"})
+_UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude", "nm",
+                                 "nm_method", "srste_decay"})
 _GLOBAL_FLAGS = frozenset({"target_macs", "prune_every", "prune_units", "target_latency", "latency_lambda",
                            "latency_table"})
 _STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat", "unit_multiple"})
@@ -133,7 +136,8 @@ def _kind(settings: Mapping[str, Any]) -> str:
         return "structured"
     if settings.get("pruning_type") == "global":
         return "global"
-    return "dense" if settings.get("density") is None else "unstructured"
+    nm = settings.get("sparse_init") == "nm"  # its density is N/M, given by --nm
+    return "dense" if settings.get("density") is None and not nm else "unstructured"
 
 
 def _acts(flag: str, settings: Mapping[str, Any]) -> bool:
