@@ -324,5 +324,5 @@ def test_study_append_keeps_recorded_rows_and_names_changed_numerics(tmp_path: P
     assert ("- appended 1 rows by `python benchmarks/study.py --configs dense tome_keep07`" in table
             and "1 reproduced their top-1 exactly and 1 did not: dense seed 1: recorded 90.00, now 95.00" in table)
     assert "- command: `python benchmarks/study.py`" in table
-    assert re.search(r"\| tome_keep07 \| 1 \| 89\.50 ± 0\.00 \|.* \| - \|  \| `--token-mode merge", table)  # not timed
+    assert re.search(r"\| tome_keep07 \| 1 \| 89\.50 ± 0\.00 \|.* \| see note \|  \| `--token-mode merge", table)  # not timed
     assert "| dense | 3 | 90.00 ± 1.00 |" in table  # the recorded rows, not the re-trained ones
