@@ -122,6 +122,7 @@ CASES = [
     Case("structured-random", structured(growth="random", death_rate=0.5, decay_schedule="constant"),
          local_statistics=True, variant=True),
     Case("global", global_pruning(), regrows=False, masks_at_start=False),
+    Case("global-multiple4", global_pruning(unit_multiple=4), regrows=False, masks_at_start=False, variant=True),
     Case("tokens", token_schedule(GLOBAL_ZERO), GLOBAL_ZERO, masks_weights=False, changes_topology=False),
     Case("unstructured+tokens", chain(masking(), token_schedule(LAYERWISE_DROP)), LAYERWISE_DROP, variant=True),
 ]
