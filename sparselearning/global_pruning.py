@@ -224,6 +224,34 @@ def latency_penalty(savings: Mapping[str, float], lam: float) -> dict[str, float
     return {name: lam * saving for name, saving in savings.items()}
 
 
+def select_removals(scores: Mapping[str, torch.Tensor], active: Mapping[str, torch.Tensor],
+                    multiples: Mapping[str, int], cost: Callable[[Mapping[str, int]], float], budget: float,
+                    max_units: int, latency: Callable[[Mapping[str, int]], float] | None = None,
+                    latency_lambda: float = 0.0) -> dict[str, torch.Tensor]:
+    """One pruning step of the global rule: the new unit masks after up to ``max_units`` units (in removals of their
+    multiple) of the one ranking go, within ``budget`` of ``cost``; with ``latency_lambda`` > 0 each removal's score
+    is first penalised by λ × the ``latency`` it saves at the current counts."""
+    penalty = None
+    if latency_lambda:
+        counts = {name: int(mask.sum()) for name, mask in active.items()}
+        penalty = latency_penalty(removal_savings(counts, latency, multiples), latency_lambda)
+    order = global_order(scores, active, multiples, penalty)
+    return prune_to_budget(order, active, cost, budget, max_units)
+
+
+def unit_masks(groups: Sequence[UnitGroup], active: Mapping[str, torch.Tensor],
+               params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every owned tensor's mask when the units ``active[group]`` are kept: the AND over the groups that split it (a
+    ``qkv`` entry needs its head and its input channel). ``models.compact_model(model, masks)`` reads them."""
+    masks: dict[str, torch.Tensor] = {}
+    for g in groups:
+        for s in g.slices:
+            param = params[s.param]
+            unit_mask = expand_units(active[g.name].to(param.device), s, param.shape)
+            masks[s.param] = masks[s.param] & unit_mask if s.param in masks else unit_mask
+    return masks
+
+
 def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -329,15 +357,7 @@ class GlobalPruning(ScheduledMasks):
     # ------------------------------------------------------------------------------------------------ masks
 
     def _unit_masks(self) -> dict[str, torch.Tensor]:
-        """Every owned tensor's mask: the AND over the groups that split it (a ``qkv`` entry needs its head and its
-        input channel)."""
-        masks: dict[str, torch.Tensor] = {}
-        for g in self.groups:
-            for s in g.slices:
-                param = self.params[s.param]
-                unit_mask = expand_units(self.active[g.name].to(param.device), s, param.shape)
-                masks[s.param] = masks[s.param] & unit_mask if s.param in masks else unit_mask
-        return masks
+        return unit_masks(self.groups, self.active, self.params)
 
     @property
     def current_macs(self) -> float:
@@ -379,13 +399,9 @@ class GlobalPruning(ScheduledMasks):
         """The global rule: the ``prune_units`` lowest-scored active units of all groups go (neurons and channels in
         removals of their multiple), within the budget; with λ > 0 each removal's score is latency-penalised by what
         it saves at the current counts."""
-        ranked = {name: scores.death(name) for name in self.active}
-        penalty = None
-        if self.config.latency_lambda:
-            savings = removal_savings(self._active_counts(), self.units.latency, self.multiples)
-            penalty = latency_penalty(savings, self.config.latency_lambda)
-        order = global_order(ranked, self.active, self.multiples, penalty)
-        return prune_to_budget(order, self.active, self.cost, self.budget, self.config.prune_units)
+        return select_removals({name: scores.death(name) for name in self.active}, self.active, self.multiples,
+                               self.cost, self.budget, self.config.prune_units, self.units.latency,
+                               self.config.latency_lambda)
 
     def _commit(self, new: dict[str, torch.Tensor], step: int) -> bool:
         self._removed = sum(int((self.active[n] & ~new[n]).sum()) for n in new)

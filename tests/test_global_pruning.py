@@ -3,6 +3,7 @@ channels, the Taylor score window, the one global ranking and the MAC budget. Th
 enforcement) cover it through tests/sparsifiers.py CASES."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 
@@ -491,3 +492,24 @@ def test_the_latency_table_command_measures_a_table_that_covers_the_model(tmp_pa
     units = models.GlobalUnits(plain_micro(), table)
     assert units.latency({"embed": 32, "blocks.0.attn": 2, "blocks.0.mlp": 128, "blocks.1.attn": 2,
                           "blocks.1.mlp": 128}) == pytest.approx(2 * float(table.ms[-1, -1, 0, -1]))
+
+
+def test_the_deit_b_benchmark_prunes_both_criteria_to_equal_macs_from_the_same_scores(tmp_path) -> None:
+    """benchmarks/global_pruning.py on vit_digits_micro with the hand table: both architectures meet the MAC budget
+    within 1%, the latency-aware one differs and costs less by the table, and the rows record the timing."""
+    from benchmarks import global_pruning
+
+    table = save_table(hand_table(batch_size=4, meta={"device": "hand", "threads": 1, "date": "-"}),
+                       tmp_path / "t.json")
+    csv_path = global_pruning.main(["--model", "vit_digits_micro", "--latency-table", str(table), "--target-macs",
+                                    "0.5", "--prune-units", "16", "--latency-lambda", "0.05", "--score-batches", "2",
+                                    "--batch-size", "2", "--repeats", "1", "--csv", str(tmp_path / "gp.csv")])
+    rows = {r["criterion"]: r for r in csv.DictReader(open(csv_path))}
+    assert list(rows) == ["dense", "MAC-only", "latency-aware"]
+    for name in ("MAC-only", "latency-aware"):
+        assert 0.5 * 0.99 <= 1 / float(rows[name]["mac_ratio"]) <= 0.5
+        assert float(rows[name]["speedup"]) > 0 and rows[name]["command"].startswith("python benchmarks/")
+    widths = ("embed_dim", "block_heads", "block_mlp_hidden")
+    assert [rows["latency-aware"][k] for k in widths] != [rows["MAC-only"][k] for k in widths], "λ reorders"
+    assert float(rows["latency-aware"]["vs_mac_only"]) > 0 and rows["MAC-only"]["vs_mac_only"] == ""
+    assert "| latency-aware | 0.05 |" in csv_path.with_suffix(".md").read_text()
