@@ -2,6 +2,7 @@
 
     python benchmarks/study.py                      # every configuration, 3 seeds, 2 runs at a time
     python benchmarks/study.py --configs dense sviite_d50 --seeds 0 1
+    python benchmarks/study.py --configs dense global_macs057_ft s2vite_h07_m06_ft --seeds 0 1   # from dense runs
 
 Each run is a separate main.py process (runs cannot leak state into each other). Afterwards every trained model is
 rebuilt as it would be deployed (the compacted model for S²ViTE, the masked or token-selecting model otherwise),
@@ -73,6 +74,11 @@ TOKENS = ("--token_selection", "--token-mode", "drop")
 # mask recomputed from the dense weights at every step of the run), and SViTE's prune-and-regrow within each group
 # of 4 on SViTE's schedule.
 NM24 = ("--sparse_init", "nm", "--nm", "2:4")
+# Global pruning to the executed MACs of compact S²ViTE 0.7/0.6 (2.013 of dense 3.540 MMACs), pruning 48 units
+# every 10 steps (done within about the first 150 of 460 steps), against S²ViTE from the same start: the magnitude-ranked
+# heads and neurons of the dense model, then its DST. Both fine-tune the same seed's dense run (``FROM_DENSE``).
+GLOBAL_AT_S2VITE_MACS = ("--pruning_type", "global", "--target-macs", "0.5686", "--prune-every", "10",
+                         "--prune-units", "48")
 
 CONFIGS: dict[str, tuple[str, ...]] = {
     "dense": (),
@@ -85,6 +91,8 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "nm24_srste": (*NM24, "--nm-method", "srste", "--update_frequency", "1", "--t_end", "1"),
     "nm24_dst": (*NM24, "--nm-method", "dst", "--growth", "gradient", "--death", "magnitude", "--update_frequency",
                  "25"),
+    "s2vite_h07_m06_ft": (*S2VITE, *EXACT_UNITS, "--mask-init", "magnitude"),
+    "global_macs057_ft": GLOBAL_AT_S2VITE_MACS,
 }
 # Token merging (ToMe) at sviteplus_keep07's executed MACs: the r per block `models.merges_for_macs` finds for
 # vit_digits_tiny (2.456 against 2.484 MMACs; a test keeps the two in step).
@@ -95,6 +103,15 @@ CONFIGS["tome_keep07"] = ("--token-mode", "merge", "--tome-r", *map(str, TOME_KE
 POSTHOC: dict[str, tuple[str, tuple[int, ...]]] = {
     "dense+tome_keep07": ("dense", TOME_KEEP07_R),
 }
+FROM_DENSE = frozenset({"s2vite_h07_m06_ft", "global_macs057_ft"})
+"""Configurations that start from the final checkpoint of the dense run of the same seed (``--finetune``) and
+train half the study's epochs: they run after the dense runs, which must be in the same ``--out``."""
+
+
+def run_epochs(config: str, epochs: int) -> int:
+    """The epochs a configuration trains in a study of ``epochs``: half for a fine-tuning one (``FROM_DENSE``)."""
+    return max(1, epochs // 2) if config in FROM_DENSE else epochs
+
 
 # Inference protocol for the trained models: DIGITS-sized random input, one thread on the process CPU clock (the
 # runs share the machine), every model timed interleaved with the others, median of the repeats.
@@ -145,9 +162,17 @@ def evaluate_posthoc(config: str, seed: int, out: Path, epochs: int = EPOCHS) ->
 def run_one(config: str, seed: int, out: Path, epochs: int = EPOCHS) -> dict[str, Any]:
     """Train one (configuration, seed) in its own process and return its final-epoch record."""
     run_dir = out / "runs" / f"{config}_seed{seed}"
+    start_from: tuple[str, ...] = ()
+    if config in FROM_DENSE:
+        dense = out / "runs" / f"dense_seed{seed}" / "checkpoint.pth"
+        if not dense.exists():
+            raise RuntimeError(f"{config} fine-tunes the dense run of seed {seed}, and {dense} does not exist: "
+                               f"include dense in --configs (with --seeds {seed}) or train it first into {out}")
+        start_from = ("--finetune", str(dense))
+    epochs = run_epochs(config, epochs)
     shutil.rmtree(run_dir, ignore_errors=True)  # a study re-run trains afresh; main.py refuses to overwrite a run
-    cmd = [sys.executable, str(ROOT / "main.py"), *BASE, "--epochs", str(epochs), *CONFIGS[config], "--seed",
-           str(seed), "--output_dir", str(run_dir)]
+    cmd = [sys.executable, str(ROOT / "main.py"), *BASE, "--epochs", str(epochs), *CONFIGS[config], *start_from,
+           "--seed", str(seed), "--output_dir", str(run_dir)]
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env_vars, capture_output=True, text=True)
@@ -290,7 +315,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     for ax, key, title in ((axes[0], "mmacs_theoretical", "theoretical MACs (the paper's count)"),
                            (axes[1], "mmacs_executed", "executed MACs (what the code computes)")):
         # Masked runs share dense's executed MACs: shapes tell them apart.
-        for s, marker in zip(summary, "os^DvP*Xhp<>"):
+        for s, marker in zip(summary, "os^DvP*Xhp<>8H"):
             ax.errorbar(s[key], s["mean"], yerr=s["std"], fmt=marker, markersize=8, capsize=4, alpha=0.85,
                         label=s["config"])
         ax.set_xlabel(f"{title}, millions per image")
@@ -374,13 +399,15 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [(c, s) for c in args.configs if c in CONFIGS for s in args.seeds]
     posthoc = [(c, s) for c in args.configs if c in POSTHOC for s in args.seeds]
     if args.measure_only:
-        rows = [finished_row(c, s, args.out / "runs" / f"{c}_seed{s}", args.epochs) for c, s in jobs
+        rows = [finished_row(c, s, args.out / "runs" / f"{c}_seed{s}", run_epochs(c, args.epochs)) for c, s in jobs
                 if (args.out / "runs" / f"{c}_seed{s}" / "log.txt").exists()]
         rows += [posthoc_row(c, s, args.out / "runs" / f"{c}_seed{s}") for c, s in posthoc
                  if (args.out / "runs" / f"{c}_seed{s}" / "posthoc.json").exists()]
     else:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            rows = list(pool.map(lambda job: run_one(*job, args.out, args.epochs), jobs))
+        rows = []
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # the dense runs first: FROM_DENSE starts from them
+            for stage in ([j for j in jobs if j[0] not in FROM_DENSE], [j for j in jobs if j[0] in FROM_DENSE]):
+                rows += list(pool.map(lambda job: run_one(*job, args.out, args.epochs), stage))
         rows += [evaluate_posthoc(c, s, args.out, args.epochs) for c, s in posthoc]  # after their sources trained
     measure_models(rows)
     load = "{} at the start, {:.2f}/{:.2f}/{:.2f} at the end".format(load_before, *os.getloadavg())

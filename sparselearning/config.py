@@ -61,7 +61,8 @@ class SparsityConfig:
         other_density: fraction of each block's MLP neurons kept: ``int(hidden * other_density)``, rounded to a
             multiple of ``unit_multiple``.
         unit_multiple: MLP neurons are kept in multiples of this many (``units.kept_count``: nearest multiple,
-            ties up), so that the compacted widths suit matrix kernels; 1 keeps the paper's exact count, ``auto``
+            ties up; global pruning removes neurons and embedding channels this many at a time), so that the
+            compacted widths suit matrix kernels; 1 keeps the paper's exact count, ``auto``
             8 for MLPs of at least 384 neurons and 1 below (``units.auto_multiple``). Heads stay whole heads.
         structure_compat: reproduce SViTE's structured quirks: biases of pruned heads and neurons are not masked
             (a pruned head leaks a constant through ``proj``), regrown units start from zero weights, and the fc2
@@ -351,8 +352,9 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     structure.add_argument("--unit-multiple", dest="unit_multiple", type=_unit_multiple, default=UNIT_MULTIPLE_AUTO,
                            metavar="N",
                            help="keep MLP neurons in multiples of N (nearest multiple of int(hidden * other_density), "
-                                "ties up) so compacted widths suit matrix kernels; 1: the paper's exact counts; auto "
-                                f"(default): {AUTO_MULTIPLE} for MLPs of at least {AUTO_MIN_WIDTH} neurons, else 1")
+                                "ties up; --pruning_type global removes neurons and embedding channels N at a time) so "
+                                "compacted widths suit matrix kernels; 1: the paper's exact counts; auto (default): "
+                                f"{AUTO_MULTIPLE} for layers of at least {AUTO_MIN_WIDTH} units, else 1")
     structure.add_argument("--structure-compat", dest="structure_compat", action="store_true",
                            help="SViTE's quirks: unmasked biases of pruned units (pruned heads leak a constant), "
                                 "zero-initialised regrown units")

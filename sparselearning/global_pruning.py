@@ -8,6 +8,11 @@ a measured table ``target_latency`` of the dense latency); then the topology is 
 survivors. The units, the masks, the MAC and latency counts and the kept-channel LayerNorms come from the model
 adapter (``models.global_units``), so this package needs no model code.
 
+Unit multiples (``--unit-multiple``): a block's MLP neurons and the embedding channels are removed N at a time
+(``units.resolve_multiple``: ``auto`` is 8 for layers of at least 384 units, else 1), so their kept counts stay
+multiples of N, the widths matrix kernels run fast; heads go one at a time. A removal of N is the N lowest-scored
+active units of its group, scored by the sum of their scores, and its MAC or latency saving is that of all N at once.
+
 Latency awareness (NViT's): with λ > 0 each unit's score is lowered by λ × the milliseconds its removal saves by the
 table, at the current unit counts of each pruning step, so slow units go first.
 
@@ -35,7 +40,7 @@ from sparselearning.config import SparsityConfig
 from sparselearning.criteria import derive_seed
 from sparselearning.masks import MaskSet, unwrap_model
 from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores, collective_device
-from sparselearning.units import UnitGroup, expand_units, unit_l1, unit_sum
+from sparselearning.units import UNIT_MULTIPLE_AUTO, UnitGroup, expand_units, resolve_multiple, unit_l1, unit_sum
 
 logger = logging.getLogger(__name__)
 
@@ -141,28 +146,41 @@ class TaylorWindow:
         self._hook.remove()
 
 
-def global_order(scores: Mapping[str, torch.Tensor], active: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
-    """Every active unit as (group, index), lowest score first: one list across all groups. Ties keep the order of
-    the groups and then of the units (a stable sort), so the order is a pure function of the scores."""
-    names, index, values = [], [], []
+def global_order(scores: Mapping[str, torch.Tensor], active: Mapping[str, torch.Tensor],
+                 multiples: Mapping[str, int] | None = None,
+                 penalty: Mapping[str, float] | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """Every removal the ranking can make, as (group, its units), lowest score first: one list across all groups.
+
+    A group kept in multiples of N (``multiples[name]``, 1 when absent) loses N units at a time: its active units in
+    ascending score form consecutive removals of N (the N lowest first), each scored by the sum of its members'
+    scores, the first-order estimate of the loss change when all N go. ``penalty[name]`` is subtracted from each
+    removal's score (λ × the latency it saves). Ties keep the order of the groups and then of the units (stable
+    sorts), so the order is a pure function of the scores; with N = 1 every removal is one unit.
+    """
+    multiples, penalty = multiples or {}, penalty or {}
+    names, members, values = [], [], []
     for name, mask in active.items():
+        n, cut = multiples.get(name, 1), penalty.get(name, 0.0)
         units = mask.nonzero().flatten()
-        names += [name] * units.numel()
-        index.append(units)
-        values.append(scores[name].double().cpu()[units])
-    flat_index = torch.cat(index).tolist()
+        score = scores[name].double().cpu()[units]
+        ranked = torch.sort(score - cut, stable=True).indices
+        chunks = ranked.reshape(-1, n)
+        names += [name] * chunks.shape[0]
+        members += [tuple(units[chunk].tolist()) for chunk in chunks]
+        values.append(score[chunks].sum(dim=1) - cut)
     order = torch.sort(torch.cat(values), stable=True).indices.tolist()
-    return [(names[i], flat_index[i]) for i in order]
+    return [(names[i], members[i]) for i in order]
 
 
-def prune_to_budget(order: Sequence[tuple[str, int]], active: Mapping[str, torch.Tensor],
+def prune_to_budget(order: Sequence[tuple[str, tuple[int, ...]]], active: Mapping[str, torch.Tensor],
                     macs: Callable[[Mapping[str, int]], float], budget: float, max_units: int,
                     tolerance: float = BUDGET_TOLERANCE) -> dict[str, torch.Tensor]:
-    """Remove up to ``max_units`` units from the front of ``order`` while the MACs exceed ``budget``.
+    """Make removals from the front of ``order`` (``global_order``) while the MACs exceed ``budget`` and fewer than
+    ``max_units`` units have gone (a removal of N units may pass ``max_units`` by N - 1).
 
-    A unit is skipped when it is the last of its group (a block keeps one head and one neuron, the residual stream one
-    channel) or when its removal would take the MACs below ``(1 - tolerance) * budget``; the next unit in the list is
-    tried instead, so the final count lands within the tolerance. Returns the new unit masks.
+    A removal is skipped when it would take a group's last units (a block keeps one head and one multiple of neurons,
+    the residual stream one multiple of channels) or the MACs below ``(1 - tolerance) * budget``; the next one in the
+    list is tried instead, so the final count lands within the tolerance. Returns the new unit masks.
 
     Raises:
         RuntimeError: when the MACs exceed the budget and no unit can be removed.
@@ -170,18 +188,18 @@ def prune_to_budget(order: Sequence[tuple[str, int]], active: Mapping[str, torch
     new = {name: mask.clone() for name, mask in active.items()}
     counts = {name: int(mask.sum()) for name, mask in active.items()}
     current, removed = macs(counts), 0
-    for name, unit in order:
-        if removed == max_units or current <= budget:
+    for name, units in order:
+        if removed >= max_units or current <= budget:
             break
-        if counts[name] == 1:
+        if counts[name] == len(units):
             continue
-        counts[name] -= 1
+        counts[name] -= len(units)
         after = macs(counts)
         if after < (1.0 - tolerance) * budget:
-            counts[name] += 1
+            counts[name] += len(units)
             continue
-        new[name][unit] = False
-        current, removed = after, removed + 1
+        new[name][list(units)] = False
+        current, removed = after, removed + len(units)
     if removed == 0 and current > budget:
         raise RuntimeError(f"global pruning is stuck at {current:,.0f} MACs above its budget {budget:,.0f}: every "
                            "remaining unit is the last of its block or residual stream, or overshoots the budget by "
@@ -189,18 +207,49 @@ def prune_to_budget(order: Sequence[tuple[str, int]], active: Mapping[str, torch
     return new
 
 
-def removal_savings(counts: Mapping[str, int], cost: Callable[[Mapping[str, int]], float]) -> dict[str, float]:
-    """Per group, how much ``cost`` drops when one more of its units goes (0 for a group down to its last unit): every
-    unit of a group saves the same, so it is computed once per group at the current counts."""
+def removal_savings(counts: Mapping[str, int], cost: Callable[[Mapping[str, int]], float],
+                    multiples: Mapping[str, int] | None = None) -> dict[str, float]:
+    """Per group, how much ``cost`` drops when its next removal (``multiples[name]`` units, 1 when absent) goes, 0 for
+    a group down to its last removal: every removal of a group saves the same, so it is computed once per group at
+    the current counts."""
+    multiples = multiples or {}
     base = cost(counts)
-    return {name: base - cost({**counts, name: n - 1}) if n > 1 else 0.0 for name, n in counts.items()}
+    return {name: base - cost({**counts, name: n - multiples.get(name, 1)}) if n > multiples.get(name, 1) else 0.0
+            for name, n in counts.items()}
 
 
-def latency_penalised(scores: Mapping[str, torch.Tensor], savings: Mapping[str, float],
-                      lam: float) -> dict[str, torch.Tensor]:
-    """NViT's latency-aware score: each unit's score minus ``lam`` × the latency its removal saves, so a unit that
-    costs more time ranks lower and goes first."""
-    return {name: score.double() - lam * savings[name] for name, score in scores.items()}
+def latency_penalty(savings: Mapping[str, float], lam: float) -> dict[str, float]:
+    """NViT's latency-aware score: a removal's score minus ``lam`` × the latency it saves, so a removal that saves
+    more time ranks lower and goes first. Returns the amount per group, for ``global_order(penalty=...)``."""
+    return {name: lam * saving for name, saving in savings.items()}
+
+
+def select_removals(scores: Mapping[str, torch.Tensor], active: Mapping[str, torch.Tensor],
+                    multiples: Mapping[str, int], cost: Callable[[Mapping[str, int]], float], budget: float,
+                    max_units: int, latency: Callable[[Mapping[str, int]], float] | None = None,
+                    latency_lambda: float = 0.0) -> dict[str, torch.Tensor]:
+    """One pruning step of the global rule: the new unit masks after up to ``max_units`` units (in removals of their
+    multiple) of the one ranking go, within ``budget`` of ``cost``; with ``latency_lambda`` > 0 each removal's score
+    is first penalised by λ × the ``latency`` it saves at the current counts."""
+    penalty = None
+    if latency_lambda:
+        counts = {name: int(mask.sum()) for name, mask in active.items()}
+        penalty = latency_penalty(removal_savings(counts, latency, multiples), latency_lambda)
+    order = global_order(scores, active, multiples, penalty)
+    return prune_to_budget(order, active, cost, budget, max_units)
+
+
+def unit_masks(groups: Sequence[UnitGroup], active: Mapping[str, torch.Tensor],
+               params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every owned tensor's mask when the units ``active[group]`` are kept: the AND over the groups that split it (a
+    ``qkv`` entry needs its head and its input channel). ``models.compact_model(model, masks)`` reads them."""
+    masks: dict[str, torch.Tensor] = {}
+    for g in groups:
+        for s in g.slices:
+            param = params[s.param]
+            unit_mask = expand_units(active[g.name].to(param.device), s, param.shape)
+            masks[s.param] = masks[s.param] & unit_mask if s.param in masks else unit_mask
+    return masks
 
 
 def _is_rank0() -> bool:
@@ -226,24 +275,28 @@ class GlobalPruning(ScheduledMasks):
         latency_lambda: λ: the ranking uses each unit's score minus λ × the ms its removal saves (``units.latency``);
             0 ranks by the scores alone.
         prune_every: optimizer steps between pruning steps.
-        prune_units: units removed per pruning step.
+        prune_units: units removed per pruning step (the last removal of N units may pass it by N - 1).
+        unit_multiple: MLP neurons and embedding channels are removed in groups of ``resolve_multiple(unit_multiple,
+            width)`` units, so their kept counts stay multiples of it; heads one at a time.
         seed: kept for the schedule state (the selection is deterministic).
         latency_table: the table file ``units`` measures latency with, recorded in the config.
         log_fn: receives a record at construction, after every pruning step and on resume.
 
     Raises:
-        ValueError: when the budget is below what one head, one neuron per block and one channel cost.
+        ValueError: when the budget is below what one head, one multiple of neurons per block and one multiple of
+            channels cost, or when a group's starting count is not a multiple of its ``unit_multiple``.
     """
 
     STATE_FORMAT = "sparselearning.GlobalPruning/1"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, units: GlobalSource, total_steps: int, *,
                  target_macs: float | None = None, target_latency: float | None = None, latency_lambda: float = 0.0,
-                 prune_every: int = 100, prune_units: int = 32, seed: int = 0, latency_table: str | None = None,
-                 log_fn: LogFn | None = None) -> None:
+                 prune_every: int = 100, prune_units: int = 32, unit_multiple: int | str = UNIT_MULTIPLE_AUTO,
+                 seed: int = 0, latency_table: str | None = None, log_fn: LogFn | None = None) -> None:
         self.config = SparsityConfig(pruning_type="global", target_macs=target_macs, prune_every=prune_every,
                                      prune_units=prune_units, target_latency=target_latency,
-                                     latency_lambda=latency_lambda, latency_table=latency_table)
+                                     latency_lambda=latency_lambda, latency_table=latency_table,
+                                     unit_multiple=unit_multiple)
         self._start_schedule(optimizer, total_steps, seed, log_fn)
         self.model, self.units = model, units
         self.params = dict(unwrap_model(model).named_parameters())
@@ -255,6 +308,10 @@ class GlobalPruning(ScheduledMasks):
         self.channel_group = channels[0].name
         self.active = {g.name: torch.ones(g.num_units, dtype=torch.bool) for g in self.groups}
         self.active[self.channel_group] = units.active_channels(model).clone()  # a --finetune of a pruned file
+        self.multiples = {g.name: 1 if g.kind == "head" else resolve_multiple(unit_multiple, g.num_units)
+                          for g in self.groups}
+        self._check_multiples(self._active_counts(), "the model",
+                              "pass a --unit-multiple that divides it (1 removes one unit at a time)")
         dense = {g.name: g.num_units for g in self.groups}
         self.dense_macs = units.macs(dense)
         self.uses_latency = target_latency is not None or latency_lambda > 0
@@ -263,11 +320,11 @@ class GlobalPruning(ScheduledMasks):
                                    else ("--target-latency", target_latency, units.latency))
         self.dense_cost = self.cost(dense)
         self.budget = target * self.dense_cost
-        floor = self.cost({g.name: 1 for g in self.groups})
+        floor = self.cost(self.multiples)
         if floor > self.budget:
             raise ValueError(f"{flag} {target} is below {floor / self.dense_cost:.4g}, the cost of one head and one "
-                             "MLP neuron per block and one embedding channel: it would empty a block or the residual "
-                             f"stream. Raise {flag}")
+                             "multiple of MLP neurons per block and of embedding channels (--unit-multiple "
+                             f"{unit_multiple}): it would empty a block or the residual stream. Raise {flag}")
         if prune_every >= total_steps:
             warnings.warn(f"--prune-every {prune_every} >= the run's {total_steps} optimizer steps: nothing will be "
                           "pruned", stacklevel=2)
@@ -286,20 +343,21 @@ class GlobalPruning(ScheduledMasks):
         """Build from a validated ``SparsityConfig`` with ``pruning_type`` global."""
         return cls(model, optimizer, units, total_steps, target_macs=cfg.target_macs,
                    target_latency=cfg.target_latency, latency_lambda=cfg.latency_lambda, prune_every=cfg.prune_every,
-                   prune_units=cfg.prune_units, seed=seed, latency_table=cfg.latency_table, log_fn=log_fn)
+                   prune_units=cfg.prune_units, unit_multiple=cfg.unit_multiple, seed=seed, latency_table=cfg.latency_table, log_fn=log_fn)
+
+    def _check_multiples(self, counts: Mapping[str, int], source: str, fix: str) -> None:
+        """Removals of N keep a count a multiple of N only if it starts as one."""
+        for g in self.groups:
+            n = self.multiples[g.name]
+            if counts[g.name] % n:
+                raise ValueError(f"{source} keeps {counts[g.name]} {g.kind}s in {g.name}, not a multiple of "
+                                 f"{n} (--unit-multiple {self.config.unit_multiple}), so removals of {n} cannot keep "
+                                 f"its width aligned: {fix}")
 
     # ------------------------------------------------------------------------------------------------ masks
 
     def _unit_masks(self) -> dict[str, torch.Tensor]:
-        """Every owned tensor's mask: the AND over the groups that split it (a ``qkv`` entry needs its head and its
-        input channel)."""
-        masks: dict[str, torch.Tensor] = {}
-        for g in self.groups:
-            for s in g.slices:
-                param = self.params[s.param]
-                unit_mask = expand_units(self.active[g.name].to(param.device), s, param.shape)
-                masks[s.param] = masks[s.param] & unit_mask if s.param in masks else unit_mask
-        return masks
+        return unit_masks(self.groups, self.active, self.params)
 
     @property
     def current_macs(self) -> float:
@@ -338,14 +396,12 @@ class GlobalPruning(ScheduledMasks):
         return UpdateScores(death=scores.__getitem__, growth=scores.__getitem__)
 
     def _select(self, scores: UpdateScores, rate: float, step: int) -> dict[str, torch.Tensor]:
-        """The global rule: the ``prune_units`` lowest-scored active units of all groups go, within the budget; with
-        λ > 0 the scores are latency-penalised at the current counts first."""
-        ranked = {name: scores.death(name) for name in self.active}
-        if self.config.latency_lambda:
-            savings = removal_savings(self._active_counts(), self.units.latency)
-            ranked = latency_penalised(ranked, savings, self.config.latency_lambda)
-        order = global_order(ranked, self.active)
-        return prune_to_budget(order, self.active, self.cost, self.budget, self.config.prune_units)
+        """The global rule: the ``prune_units`` lowest-scored active units of all groups go (neurons and channels in
+        removals of their multiple), within the budget; with λ > 0 each removal's score is latency-penalised by what
+        it saves at the current counts."""
+        return select_removals({name: scores.death(name) for name in self.active}, self.active, self.multiples,
+                               self.cost, self.budget, self.config.prune_units, self.units.latency,
+                               self.config.latency_lambda)
 
     def _commit(self, new: dict[str, torch.Tensor], step: int) -> bool:
         self._removed = sum(int((self.active[n] & ~new[n]).sum()) for n in new)
@@ -395,6 +451,8 @@ class GlobalPruning(ScheduledMasks):
                 "macs_fraction": self.current_macs / self.dense_macs, "target_macs": self.config.target_macs,
                 "removed_units": self._removed, "heads_kept": kept["head"], "neurons_kept": kept["neuron"],
                 "channels_kept": sum(kept["channel"]),
+                "neuron_multiples": [self.multiples[g.name] for g in self.groups if g.kind == "neuron"],
+                "channel_multiple": self.multiples[self.channel_group],
                 **({"latency_fraction": self.units.latency(self._active_counts()) / self.dense_latency,
                     "target_latency": self.config.target_latency} if self.uses_latency else {})}
 
@@ -408,15 +466,19 @@ class GlobalPruning(ScheduledMasks):
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def _own_state(self) -> dict[str, Any]:
-        return {**self.window.state_dict(), "removed_units": self._removed}
+        return {**self.window.state_dict(), "removed_units": self._removed, "unit_multiples": dict(self.multiples)}
 
     def _load_own_state(self, state: dict[str, Any]) -> None:
-        """Masks, the units they keep (checked to be whole units), the open window."""
+        """Masks, the units they keep (checked to be whole units in multiples of this run's), the open window."""
         self.mask_set.load_state_dict(state)
         active = {}
         for g in self.groups:
             mask = self.mask_set.masks[g.primary.param]
             active[g.name] = (unit_l1(mask, g.primary, g.num_units) > 0).cpu()
+        if state["config"].get("unit_multiple", 1) == self.config.unit_multiple:  # else the settings check reports
+            self._check_multiples({name: int(units.sum()) for name, units in active.items()}, "the checkpoint",
+                                  "it was pruned one unit at a time, before removals kept multiples; resume it with "
+                                  "that version or start a new run")
         self.active = active
         if any(not torch.equal(self.mask_set.masks[name], mask) for name, mask in self._unit_masks().items()):
             raise ValueError("the checkpoint's global-pruning masks do not cover whole heads, neurons and channels")

@@ -314,7 +314,8 @@ class ScheduledMasks(ABC):
                 else value
 
         ignored = {"atten_head"} | ({"density", "sparse_init", "erk_power"} if self.config.structured
-                                    else {"atten_density", "other_density", "unit_multiple"})
+                                    else {"atten_density", "other_density"}
+                                    | ({"unit_multiple"} if self.config.pruning_type != "global" else set()))
         saved = state["config"]
         differing = [f"{k}: {saved[k]!r} → {v!r}" for k, v in self.config.to_dict().items()
                      if k in saved and k not in ignored and canonical(saved[k]) != canonical(v)]

@@ -142,6 +142,7 @@ CASES = [
     Case("global", global_pruning(), regrows=False, masks_at_start=False),
     Case("nm-srste", srste()),
     Case("nm-dst", nm_dst(), variant=True),
+    Case("global-multiple4", global_pruning(unit_multiple=4), regrows=False, masks_at_start=False, variant=True),
     Case("tokens", token_schedule(GLOBAL_ZERO), GLOBAL_ZERO, masks_weights=False, changes_topology=False),
     Case("unstructured+tokens", chain(masking(), token_schedule(LAYERWISE_DROP)), LAYERWISE_DROP, variant=True),
 ]

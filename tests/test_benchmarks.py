@@ -239,7 +239,8 @@ def test_optimizer_state_table_pairs_both_defaults_with_the_same_dense_seeds() -
 
 def test_study_default_configs_are_the_issue_list() -> None:
     assert list(study.CONFIGS) == ["dense", "sviite_d50", "sviite_d30", "s2vite_h07_m06", "s2vite_h07_m06_mult8",
-                                   "sviteplus_keep07", "sviteplus_keep07_d50", "nm24_srste", "nm24_dst", "tome_keep07"]
+                                   "sviteplus_keep07", "sviteplus_keep07_d50", "nm24_srste", "nm24_dst", "s2vite_h07_m06_ft",
+                                   "global_macs057_ft", "tome_keep07"]
 
 
 def test_study_rows_appended_without_a_throughput_show_no_speedup() -> None:

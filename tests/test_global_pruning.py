@@ -3,6 +3,7 @@ channels, the Taylor score window, the one global ranking and the MAC budget. Th
 enforcement) cover it through tests/sparsifiers.py CASES."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 
@@ -14,10 +15,11 @@ import interop
 import models
 from models.channel_units import embedding_group
 from sparselearning import SparsityConfig
-from sparselearning.global_pruning import (TYPE_SCALE, GlobalPruning, global_order, latency_penalised, prune_to_budget,
+from sparselearning.global_pruning import (TYPE_SCALE, GlobalPruning, global_order, latency_penalty, prune_to_budget,
                                           removal_savings)
 from sparselearning.latency_table import LatencyTable, load_table, save_table
 from sparselearning.units import unit_sum
+from training.resume_check import compare
 
 
 def micro(name: str = "vit_digits_micro") -> torch.nn.Module:
@@ -72,7 +74,7 @@ def test_global_ranking_and_budget_on_a_hand_built_case() -> None:
     active = {"a": torch.tensor([True, True, True]), "b": torch.tensor([True, False, True]), "c": torch.tensor([True])}
     scores = {"a": torch.tensor([0.5, 0.1, 0.9]), "b": torch.tensor([0.3, 0.0, 0.05]), "c": torch.tensor([0.0])}
     order = global_order(scores, active)
-    assert order == [("c", 0), ("b", 2), ("a", 1), ("b", 0), ("a", 0), ("a", 2)]
+    assert order == [("c", (0,)), ("b", (2,)), ("a", (1,)), ("b", (0,)), ("a", (0,)), ("a", (2,))]
     cost = {"a": 10.0, "b": 1.0, "c": 100.0}
 
     def macs(counts):
@@ -365,10 +367,97 @@ def test_the_latency_penalty_reorders_the_global_ranking() -> None:
     assert savings == {"a": 1.0, "b": 10.0, "c": 0.0}
     active = {n: torch.ones(v, dtype=torch.bool) for n, v in counts.items()}
     scores = {"a": torch.tensor([0.5, 0.2, 0.9]), "b": torch.tensor([0.3, 0.6]), "c": torch.tensor([0.0])}
-    assert global_order(scores, active)[:3] == [("c", 0), ("a", 1), ("b", 0)]
-    penalised = latency_penalised(scores, savings, lam=0.05)  # b loses 0.5, a 0.05
-    assert global_order(penalised, active)[:3] == [("b", 0), ("c", 0), ("b", 1)]
-    assert global_order(latency_penalised(scores, savings, lam=0.0), active) == global_order(scores, active)
+    assert global_order(scores, active)[:3] == [("c", (0,)), ("a", (1,)), ("b", (0,))]
+    penalty = latency_penalty(savings, lam=0.05)  # b loses 0.5, a 0.05
+    assert global_order(scores, active, penalty=penalty)[:3] == [("b", (0,)), ("c", (0,)), ("b", (1,))]
+    assert global_order(scores, active, penalty=latency_penalty(savings, 0.0)) == global_order(scores, active)
+
+
+def test_units_kept_in_multiples_are_removed_in_groups_scored_by_their_sum() -> None:
+    """A group with multiple N loses its N lowest units at once, ranked by their summed score against single
+    heads; its saving (and latency penalty) is that of all N; the last N are never removed."""
+    active = {"h": torch.ones(3, dtype=torch.bool), "n": torch.tensor([True] * 5 + [False] + [True] * 2)}
+    scores = {"h": torch.tensor([0.35, 0.9, 0.2]), "n": torch.tensor([0.3, 0.01, 0.5, 0.02, 0.4, 0.0, 0.1, 0.6])}
+    multiples = {"n": 2}
+    # n's active units by score: 1 (0.01), 3 (0.02), 6 (0.1), 0 (0.3), 4 (0.4), 2 (0.5), 7 (0.6): pairs sum to
+    # 0.03, 0.4, 0.9, and the odd one out is impossible: 7 units are not a multiple of 2
+    with pytest.raises(RuntimeError):
+        global_order(scores, active, multiples)
+    active["n"][7] = False  # 6 active
+    order = global_order(scores, active, multiples)
+    assert order == [("n", (1, 3)), ("h", (2,)), ("h", (0,)), ("n", (6, 0)), ("h", (1,)), ("n", (4, 2))]
+    cost = {"h": 10.0, "n": 1.0}
+
+    def macs(counts):
+        return sum(cost[n] * k for n, k in counts.items())
+
+    counts = {"h": 3, "n": 6}
+    assert removal_savings(counts, macs, multiples) == {"h": 10.0, "n": 2.0}
+    assert removal_savings({"h": 1, "n": 2}, macs, multiples) == {"h": 0.0, "n": 0.0}
+    # a penalty of lam x saving per removal: n's pairs lose 0.5 x 2 = 1.0, heads 0.5 x 10 = 5
+    penalised = global_order(scores, active, multiples, latency_penalty(removal_savings(counts, macs, multiples), 0.5))
+    assert penalised[:3] == [("h", (2,)), ("h", (0,)), ("h", (1,))]
+    # dense 36; budget 31: the pair (1, 3) (-2) -> 34, head 2 (-10) would give 24 < 0.99 x 31: skipped, so do both
+    # other heads; the pair (6, 0) -> 32, the pair (4, 2) -> 30.69 >= 30.69? 30 < 30.69: skipped; stuck at 32
+    new = prune_to_budget(order, active, macs, budget=31.0, max_units=10)
+    assert int(new["h"].sum()) == 3 and new["n"].nonzero().flatten().tolist() == [2, 4]
+    one_removal = prune_to_budget(order, active, macs, budget=20.0, max_units=1)  # a pair passes max_units by 1
+    assert int(one_removal["n"].sum()) == 4 and int(one_removal["h"].sum()) == 3
+    last = {"h": torch.tensor([True, False, False]), "n": torch.tensor([False, True] + [False] * 6)}
+    with pytest.raises(RuntimeError, match="stuck"):  # a head and a pair left: nothing more can go
+        prune_to_budget(global_order(scores, {**last, "n": last["n"] | (torch.arange(8) == 3)}, multiples),
+                        {**last, "n": last["n"] | (torch.arange(8) == 3)}, macs, 1.0, 10)
+
+
+def test_global_pruning_keeps_neurons_and_channels_in_multiples_within_the_budget() -> None:
+    """vit_digits_micro (MLP 128, dim 32) with --unit-multiple 4: every pruning step leaves multiples of 4 neurons
+    per block and channels, heads go singly, and the MAC budget is met within 1%; the compact model has those
+    widths and the masked model's logits."""
+    model = plain_micro()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sparsifier = GlobalPruning(model, optimizer, models.global_units(model), 30, target_macs=0.55, prune_every=1,
+                               prune_units=24, unit_multiple=4, log_fn=lambda record: None)
+    assert sparsifier.multiples == {"blocks.0.attn": 1, "blocks.0.mlp": 4, "blocks.1.attn": 1, "blocks.1.mlp": 4,
+                                    "embed": 4}
+    counts = []
+    for step in range(1, 16):
+        train_steps(model, optimizer, range(step, step + 1), sparsifier)
+        counts.append(sparsifier._active_counts())
+    assert all(c[n] % 4 == 0 for c in counts for n in ("blocks.0.mlp", "blocks.1.mlp", "embed"))
+    assert counts[0]["blocks.0.mlp"] + counts[0]["blocks.1.mlp"] + counts[0]["embed"] < 128 * 2 + 32
+    assert counts[-1]["embed"] < 32, "channels were pruned too, four at a time"
+    fraction = sparsifier.current_macs / sparsifier.dense_macs
+    assert sparsifier.budget_met and 0.55 * 0.99 <= fraction <= 0.55
+    record = sparsifier.record()
+    assert record["neuron_multiples"] == [4, 4] and record["channel_multiple"] == 4
+    model.eval()
+    small = models.compact_model(model, sparsifier.masks)
+    arch = models.architecture(small)
+    assert arch["embed_dim"] == counts[-1]["embed"] and all(w % 4 == 0 for w in arch["block_mlp_hidden"])
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
+    state = sparsifier.state_dict()
+    assert state["unit_multiples"]["embed"] == 4 and state["config"]["unit_multiple"] == 4
+    fresh = plain_micro()
+    other = GlobalPruning(fresh, torch.optim.AdamW(fresh.parameters()), models.global_units(fresh), 30,
+                          target_macs=0.55, unit_multiple=1)
+    with pytest.raises(ValueError, match=r"unit_multiple: 4 → 1"):
+        other.load_state_dict(state)
+    settings = {"pruning_type": "global", "unit_multiple": 4}
+    assert compare(settings, {**settings, "unit_multiple": 1})[0] == [("unit_multiple", 4, 1)]
+
+
+def test_a_unit_multiple_that_does_not_divide_a_width_stops_with_a_message() -> None:
+    model = plain_micro()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"keeps 32 channels in embed, not a multiple of 64 .* --unit-multiple"):
+        GlobalPruning(model, optimizer, models.global_units(model), 30, target_macs=0.5, unit_multiple=64)
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        GlobalPruning(model, optimizer, models.global_units(model), 30, target_macs=0.5, unit_multiple=3)
+    # one head, 16 neurons per block and 16 channels cost 0.173 of dense; one of each, 0.045
+    GlobalPruning(model, optimizer, models.global_units(model), 30, target_macs=0.1, prune_every=1)
+    with pytest.raises(ValueError, match="one multiple of MLP neurons"):
+        GlobalPruning(model, optimizer, models.global_units(model), 30, target_macs=0.1, unit_multiple=16)
 
 
 def test_pruning_meets_a_latency_budget_by_the_table_within_one_percent(tmp_path) -> None:
@@ -403,3 +492,24 @@ def test_the_latency_table_command_measures_a_table_that_covers_the_model(tmp_pa
     units = models.GlobalUnits(plain_micro(), table)
     assert units.latency({"embed": 32, "blocks.0.attn": 2, "blocks.0.mlp": 128, "blocks.1.attn": 2,
                           "blocks.1.mlp": 128}) == pytest.approx(2 * float(table.ms[-1, -1, 0, -1]))
+
+
+def test_the_deit_b_benchmark_prunes_both_criteria_to_equal_macs_from_the_same_scores(tmp_path) -> None:
+    """benchmarks/global_pruning.py on vit_digits_micro with the hand table: both architectures meet the MAC budget
+    within 1%, the latency-aware one differs and costs less by the table, and the rows record the timing."""
+    from benchmarks import global_pruning
+
+    table = save_table(hand_table(batch_size=4, meta={"device": "hand", "threads": 1, "date": "-"}),
+                       tmp_path / "t.json")
+    csv_path = global_pruning.main(["--model", "vit_digits_micro", "--latency-table", str(table), "--target-macs",
+                                    "0.5", "--prune-units", "16", "--latency-lambda", "0.05", "--score-batches", "2",
+                                    "--batch-size", "2", "--repeats", "1", "--csv", str(tmp_path / "gp.csv")])
+    rows = {r["criterion"]: r for r in csv.DictReader(open(csv_path))}
+    assert list(rows) == ["dense", "MAC-only", "latency-aware"]
+    for name in ("MAC-only", "latency-aware"):
+        assert 0.5 * 0.99 <= 1 / float(rows[name]["mac_ratio"]) <= 0.5
+        assert float(rows[name]["speedup"]) > 0 and rows[name]["command"].startswith("python benchmarks/")
+    widths = ("embed_dim", "block_heads", "block_mlp_hidden")
+    assert [rows["latency-aware"][k] for k in widths] != [rows["MAC-only"][k] for k in widths], "λ reorders"
+    assert float(rows["latency-aware"]["vs_mac_only"]) > 0 and rows["MAC-only"]["vs_mac_only"] == ""
+    assert "| latency-aware | 0.05 |" in csv_path.with_suffix(".md").read_text()

@@ -146,7 +146,7 @@ def _acts(flag: str, settings: Mapping[str, Any]) -> bool:
     if flag in _UNSTRUCTURED_FLAGS:
         return kind in ("unstructured", "dense") if flag == "density" else kind == "unstructured"
     if flag in _STRUCTURED_FLAGS:
-        return kind == "structured"
+        return kind == "structured" or (flag == "unit_multiple" and kind == "global")
     if flag in _GLOBAL_FLAGS:
         return kind == "global"
     if flag in _SPARSE_FLAGS:
