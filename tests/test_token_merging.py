@@ -225,6 +225,22 @@ def test_compiled_select_then_merge_trains_as_eager() -> None:
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_merging_model_compiled_after_a_plain_one_still_merges() -> None:
+    """torch.compile reuses one graph for every model of a class unless it guards on hooks; merging lives in hooks, so
+    a merging model compiled after a plain one ran the plain graph (the suite's compiled ToMe rows ran at dense speed)."""
+    torch._dynamo.reset()
+    plain, merging = micro().eval(), micro().eval()
+    models.apply_token_merging(merging, MergeConfig(r=(3,)))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        eager_plain, eager_merged = plain(x), merging(x)
+        compiled_plain = torch.compile(plain, backend="aot_eager")(x)
+        compiled_merged = torch.compile(merging, backend="aot_eager")(x)
+    assert not torch.allclose(eager_merged, eager_plain, atol=1e-3)
+    torch.testing.assert_close(compiled_plain, eager_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_merged, eager_merged, rtol=1e-5, atol=1e-5)
+
+
 def test_ema_copy_merges_on_its_own_weights() -> None:
     model = micro()
     models.apply_token_merging(model, MergeConfig(r=(4,)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.nn as nn
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.hooks import RemovableHandle
@@ -160,6 +161,18 @@ def apply_token_merging(model: nn.Module, cfg: MergeConfig) -> None:
     merging = TokenMerging(merges, net.num_prefix_tokens)
     merging.install(net)
     setattr(net, ATTRIBUTE, merging)
+    _guard_hooks_under_compile()
+
+
+def _guard_hooks_under_compile() -> None:
+    """Make torch.compile guard on module hooks, process-wide: merging lives only in hooks.
+
+    By default dynamo skips hook guards (``skip_nnmodule_hook_guards``), and since parameters are graph inputs it
+    reuses one compiled graph for every model of the same class. A merging model compiled after a plain one of the
+    same architecture then silently ran the plain graph: the benchmark suite's compiled DeiT-S at r = 13 ran at the
+    dense speed, and a compiled vit_digits_tiny gave the unmerged logits. The guards cost a few dict checks per call.
+    """
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 
 def remove_token_merging(model: nn.Module) -> None:
