@@ -39,7 +39,7 @@ from torch import nn
 from sparselearning.config import SparsityConfig
 from sparselearning.criteria import derive_seed
 from sparselearning.masks import MaskSet, unwrap_model
-from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores, collective_device
+from sparselearning.scheduled import LogFn, UnitGroupMasks, UpdateScores, collective_device
 from sparselearning.units import UNIT_MULTIPLE_AUTO, UnitGroup, expand_units, resolve_multiple, unit_l1, unit_sum
 
 logger = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class GlobalPruning(ScheduledMasks):
+class GlobalPruning(UnitGroupMasks):
     """Global structural pruning of heads, MLP neurons and embedding channels to a MAC or latency budget
     (``--pruning_type global``).
 
@@ -376,12 +376,6 @@ class GlobalPruning(ScheduledMasks):
             return False
         self._last_update_step = step
         return self._update(step)
-
-    def _units(self) -> dict[str, torch.Tensor]:
-        return self.active
-
-    def _active_counts(self) -> dict[str, int]:
-        return {name: int(active.sum()) for name, active in self.active.items()}
 
     def _tie_seeds(self, name: str, step: int) -> tuple[int, int]:
         ties = derive_seed(self.seed, name, step, "ties")

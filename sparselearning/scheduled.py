@@ -327,3 +327,17 @@ class ScheduledMasks(ABC):
         self._last_update_step = int(state["last_update_step"])
         self.seed = int(state["seed"])
         self.skipped_updates = [int(s) for s in state["skipped_updates"]]
+
+
+class UnitGroupMasks(ScheduledMasks):
+    """A granularity whose units are whole slices of tensors (heads, neurons, embedding channels), one bool per unit
+    in ``active`` (group name -> [num_units]); its weight masks are those units expanded. ``StructuredDST`` and
+    ``GlobalPruning`` share this bookkeeping and differ in how units are scored and selected."""
+
+    active: dict[str, torch.Tensor]
+
+    def _units(self) -> dict[str, torch.Tensor]:
+        return self.active
+
+    def _active_counts(self) -> dict[str, int]:
+        return {name: int(active.sum()) for name, active in self.active.items()}

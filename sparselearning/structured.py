@@ -23,7 +23,7 @@ from sparselearning.criteria import derive_seed, drop_lowest, grow_highest, rand
 from sparselearning.masks import MaskSet, unwrap_model
 from sparselearning.metrics import UnitCount, unit_record
 from sparselearning.optimizer_state import restart_gated_entries
-from sparselearning.scheduled import LogFn, ScheduledMasks, UpdateScores
+from sparselearning.scheduled import LogFn, UnitGroupMasks, UpdateScores
 from sparselearning.unit_scores import HeadScores, UnitScoreWindow, unit_magnitude
 from sparselearning.units import (UNIT_MULTIPLE_AUTO, UnitGroup, UnitSlice, expand_units, kept_count,
                                   resolve_multiple, unit_l1, unit_positions)
@@ -73,7 +73,7 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class StructuredDST(ScheduledMasks):
+class StructuredDST(UnitGroupMasks):
     """S²ViTE: dynamic sparsity of whole attention heads and MLP neurons, with a fixed count per block.
 
     Construction picks ``int(H * atten_density)`` heads and ``int(hidden * other_density)`` neurons per block at
@@ -271,12 +271,6 @@ class StructuredDST(ScheduledMasks):
         return spec.role == "bias"
 
     # ------------------------------------------------------------------------------------------------ training
-
-    def _units(self) -> dict[str, torch.Tensor]:
-        return self.active
-
-    def _active_counts(self) -> dict[str, int]:
-        return {name: int(active.sum()) for name, active in self.active.items()}
 
     def _tie_seeds(self, name: str, step: int) -> tuple[int, int]:
         """The seeds ``swap_units`` derives from ``derive_seed(seed, group, step, "ties")``."""
