@@ -62,6 +62,24 @@ def median_ratio(a: Timing, b: Timing) -> float:
     return statistics.median(paired_ratios(a, b))
 
 
+def median_interval(values: tuple[float, ...] | list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values`` (paired ratios): the k-th smallest and k-th largest,
+    with the largest k whose binomial tail P(Bin(n, 1/2) < k) stays within (1 - confidence) / 2. It assumes only
+    independent repeats, not normal noise; it needs 6 values at 95%.
+
+    Raises:
+        ValueError: too few values for the confidence.
+    """
+    ordered, n = sorted(values), len(values)
+    tail, k, below = (1.0 - confidence) / 2.0, 0, 0.0
+    while below + math.comb(n, k) / 2 ** n <= tail:
+        below += math.comb(n, k) / 2 ** n
+        k += 1
+    if k == 0:
+        raise ValueError(f"{n} values are too few for a {confidence:.0%} interval of their median")
+    return ordered[k - 1], ordered[n - k]
+
+
 def measure(
     runs: Mapping[str, Run],
     *,

@@ -75,7 +75,8 @@ class SparsityConfig:
         prune_units: ``pruning_type`` global: units (heads, neurons, channels) removed per pruning step.
         target_latency: ``pruning_type`` global: the budget as a fraction of the dense model's block latency by the
             table (``latency_table``), instead of ``target_macs``.
-        latency_lambda: ``pruning_type`` global: λ, the ranking score of a unit minus λ × the ms its removal saves.
+        latency_lambda: ``pruning_type`` global: λ, the ranking score of a unit minus λ × the ms its removal saves
+            (under ``target_macs``, the ms saved beyond the model's average ms per MAC).
         latency_table: ``pruning_type`` global: the measured block-latency table (JSON) for the two above.
         nm: the N:M pattern as ``"N:M"`` (0 < N < M), with ``sparse_init="nm"`` only.
         nm_method: ``srste`` (SR-STE: the mask is recomputed from the dense weights' magnitudes every ΔT, gradients
@@ -372,7 +373,8 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                            "--latency-table, in (0, 1); pruning stops within 1%% of it")
     glob.add_argument("--latency-lambda", dest="latency_lambda", type=float, default=0.0, metavar="L",
                       help="latency-aware ranking: a unit's score minus L x the ms its removal saves by "
-                           "--latency-table (NViT: 5e-4); 0: scores alone")
+                           "--latency-table (NViT: 5e-4); under --target-macs, the ms saved beyond the model's "
+                           "average ms per MAC; 0: scores alone")
     glob.add_argument("--latency-table", dest="latency_table", default=None, metavar="FILE",
                       help="block-latency table (JSON) measured on the target device by python -m "
                            "benchmarks.latency_table")

@@ -20,7 +20,7 @@ import main
 import models
 from benchmarks import env, readme_results, report, run, study
 from benchmarks.modes import MODES, REFERENCE_MODE
-from benchmarks.timing import Run, measure, median_ratio, paired_ratios
+from benchmarks.timing import Run, measure, median_interval, median_ratio, paired_ratios
 from conftest import ROOT
 
 TINY = ("--model", "vit_digits_micro", "--batch-size", "2", "--num-warm-iter", "2", "--num-bench-iter", "2",
@@ -66,6 +66,17 @@ def test_measure_reports_medians_spread_and_paired_ratios_in_rotating_order() ->
     assert median_ratio(a, b) == 2.0  # the ratio of the medians would say 1.0
     timed = [name for name, _ in clock.calls[2:]]
     assert timed == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_the_median_interval_is_the_binomial_order_statistics() -> None:
+    """95%: with 11 values the 2nd smallest and 2nd largest (P(Bin(11, 1/2) <= 1) = 12/2048 <= 0.025 <
+    P(<= 2) = 67/2048); with 15 the 4th; 5 values cannot give 95% (1/32 > 0.025); order does not matter."""
+    values = [1.07, 0.95, 1.01, 1.03, 0.99, 1.02, 1.05, 1.00, 0.97, 1.04, 1.06]
+    assert median_interval(values) == (0.97, 1.06)
+    assert median_interval(list(range(15, 0, -1))) == (4, 12)
+    assert median_interval(list(range(6))) == (0, 5)
+    with pytest.raises(ValueError, match="too few"):
+        median_interval([1.0] * 5)
 
 
 def test_warm_up_runs_the_iterations_then_continues_until_the_time_floor() -> None:

@@ -16,7 +16,7 @@ import models
 from models.channel_units import embedding_group
 from sparselearning import SparsityConfig
 from sparselearning.global_pruning import (TYPE_SCALE, GlobalPruning, global_order, latency_penalty, prune_to_budget,
-                                          removal_savings)
+                                          removal_savings, select_removals)
 from sparselearning.latency_table import LatencyTable, load_table, save_table
 from sparselearning.units import unit_sum
 from training.resume_check import compare
@@ -373,6 +373,38 @@ def test_the_latency_penalty_reorders_the_global_ranking() -> None:
     assert global_order(scores, active, penalty=latency_penalty(savings, 0.0)) == global_order(scores, active)
 
 
+def test_under_a_mac_budget_the_penalty_counts_the_ms_saved_beyond_the_average_per_mac() -> None:
+    """NViT's penalty spends a MAC budget on the removals that save the most ms, whatever their MACs; the MAC-budget
+    form ranks by the ms saved beyond the model's average ms per MAC, so the unit that is slow for its MACs goes
+    first and the architecture at the budget is faster."""
+    ms, mac = {"a": 10.0, "b": 1.0}, {"a": 200.0, "b": 5.0}  # a: 0.05 ms per MAC, b: 0.2
+    counts = {"a": 4, "b": 41}
+
+    def latency(k):
+        return sum(ms[n] * v for n, v in k.items())
+
+    def macs(k):
+        return sum(mac[n] * v for n, v in k.items())
+
+    rho = latency(counts) / macs(counts)  # 81 ms / 1005 MACs
+    assert latency_penalty(removal_savings(counts, latency), 2.0, removal_savings(counts, macs), rho) == \
+        pytest.approx({"a": 2.0 * (10.0 - rho * 200.0), "b": 2.0 * (1.0 - rho * 5.0)})
+    active = {n: torch.ones(v, dtype=torch.bool) for n, v in counts.items()}
+    scores = {"a": torch.full((4,), 1.0), "b": torch.full((41,), 1.0)}
+    budget = 805.0  # remove 200 MACs: one a, or forty b (b keeps its last unit)
+    nvit = select_removals(scores, active, {}, macs, budget, 40, latency, 1.0, cost_is_latency=True)
+    per_mac = select_removals(scores, active, {}, macs, budget, 40, latency, 1.0)
+    assert int(nvit["a"].sum()) == 3 and int(nvit["b"].sum()) == 41
+    assert int(per_mac["a"].sum()) == 4 and int(per_mac["b"].sum()) == 1
+    kept = {n: {n2: int(m.sum()) for n2, m in r.items()} for n, r in (("nvit", nvit), ("per_mac", per_mac))}
+    assert macs(kept["nvit"]) == macs(kept["per_mac"]) == budget
+    assert latency(kept["per_mac"]) == 41.0 < latency(kept["nvit"]) == 71.0
+    # without λ both forms are the MAC-only ranking
+    plain = select_removals(scores, active, {}, macs, budget, 40)
+    assert all(torch.equal(m, plain[n]) for n, m in select_removals(scores, active, {}, macs, budget, 40, latency,
+                                                                     0.0).items())
+
+
 def test_units_kept_in_multiples_are_removed_in_groups_scored_by_their_sum() -> None:
     """A group with multiple N loses its N lowest units at once, ranked by their summed score against single
     heads; its saving (and latency penalty) is that of all N; the last N are never removed."""
@@ -503,7 +535,7 @@ def test_the_deit_b_benchmark_prunes_both_criteria_to_equal_macs_from_the_same_s
                        tmp_path / "t.json")
     csv_path = global_pruning.main(["--model", "vit_digits_micro", "--latency-table", str(table), "--target-macs",
                                     "0.5", "--prune-units", "16", "--latency-lambda", "0.05", "--score-batches", "2",
-                                    "--batch-size", "2", "--repeats", "1", "--csv", str(tmp_path / "gp.csv")])
+                                    "--batch-size", "2", "--repeats", "6", "--csv", str(tmp_path / "gp.csv")])
     rows = {r["criterion"]: r for r in csv.DictReader(open(csv_path))}
     assert list(rows) == ["dense", "MAC-only", "latency-aware"]
     for name in ("MAC-only", "latency-aware"):
@@ -511,5 +543,8 @@ def test_the_deit_b_benchmark_prunes_both_criteria_to_equal_macs_from_the_same_s
         assert float(rows[name]["speedup"]) > 0 and rows[name]["command"].startswith("python benchmarks/")
     widths = ("embed_dim", "block_heads", "block_mlp_hidden")
     assert [rows["latency-aware"][k] for k in widths] != [rows["MAC-only"][k] for k in widths], "λ reorders"
+    assert float(rows["latency-aware"]["table_ms"]) < float(rows["MAC-only"]["table_ms"])
     assert float(rows["latency-aware"]["vs_mac_only"]) > 0 and rows["MAC-only"]["vs_mac_only"] == ""
+    lo, hi = float(rows["latency-aware"]["vs_mac_only_lo"]), float(rows["latency-aware"]["vs_mac_only_hi"])
+    assert (lo, hi) == (float(rows["latency-aware"]["vs_mac_only_min"]), float(rows["latency-aware"]["vs_mac_only_max"]))
     assert "| latency-aware | 0.05 |" in csv_path.with_suffix(".md").read_text()
