@@ -1,4 +1,4 @@
-# Sourced by the paper-reproduction scripts (cmd/deit_*.sh, cmd/svite*.sh, cmd/s2vite_*.sh): they only list flags.
+# Sourced by the paper-reproduction scripts (cmd/deit_*.sh, cmd/svite*.sh, cmd/s2vite_*.sh, ...): they only list flags.
 # Each is run as:  bash cmd/NAME.sh [--dry-run] DATA_PATH NUM_GPUS OUTPUT_DIR [extra main.py flags...]
 # and trains on ImageNet with `torchrun --standalone` on one node, writing to OUTPUT_DIR/NAME. The script's file
 # name is the configuration's name, so two configurations can never share an output directory.
@@ -17,7 +17,8 @@ _paper_usage() {
   echo "on another count, scale --update_frequency (docs/reproduction.md#another-gpu-count)." >&2
 }
 
-# ΔT counts optimizer steps, and the original's steps were for 8 GPUs: say how to keep its schedule on NUM_GPUS.
+# ΔT and the pruning interval count optimizer steps, and the scripts' steps are for 8 GPUs: say how to keep the
+# schedule on NUM_GPUS.
 _update_frequency_note() {
   local gpus="$1"; shift
   [ "$gpus" -eq 8 ] && return 0
@@ -25,6 +26,9 @@ _update_frequency_note() {
     if [ "$1" = "--update_frequency" ] && [ "$2" -gt 1 ]; then  # ΔT 1 (every step) holds on any count
       echo "note: ΔT $2 is for 8 GPUs; on $gpus keep the same updates per epoch with" \
            "--update_frequency $(( $2 * 8 / gpus )) (docs/reproduction.md#another-gpu-count)" >&2
+    elif [ "$1" = "--prune-every" ]; then
+      echo "note: --prune-every $2 is for 8 GPUs; on $gpus keep the same pruning steps per epoch with" \
+           "--prune-every $(( $2 * 8 / gpus )) (docs/reproduction.md#another-gpu-count)" >&2
     fi
     shift
   done

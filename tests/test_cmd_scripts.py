@@ -6,6 +6,7 @@ import argparse
 import functools
 import shlex
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ PAPER_SCRIPTS = sorted(p.stem for p in (ROOT / "cmd").glob("*.sh") if not p.name
 DATA, OUT = "/imagenet-for-test", "/runs-for-test"  # never created: a dry run only prints
 
 TINY, SMALL, BASE = "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"
+BASE_DISTILLED = "deit_base_distilled_patch16_224"
 # script: (model, per-GPU batch, epochs, --density, ΔT, (heads, atten, other density) | None, (k, mode) | None)
 EXPECTED = {
     "deit_tiny_dense": (TINY, 128, 300, None, None, None, None),
@@ -50,6 +52,14 @@ EXPECTED = {
     "sviteplus_small_data10_sparse50_zero": (SMALL, 64, 600, 0.5, 15000, None, (177, "zero")),
     "sviteplus_small_data10_sparse50_drop": (SMALL, 64, 600, 0.5, 15000, None, (177, "drop")),
     "srste_small_nm24": (SMALL, 128, 300, None, 1, None, None),  # --nm 2:4: density 2/4 without --density
+    "nvit_base_global": (BASE_DISTILLED, 128, 300, None, None, None, None),  # its pruning: GLOBAL below
+}
+# The global-pruning scripts: the budget and schedule, the fine-tuning lr and the distillation from the unpruned
+# model, whose weights (DEIT_B_WEIGHTS) are also the start (--finetune).
+GLOBAL = {
+    "nvit_base_global": dict(target_macs=0.3864, target_latency=None, prune_every=100, prune_units=64, lr=1e-4,
+                             teacher_model=BASE_DISTILLED, distillation_type="soft", distillation_tau=20.0,
+                             distillation_alpha=0.5, unit_multiple="auto"),
 }
 # SViTE's flags common to all its runs (and the original's t_end for the structured ones).
 COMMON_SPARSE = dict(sparse_init="fixed_ERK", growth="gradient", death="magnitude", redistribution="none", t_end=0.8)
@@ -57,6 +67,18 @@ COMMON_SPARSE = dict(sparse_init="fixed_ERK", growth="gradient", death="magnitud
 ALLOWED = {"data_set", "data_path", "output_dir", "auto_resume", "model", "batch_size", "epochs", "density", "update_frequency",
            "pruning_type", "atten_head", "atten_density", "other_density", "unit_multiple", "token_selection",
            "token_number", "token_mode", "nm", "nm_method", *COMMON_SPARSE}
+# What a global-pruning script sets besides: its start and teacher, its budget and schedule, the fine-tuning lr.
+GLOBAL_ALLOWED = {"finetune", "teacher_path", *GLOBAL["nvit_base_global"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deit_b_weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The pretrained weights cmd/nvit_base_global.sh requires (DEIT_B_WEIGHTS): a dry run only names the file."""
+    path = tmp_path_factory.mktemp("weights") / f"{BASE_DISTILLED}.pth"
+    path.touch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEIT_B_WEIGHTS", str(path))
+        yield str(path)
 
 
 def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
@@ -91,7 +113,7 @@ def test_every_paper_script_has_a_table_row() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER_SCRIPTS)
-def test_dry_run_launches_the_configuration(name: str) -> None:
+def test_dry_run_launches_the_configuration(name: str, deit_b_weights: str) -> None:
     torchrun, args = launch(name)
     assert torchrun == ["torchrun", "--standalone", "--nproc_per_node=8"]
     assert (args.data_set, args.data_path, args.output_dir) == ("IMNET", DATA, f"{OUT}/{name}")
@@ -99,15 +121,19 @@ def test_dry_run_launches_the_configuration(name: str) -> None:
     sparse_cfg = sparselearning.SparsityConfig.from_args(args)
     token_cfg = models.TokenConfig.from_args(args)
     found = (args.model, args.batch_size, args.epochs, args.density,
-             args.update_frequency if sparse_cfg.enabled else None,
+             args.update_frequency if sparse_cfg.enabled and sparse_cfg.pruning_type != "global" else None,
              (args.atten_head, args.atten_density, args.other_density) if sparse_cfg.structured else None,
              (args.token_number, args.token_mode) if token_cfg.enabled else None)
     assert found == EXPECTED[name]
 
     defaults = main.get_args_parser().parse_args([])
     changed = {key for key, value in vars(args).items() if value != getattr(defaults, key)}
-    assert changed <= ALLOWED, f"{name} sets flags outside the paper configuration: {changed - ALLOWED}"
-    if sparse_cfg.nm is not None:  # SR-STE's recipe: the mask recomputed at every step of the whole run
+    allowed = ALLOWED | (GLOBAL_ALLOWED if sparse_cfg.pruning_type == "global" else set())
+    assert changed <= allowed, f"{name} sets flags outside the paper configuration: {changed - allowed}"
+    if sparse_cfg.pruning_type == "global":  # prunes the pretrained model, distils from it unpruned
+        assert {key: getattr(args, key) for key in GLOBAL[name]} == GLOBAL[name]
+        assert args.finetune == args.teacher_path == deit_b_weights
+    elif sparse_cfg.nm is not None:  # SR-STE's recipe: the mask recomputed at every step of the whole run
         assert (args.sparse_init, args.nm, args.nm_method, args.t_end) == ("nm", "2:4", "srste", 1.0)
     elif sparse_cfg.enabled:
         assert {key: getattr(args, key) for key in COMMON_SPARSE} == COMMON_SPARSE
@@ -152,6 +178,19 @@ def test_num_gpus_sets_the_process_count_and_the_delta_t_hint() -> None:
     assert "--nproc_per_node=4" in torchrun
     proc = run_script("svite_small_sparse50", "--dry-run", DATA, "4", OUT)
     assert "--update_frequency 30000" in proc.stderr  # half the GPUs: twice the steps per epoch
+    proc = run_script("nvit_base_global", "--dry-run", DATA, "4", OUT)
+    assert "--prune-every 200" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_global_pruning_script_refuses_without_its_weights_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEIT_B_WEIGHTS")
+    for weights in (None, "/no/such/deit_b.pth"):
+        if weights is not None:
+            monkeypatch.setenv("DEIT_B_WEIGHTS", weights)
+        proc = run_script("nvit_base_global", "--dry-run", DATA, "8", OUT)
+        assert proc.returncode == 2 and not proc.stdout, weights
+        assert "error:" in proc.stderr and "DEIT_B_WEIGHTS" in proc.stderr and BASE_DISTILLED in proc.stderr
 
 
 @pytest.mark.slow

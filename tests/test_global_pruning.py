@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -201,18 +202,35 @@ def test_a_budget_that_would_empty_a_block_or_the_residual_stream_stops_with_a_m
 @pytest.mark.slow
 def test_main_prunes_a_finetuned_model_to_the_budget_distils_from_it_and_compacts(tmp_path) -> None:
     """main.py end to end: dense run, then --finetune from it with --pruning_type global and the dense checkpoint
-    as soft teacher; the run meets the budget and writes a compact model with the budget's MACs."""
+    as soft teacher; the run meets the budget and writes a compact model with the budget's MACs, and its summary and
+    log.txt report the compact model measured: the FLOP counter's MACs, equal to the budget's, and its latency and
+    the dense model's, timed at the latency table's batch size and predicted by the table."""
     from conftest import TINY_RUN, run_main
 
     run_main(*TINY_RUN, "--epochs", "1", "--output_dir", str(tmp_path / "dense"))
     dense = tmp_path / "dense" / "checkpoint.pth"
+    table = save_table(hand_table(batch_size=4), tmp_path / "table.json")
     proc = run_main(*TINY_RUN, "--epochs", "2", "--output_dir", str(tmp_path / "global"), "--finetune", str(dense),
                     "--pruning_type", "global", "--target-macs", "0.6", "--prune-every", "4", "--prune-units", "60",
-                    "--distillation-type", "soft", "--teacher-path", str(dense))
+                    "--distillation-type", "soft", "--teacher-path", str(dense), "--latency-table", str(table))
     small = interop.load_compact(tmp_path / "global" / "compact.pth")
     reference = models.create_model("vit_digits_micro", num_classes=10)
     fraction = models.count_macs(small).total / models.count_macs(reference).total
     assert 0.6 * 0.99 <= fraction <= 0.6, proc.stdout[-2000:]
+    log = [json.loads(line) for line in (tmp_path / "global" / "log.txt").read_text().splitlines()]
+    measured = log[-1]["compact_model"]
+    assert measured["macs"] == measured["budget_macs"] == models.count_macs(small).total and measured["macs_agree"]
+    assert measured["dense_macs"] == models.count_macs(reference).total
+    assert measured["batch_size"] == 4 and measured["device"] == "cpu"
+    assert all(math.isfinite(measured[k]) and measured[k] > 0 for k in ("ms", "dense_ms", "speedup"))
+    units = models.GlobalUnits(small, load_table(table))
+    assert measured["table_ms"] == pytest.approx(units.latency({g["name"]: g["num_units"] for g in units.groups}))
+    assert measured["table_dense_ms"] == pytest.approx(2 * hand_table()(32, 2, 16, 128))
+    assert measured["table_speedup"] > 1
+    assert measured["parameters"] == sum(p.numel() for p in small.parameters())
+    tail = proc.stdout[proc.stdout.index("=== run summary ==="):]
+    assert "GMACs per image by torch's FLOP counter" in tail and "MISMATCH" not in tail
+    assert f"{measured['dense_ms']:.3f} ms for a dense vit_digits_micro" in tail and "latency table predicts" in tail
 
 
 def test_a_resume_with_pruned_channels_restores_the_kept_channel_norms() -> None:

@@ -14,7 +14,7 @@ import engine
 import interop
 import models
 from interop.checkpoint import save_atomic
-from training import run_dir, summary
+from training import compact_report, run_dir, summary
 from training.artifacts import draw_tokens, print_compaction
 from training.assemble import Run
 from training.interrupts import StepHook, StopSignals
@@ -136,9 +136,10 @@ def train(run: Run, cfg: LoopConfig, start: Start) -> dict[str, Any]:
 
 def finish(run: Run, cfg: LoopConfig, record: dict[str, Any], history: list[dict[str, Any]],
            seconds: float) -> None:
-    """The end of a run: the compact model of a structured run, the token pictures, the summary, the unlock."""
+    """The end of a run: the compact model of a structured run (measured, after global pruning: MACs by the FLOP
+    counter, latency on the device, in the summary and log.txt), the token pictures, the summary, the unlock."""
     proc, output_dir, model = run.process, cfg.output_dir, run.model
-    compact = None
+    compact = measured = None
     if cfg.structured:  # every rank evaluates (the evaluation all-reduces), rank 0 writes
         small = models.compact_model(model, getattr(run.weight_sparsifier, "masks", None))
         path = None
@@ -147,6 +148,14 @@ def finish(run: Run, cfg: LoopConfig, record: dict[str, Any], history: list[dict
             print_compaction(model, small, path)
         compact = (small, engine.evaluate(small.to(proc.device), run.val_loader, proc.device,
                                           run.precision.amp_dtype), path)
+        if proc.is_main and isinstance(run.weight_sparsifier, compact_report.MacBudget):
+            measured = compact_report.measure_compact(small, cfg.model_name, run.weight_sparsifier, proc.device,
+                                                      run.val_loader.batch_size, cfg.flags.get("latency_table"))
+            if output_dir is not None:
+                entry = {"acc1": compact[1]["acc1"], "parameters": sum(p.numel() for p in small.parameters()),
+                         **measured.to_record()}
+                with open(output_dir / "log.txt", "a") as f:
+                    f.write(json.dumps({"compact_model": entry}) + "\n")
     if proc.is_main and output_dir is not None and cfg.visualize_tokens:
         draw_tokens(model, run.val_loader, cfg.visualize_tokens, output_dir, proc.device)
     if proc.is_main:
@@ -154,6 +163,6 @@ def finish(run: Run, cfg: LoopConfig, record: dict[str, Any], history: list[dict
         where = f"; outputs in {output_dir}" if output_dir else ""
         print(f"training time {elapsed}; final top-1 {record.get('test_acc1', float('nan')):.2f}%{where}")
         final_layers = run.weight_sparsifier.record("final") if hasattr(run.weight_sparsifier, "record") else None
-        print(summary.format_summary(model, history, output_dir, final_layers, compact), flush=True)
+        print(summary.format_summary(model, history, output_dir, final_layers, compact, measured), flush=True)
     if proc.is_main and output_dir is not None:
         run_dir.unlock(output_dir)

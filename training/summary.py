@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import models
 import sparselearning
+from training.compact_report import CompactMeasurement
 
 
 def update_line(record: Mapping[str, Any]) -> str:
@@ -65,6 +66,7 @@ def format_summary(
     output_dir: Path | None,
     sparsity_record: Mapping[str, Any] | None = None,
     compact: tuple[nn.Module, Mapping[str, float], Path | None] | None = None,
+    measured: CompactMeasurement | None = None,
 ) -> str:
     """The end-of-run summary.
 
@@ -74,6 +76,7 @@ def format_summary(
         output_dir: where the run wrote its files; None when it saved nothing.
         sparsity_record: the sparsifier's final per-layer record (``ScheduledMasks.record``), for the table.
         compact: for a structured run, (compact model, its validation stats, path it was written to or None).
+        measured: for a global-pruning run, the compact model's measured MACs and latency.
     """
     last = history[-1] if history else {}
     best, epoch = best_epoch(history, output_dir)
@@ -95,6 +98,8 @@ def format_summary(
         gmacs = models.mac_summary(small)["gmacs_executed"]
         lines.append(f"compact model{f' {path}' if path else ''}: top-1 {stats['acc1']:.2f}%, {total:,} parameters, "
                      f"{gmacs:.4g} GMACs per image executed")
+    if measured is not None:
+        lines += measured.lines()
     if output_dir is not None and output_dir.exists():
         written = sorted(p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir()
                          if not p.name.startswith("."))
