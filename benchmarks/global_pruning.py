@@ -1,5 +1,6 @@
 """Global pruning at NViT-B's budget on DeiT-B shapes (random weights): the MAC-only and the latency-aware
-architecture from the same scores, compacted and timed against dense.
+architectures from the same scores, compacted and timed against dense and against the device's latency range at
+equal MACs.
 
     nice -n 5 env OMP_NUM_THREADS=1 python benchmarks/global_pruning.py    # CPU, float32 eager, 1 thread, batch 8
 
@@ -7,18 +8,21 @@ The global scores (``sparselearning.global_pruning.TaylorWindow``: squared, type
 collected once, from ``--score-batches`` random batches of ``--score-batch-size`` random 224-px images and labels
 through the randomly initialised model. From those same scores the pruning schedule of ``--pruning_type global``
 (``select_removals``, ``--prune-units`` units per step, MLP neurons and embedding channels in removals of the
-default ``--unit-multiple``) is replayed twice down to ``--target-macs`` of the dense MACs (NViT-B's 6.8 of
-DeiT-B's 17.6 GMACs): by the scores alone, and latency-aware, each removal's score minus λ × the ms it saves by the
-``--latency-table`` beyond the model's average ms per MAC, at the current counts (``latency_penalty``'s MAC-budget
-form). The scores of a random model measure nothing about accuracy; what the benchmark compares is speed at equal
-MACs.
+default ``--unit-multiple``) is replayed down to ``--target-macs`` of the dense MACs (NViT-B's 6.8 of DeiT-B's 17.6
+GMACs) three times: by the scores alone (MAC-only); latency-aware as ``--latency-lambda`` ranks under a MAC budget,
+each removal's score minus λ × the ms it saves by the ``--latency-table`` beyond the model's average ms per MAC; and
+with NViT's penalty, λ × the ms saved (what a latency budget uses). The scores of a random model measure nothing
+about accuracy; what the benchmark compares is speed at equal MACs. Two references bound what any criterion can
+gain on this device: the fastest and the slowest architecture by the table among those with one width in every
+block at the same budget (``uniform_extremes``).
 
-λ (``--latency-lambda``): by default the balanced value, the median removal score over the median size of the
-latency term per λ at the dense counts, so that the two terms weigh alike; it is fixed before anything is timed.
+λ (``--latency-lambda``, for the MAC-budget form): by default the balanced value, the median removal score over the
+median size of the latency term per λ at the dense counts, so that the two terms weigh alike; NViT's form gets its
+own balanced λ the same way. Both are fixed before anything is timed.
 
-The dense model and both compact models are timed interleaved with ``benchmarks.timing.measure`` (float32, one
+The dense model and the compact models are timed interleaved with ``benchmarks.timing.measure`` (float32, one
 thread, ``--batch-size`` images, process CPU time, median over ``--repeats``, with a distribution-free 95% interval
-of the median paired ratio, ``benchmarks.timing.median_interval``). Writes
+of the median paired ratio against MAC-only, ``benchmarks.timing.median_interval``). Writes
 ``benchmarks/results/<device>-global-pruning.csv`` and ``.md``.
 """
 from __future__ import annotations
@@ -44,8 +48,8 @@ from torch import nn  # noqa: E402
 import models  # noqa: E402
 from benchmarks import env  # noqa: E402
 from benchmarks.timing import Timing, median_interval, median_ratio, measure, paired_ratios  # noqa: E402
-from sparselearning.global_pruning import (GlobalPruning, latency_penalty, removal_savings, select_removals,  # noqa: E402
-                                          unit_masks)
+from sparselearning.global_pruning import (BUDGET_TOLERANCE, GlobalPruning, latency_penalty,  # noqa: E402
+                                          removal_savings, select_removals, unit_masks)
 
 MODEL = "deit_base_patch16_224"
 NVIT_B_GMACS, DEIT_B_GMACS = 6.8, 17.6
@@ -81,19 +85,21 @@ def collect_scores(model: nn.Module, table: Path, target_macs: float, batches: i
     return pruner
 
 
-def balanced_lambda(pruner: GlobalPruning, scores: Mapping[str, torch.Tensor]) -> float:
-    """The median removal score over the median size of the latency term per λ at the dense counts (the ms a removal
-    saves beyond the model's average ms per MAC, ``latency_penalty``'s MAC-budget form): λ at which the score and the
-    latency term weigh alike."""
+def balanced_lambda(pruner: GlobalPruning, scores: Mapping[str, torch.Tensor], absolute: bool = False) -> float:
+    """The median removal score over the median size of the latency term per λ at the dense counts (``absolute``:
+    NViT's ms saved; else the ms saved beyond the model's average ms per MAC, ``latency_penalty``'s MAC-budget form):
+    λ at which the score and the latency term weigh alike."""
     counts = {name: int(a.sum()) for name, a in pruner.active.items()}
     macs, latency = pruner.units.macs, pruner.units.latency
-    excess = latency_penalty(removal_savings(counts, latency, pruner.multiples), 1.0,
-                             removal_savings(counts, macs, pruner.multiples), latency(counts) / macs(counts))
+    ms_saved = removal_savings(counts, latency, pruner.multiples)
+    terms = (latency_penalty(ms_saved, 1.0) if absolute else
+             latency_penalty(ms_saved, 1.0, removal_savings(counts, macs, pruner.multiples),
+                             latency(counts) / macs(counts)))
     removal_scores, removal_terms = [], []
     for name, score in scores.items():
         n = pruner.multiples[name]
         removal_scores += torch.sort(score.double()).values.reshape(-1, n).sum(1).tolist()
-        removal_terms += [abs(excess[name])] * (score.numel() // n)
+        removal_terms += [abs(terms[name])] * (score.numel() // n)
     term = statistics.median(removal_terms)
     if term <= 0:
         raise SystemExit(f"error: the median removal's latency term is {term:.3g} ms by the latency table, so no "
@@ -101,9 +107,10 @@ def balanced_lambda(pruner: GlobalPruning, scores: Mapping[str, torch.Tensor]) -
     return statistics.median(removal_scores) / term
 
 
-def prune(pruner: GlobalPruning, scores: Mapping[str, torch.Tensor], prune_units: int,
-          latency_lambda: float) -> dict[str, torch.Tensor]:
-    """Replay the pruning schedule from every unit to the MAC budget on fixed scores: the kept units per group."""
+def prune(pruner: GlobalPruning, scores: Mapping[str, torch.Tensor], prune_units: int, latency_lambda: float,
+          absolute: bool = False) -> dict[str, torch.Tensor]:
+    """Replay the pruning schedule from every unit to the MAC budget on fixed scores: the kept units per group
+    (``absolute``: NViT's form of the latency penalty, as under a latency budget)."""
     active = {name: torch.ones_like(a) for name, a in pruner.active.items()}
 
     def counts() -> dict[str, int]:
@@ -111,8 +118,38 @@ def prune(pruner: GlobalPruning, scores: Mapping[str, torch.Tensor], prune_units
 
     while pruner.units.macs(counts()) > pruner.budget:
         active = select_removals(scores, active, pruner.multiples, pruner.units.macs, pruner.budget, prune_units,
-                                 pruner.units.latency, latency_lambda)
+                                 pruner.units.latency, latency_lambda, absolute_penalty=absolute)
     return active
+
+
+def uniform_extremes(pruner: GlobalPruning) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The fastest and the slowest architecture by the table among those with the same width in every block (every
+    embedding width and head count in the unit multiples, the widest MLP that fits) whose MACs meet the budget within
+    its tolerance: timed next to the criteria, they show how much room this device leaves a latency-aware criterion
+    at equal MACs. Returned as kept-unit masks (the first units of each group)."""
+    dense = {name: a.numel() for name, a in pruner.active.items()}
+    kinds = {g.name: g.kind for g in pruner.groups}
+    step = {kind: next(pruner.multiples[n] for n, k in kinds.items() if k == kind) for kind in kinds.values()}
+    widest = {kind: max(dense[n] for n, k in kinds.items() if k == kind) for kind in kinds.values()}
+
+    def counts(e: int, h: int, m: int) -> dict[str, int]:
+        return {n: {"channel": e, "head": h, "neuron": m}[k] for n, k in kinds.items()}
+
+    found = []
+    for e in range(step["channel"], widest["channel"] + 1, step["channel"]):
+        for h in range(step["head"], widest["head"] + 1, step["head"]):
+            lo, hi = 0, widest["neuron"] // step["neuron"]  # the largest MLP multiple within the budget
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if pruner.units.macs(counts(e, h, mid * step["neuron"])) <= pruner.budget else (lo, mid - 1)
+            k = counts(e, h, lo * step["neuron"])
+            if lo and pruner.units.macs(k) >= (1.0 - BUDGET_TOLERANCE) * pruner.budget:
+                found.append((pruner.units.latency(k), e, h, lo))
+    if not found:
+        raise SystemExit("error: no uniform architecture meets the budget within its tolerance")
+    found.sort()
+    return tuple({n: torch.arange(dense[n]) < v for n, v in counts(e, h, m * step["neuron"]).items()}
+                 for _, e, h, m in (found[0], found[-1]))
 
 
 def compact(model: nn.Module, pruner: GlobalPruning, active: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -213,8 +250,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     pruner.remove()
     model.eval()
     lam = balanced_lambda(pruner, scores) if args.latency_lambda is None else args.latency_lambda
+    lam_nvit = balanced_lambda(pruner, scores, absolute=True)
+    fastest, slowest = uniform_extremes(pruner)
     kept = {"MAC-only": prune(pruner, scores, args.prune_units, 0.0),
-            "latency-aware": prune(pruner, scores, args.prune_units, lam)}
+            "latency-aware": prune(pruner, scores, args.prune_units, lam),
+            "latency-aware, NViT's penalty": prune(pruner, scores, args.prune_units, lam_nvit, absolute=True),
+            "uniform, fastest by the table": fastest, "uniform, slowest by the table": slowest}
+    lambdas = {"MAC-only": 0.0, "latency-aware": lam, "latency-aware, NViT's penalty": lam_nvit}
     nets = {"dense": model, **{name: compact(model, pruner, active) for name, active in kept.items()}}
     timings = timed(nets, args.batch_size, args.repeats, args.seed)
     meta = {**env.environment(device), "command": shlex.join(["python", "benchmarks/global_pruning.py", *argv]),
@@ -233,9 +275,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         macs = models.count_macs(net).total
         t = timings[name]
         speed = None if name == "dense" else paired_ratios(t, timings["dense"])
-        versus = paired_ratios(t, timings["MAC-only"]) if name == "latency-aware" else None
+        versus = paired_ratios(t, timings["MAC-only"]) if name not in ("dense", "MAC-only") else None
         rows.append({
-            "criterion": name, "latency_lambda": lam if name == "latency-aware" else (0.0 if speed else ""),
+            "criterion": name, "latency_lambda": lambdas.get(name, ""),
             "embed_dim": arch["embed_dim"], "heads": sum(arch["block_heads"]),
             "mlp_hidden": sum(arch["block_mlp_hidden"]), "gmacs": macs / 1e9, "mac_ratio": dense_macs / macs,
             "table_ms": pruner.units.latency(counts), "ms_per_batch": t.step_ms,

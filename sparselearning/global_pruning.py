@@ -243,16 +243,17 @@ def latency_penalty(ms_saved: Mapping[str, float], lam: float, macs_saved: Mappi
 def select_removals(scores: Mapping[str, torch.Tensor], active: Mapping[str, torch.Tensor],
                     multiples: Mapping[str, int], cost: Callable[[Mapping[str, int]], float], budget: float,
                     max_units: int, latency: Callable[[Mapping[str, int]], float] | None = None,
-                    latency_lambda: float = 0.0, cost_is_latency: bool = False) -> dict[str, torch.Tensor]:
+                    latency_lambda: float = 0.0, absolute_penalty: bool = False) -> dict[str, torch.Tensor]:
     """One pruning step of the global rule: the new unit masks after up to ``max_units`` units (in removals of their
     multiple) of the one ranking go, within ``budget`` of ``cost``; with ``latency_lambda`` > 0 each removal's score
-    is first penalised by the ``latency`` it saves at the current counts (``latency_penalty``: NViT's form when the
-    budget is latency, ``cost_is_latency``; else the ms saved beyond the average per unit of ``cost``)."""
+    is first penalised by the ``latency`` it saves at the current counts (``latency_penalty``): NViT's λ × ms saved
+    with ``absolute_penalty`` (what a latency budget uses), else the ms saved beyond the average per unit of ``cost``
+    (a MAC budget)."""
     penalty = None
     if latency_lambda:
         counts = {name: int(mask.sum()) for name, mask in active.items()}
         ms_saved = removal_savings(counts, latency, multiples)
-        if cost_is_latency:
+        if absolute_penalty:
             penalty = latency_penalty(ms_saved, latency_lambda)
         else:
             penalty = latency_penalty(ms_saved, latency_lambda, removal_savings(counts, cost, multiples),
@@ -418,7 +419,7 @@ class GlobalPruning(UnitGroupMasks):
         it saves at the current counts (beyond the average ms per MAC under a MAC budget)."""
         return select_removals({name: scores.death(name) for name in self.active}, self.active, self.multiples,
                                self.cost, self.budget, self.config.prune_units, self.units.latency,
-                               self.config.latency_lambda, cost_is_latency=self.config.target_latency is not None)
+                               self.config.latency_lambda, absolute_penalty=self.config.target_latency is not None)
 
     def _commit(self, new: dict[str, torch.Tensor], step: int) -> bool:
         self._removed = sum(int((self.active[n] & ~new[n]).sum()) for n in new)

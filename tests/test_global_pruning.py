@@ -410,7 +410,7 @@ def test_under_a_mac_budget_the_penalty_counts_the_ms_saved_beyond_the_average_p
     active = {n: torch.ones(v, dtype=torch.bool) for n, v in counts.items()}
     scores = {"a": torch.full((4,), 1.0), "b": torch.full((41,), 1.0)}
     budget = 805.0  # remove 200 MACs: one a, or forty b (b keeps its last unit)
-    nvit = select_removals(scores, active, {}, macs, budget, 40, latency, 1.0, cost_is_latency=True)
+    nvit = select_removals(scores, active, {}, macs, budget, 40, latency, 1.0, absolute_penalty=True)
     per_mac = select_removals(scores, active, {}, macs, budget, 40, latency, 1.0)
     assert int(nvit["a"].sum()) == 3 and int(nvit["b"].sum()) == 41
     assert int(per_mac["a"].sum()) == 4 and int(per_mac["b"].sum()) == 1
@@ -545,8 +545,9 @@ def test_the_latency_table_command_measures_a_table_that_covers_the_model(tmp_pa
 
 
 def test_the_deit_b_benchmark_prunes_both_criteria_to_equal_macs_from_the_same_scores(tmp_path) -> None:
-    """benchmarks/global_pruning.py on vit_digits_micro with the hand table: both architectures meet the MAC budget
-    within 1%, the latency-aware one differs and costs less by the table, and the rows record the timing."""
+    """benchmarks/global_pruning.py on vit_digits_micro with the hand table: every architecture meets the MAC budget
+    within 1%, the latency-aware one differs and costs less by the table, the uniform references are uniform and
+    the fastest of them is the fastest by the table here, and the rows record the timing."""
     from benchmarks import global_pruning
 
     table = save_table(hand_table(batch_size=4, meta={"device": "hand", "threads": 1, "date": "-"}),
@@ -555,13 +556,17 @@ def test_the_deit_b_benchmark_prunes_both_criteria_to_equal_macs_from_the_same_s
                                     "0.5", "--prune-units", "16", "--latency-lambda", "0.05", "--score-batches", "2",
                                     "--batch-size", "2", "--repeats", "6", "--csv", str(tmp_path / "gp.csv")])
     rows = {r["criterion"]: r for r in csv.DictReader(open(csv_path))}
-    assert list(rows) == ["dense", "MAC-only", "latency-aware"]
-    for name in ("MAC-only", "latency-aware"):
+    assert list(rows) == ["dense", "MAC-only", "latency-aware", "latency-aware, NViT's penalty",
+                          "uniform, fastest by the table", "uniform, slowest by the table"]
+    for name in list(rows)[1:]:
         assert 0.5 * 0.99 <= 1 / float(rows[name]["mac_ratio"]) <= 0.5
         assert float(rows[name]["speedup"]) > 0 and rows[name]["command"].startswith("python benchmarks/")
     widths = ("embed_dim", "block_heads", "block_mlp_hidden")
     assert [rows["latency-aware"][k] for k in widths] != [rows["MAC-only"][k] for k in widths], "λ reorders"
     assert float(rows["latency-aware"]["table_ms"]) < float(rows["MAC-only"]["table_ms"])
+    fastest, slowest = (float(rows[f"uniform, {w} by the table"]["table_ms"]) for w in ("fastest", "slowest"))
+    assert fastest <= min(float(r["table_ms"]) for r in rows.values()) and slowest > fastest
+    assert len(set(rows["uniform, fastest by the table"]["block_heads"].split())) == 1
     assert float(rows["latency-aware"]["vs_mac_only"]) > 0 and rows["MAC-only"]["vs_mac_only"] == ""
     lo, hi = float(rows["latency-aware"]["vs_mac_only_lo"]), float(rows["latency-aware"]["vs_mac_only_hi"])
     assert (lo, hi) == (float(rows["latency-aware"]["vs_mac_only_min"]), float(rows["latency-aware"]["vs_mac_only_max"]))
