@@ -255,14 +255,29 @@ def test_head_dim_pruning_refuses_what_it_cannot_do() -> None:
 
 
 @pytest.mark.slow
-def test_main_prunes_head_dims_and_the_compact_model_has_the_budgets_macs(tmp_path) -> None:
+def test_main_prunes_head_dims_and_the_checkpoint_tool_reads_both_files(tmp_path, capsys) -> None:
+    """main.py end to end: the compact model has narrower heads and the budget's MACs by the FLOP counter; the
+    checkpoint tool detects the pruned head dims of the masked checkpoint from its weights, compacts it to the same
+    top-1, and evaluates the compact file."""
+    import main
     from conftest import TINY_RUN, run_main
 
     out = tmp_path / "global"
     proc = run_main(*TINY_RUN, "--epochs", "1", "--output_dir", str(out), "--pruning_type", "global",
                     "--target-macs", "0.5", "--prune-every", "4", "--prune-units", "60", "--prune-head-dim")
     small = interop.load_compact(out / "compact.pth")
-    assert min(models.architecture(small)["block_head_dim"]) < 16, proc.stdout[-2000:]
+    widths = models.architecture(small)["block_head_dim"]
+    assert min(widths) < 16, proc.stdout[-2000:]
     measured = json.loads((out / "log.txt").read_text().splitlines()[-1])["compact_model"]
     assert measured["macs"] == measured["budget_macs"] == models.count_macs(small).total and measured["macs_agree"]
     assert json.loads((out / "config.json").read_text())["prune_head_dim"] is True
+
+    def evaluate(*flags: str) -> tuple[dict, str]:
+        stats = main.main(main.get_args_parser().parse_args([*TINY_RUN, *flags]))
+        return stats, capsys.readouterr().out
+
+    stats, text = evaluate("--eval", "--compact", "--resume", str(out / "checkpoint.pth"), "--output_dir",
+                           str(tmp_path / "tool"))
+    assert f"head dims {widths} of 16" in text and stats["compact_test_acc1"] == pytest.approx(stats["test_acc1"])
+    again, text = evaluate("--eval", "--resume", str(out / "compact.pth"))
+    assert f"head dims {widths} of 16" in text and again["test_acc1"] == pytest.approx(stats["test_acc1"])
