@@ -162,7 +162,7 @@ def load_for_evaluation(args: argparse.Namespace, cli_tokens: models.TokenConfig
     model_name = contents.architecture["model"] if contents.architecture else args.model
     if contents.architecture is None:
         interop.check_fits(contents.state_dict, args.model)
-    detection = interop.detect(contents.state_dict, model_name)
+    detection = interop.detect(contents.state_dict, model_name, contents.architecture)
     tokens = interop.resolve_tokens(contents, detection, cli_tokens)
     model = interop.build_model(contents, detection, model_name, tokens)
     rows = interop.audit_layers(contents)

@@ -5,8 +5,9 @@
 Every grid point is one timm ``Block`` (the modules a compact model is made of: ``Attention`` with the given heads and
 head dim, ``Mlp`` with the given hidden width) timed in eval mode on ``--batch-size`` images of the model's token
 count, with ``benchmarks.timing``'s protocol (warm-up, synchronized timed loops, median over repeats). The default
-grid spans 1 unit to the dense width on every pruned axis (what pruning can reach), in ``--points`` steps; the table
-records the device, versions, date, grid and this command.
+grid spans 1 unit to the dense width on every pruned axis (what pruning can reach), in ``--points`` steps, and holds
+the model's head dim alone; for ``--prune-head-dim`` pass a head-dim grid from 1 (or the unit multiple) to it
+(``--head-dim 1 16 32 48 64``). The table records the device, versions, date, grid and this command.
 """
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> LatencyTable:
     for axis in ("embed_dim", "num_heads", "mlp_hidden"):
         parser.add_argument(f"--{axis.replace('_', '-')}", type=int, nargs="+", default=None, metavar="N",
                             help=f"{axis} grid (default: --points values from 1 to the model's)")
+    parser.add_argument("--head-dim", dest="head_dim", type=int, nargs="+", default=None, metavar="N",
+                        help="head_dim grid (default: the model's head dim alone; for --prune-head-dim, widths from 1 "
+                             "or the unit multiple up to it)")
     parser.add_argument("--warm", type=int, default=1)
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> LatencyTable:
     dense = {"embed_dim": arch["embed_dim"], "num_heads": arch["block_heads"][0],
              "mlp_hidden": arch["block_mlp_hidden"][0]}
     grid = {axis: sorted(set(getattr(args, axis) or default_grid(dense[axis], args.points))) for axis in dense}
-    grid["head_dim"] = [arch["head_dim"]]
+    grid["head_dim"] = sorted(set(args.head_dim or [arch["head_dim"]]))
     command = "python -m benchmarks.latency_table " + " ".join(map(shlex.quote, argv if argv is not None
                                                                          else sys.argv[1:]))
     table = build_table(args.model, grid, args.batch_size, torch.device(args.device), warm=args.warm,

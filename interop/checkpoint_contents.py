@@ -23,7 +23,7 @@ import torch
 
 from interop.checkpoint import file_kind, load_checkpoint
 from interop.compact_checkpoint import is_compact_checkpoint
-from interop.export import export_args, is_sparse_file, load_sparse_masks
+from interop.export import export_architecture, export_args, is_sparse_file, load_sparse_masks
 
 ORIGINAL_MASK_ENTRIES = ("mask", "atten_mask", "other_mask")
 _MASK_SUFFIX = re.compile(r"_(\d+|mask)$")
@@ -43,7 +43,8 @@ class CheckpointContents:
         masks: parameter name -> bool mask, as stored in the file (empty when it stores none).
         args: the training flags the file records, as a plain dict (empty when none).
         ema: the EMA weights, when stored.
-        architecture: a compact model's per-block shape (``models.compact_architecture``).
+        architecture: a compact model's per-block shape (``models.compact_architecture``), from a ``compact.pth`` or the
+            ``config.json`` beside a compact export.
         notes: facts about the file worth printing (e.g. mask-key indices that do not match the parameters).
     """
 
@@ -87,7 +88,8 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
         return CheckpointContents(path, "svite", weights, masks, args, ema, notes=notes, epoch=epoch)
     layout = "sparse" if file_kind(path) == "safetensors" and is_sparse_file(path) else "weights"
     masks = load_sparse_masks(path) if layout == "sparse" else {}
-    return CheckpointContents(path, layout, weights, masks, args=args or export_args(path), ema=ema, epoch=epoch)
+    return CheckpointContents(path, layout, weights, masks, args=args or export_args(path), ema=ema, epoch=epoch,
+                              architecture=export_architecture(path))
 
 
 def mask_parameter_name(key: str) -> str:

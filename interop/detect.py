@@ -2,7 +2,8 @@
 
 Keys tell whether a token selector was trained (``gumbel.*`` globally, ``blocks.{i}.attn.gumbel.*`` per block) and
 whether blocks are physically smaller than the named model (compact). Weights tell the sparsity: whole zero heads
-(the q, k and v row blocks of a head all zero) or zero ``fc1`` rows with dense survivors mean structured sparsity;
+(the q, k and v row blocks of a head all zero), zero head dimensions (row j of every head's q, k and v all zero), or
+zero ``fc1`` rows with dense survivors mean structured sparsity;
 scattered zeros mean unstructured sparsity. File names, flags and masks can claim anything; these numbers cannot.
 """
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from models.channel_units import channels_alive, embedding_group, unsupported_channels
 from models.flops import DENSE_FRACTION, is_weight_tensor
 from models.vit import MODEL_NAMES, architecture, create_model
-from sparselearning.units import head_group, heads_in_qkv, neuron_group, select_units, units_alive
+from sparselearning.units import head_dim_group, head_group, heads_in_qkv, neuron_group, select_units, units_alive
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -31,6 +33,9 @@ class Detection:
         num_heads, head_dim, mlp_hidden: the full model's per-block sizes (heads come from ``--model``).
         block_heads, block_mlp: heads and MLP neurons each block really has: non-zero units of a masked model,
             or the physical sizes of a compact one.
+        block_head_dim: the head width each block really has: its non-zero head dimensions (global pruning's
+            ``--prune-head-dim``); a compact file's narrower heads are read from its recorded architecture, since
+            its ``qkv`` rows (3 x heads x width) do not tell heads from width.
         compact: blocks or the embedding are physically smaller than ``--model``'s.
         structured: whole heads, neurons or embedding channels (global pruning) are zero and the surviving units
             are dense.
@@ -54,6 +59,7 @@ class Detection:
     unstructured: bool
     embed_dim: int = 0
     embed_kept: int = 0
+    block_head_dim: tuple[int, ...] = ()
 
     def lines(self) -> list[str]:
         """Human-readable findings, one per line."""
@@ -63,6 +69,8 @@ class Detection:
                 "layerwise": "token selector: layer-wise (gumbel.* and blocks.{i}.attn.gumbel.*)"}[self.selector]]
         units = (f"heads per block {list(self.block_heads)} of {self.num_heads}, "
                  f"MLP neurons {list(self.block_mlp)} of {self.mlp_hidden}")
+        if any(d < self.head_dim for d in self.block_head_dim):
+            units += f", head dims {list(self.block_head_dim)} of {self.head_dim}"
         if self.compact:
             out.append(f"compact shapes: {units}")
         elif self.structured:
@@ -119,30 +127,44 @@ def mismatches(state_dict: Mapping[str, torch.Tensor], model_name: str) -> list[
     return problems
 
 
-def detect(state_dict: Mapping[str, torch.Tensor], model_name: str) -> Detection:
-    """Detect selector, compact shapes and sparsity of a state_dict that ``check_fits`` accepted for ``model_name``."""
+def detect(state_dict: Mapping[str, torch.Tensor], model_name: str,
+           recorded: Mapping[str, Any] | None = None) -> Detection:
+    """Detect selector, compact shapes and sparsity of a state_dict that ``check_fits`` accepted for ``model_name``;
+    ``recorded`` is the architecture a compact file records (``models.compact_architecture``), whose per-block head
+    widths the weights alone do not tell."""
     meta = _meta_model(model_name, state_dict)
     arch = architecture(meta)
     heads, head_dim = arch["block_heads"][0], arch["head_dim"]
     hidden = arch["block_mlp_hidden"][0]
     depth = arch["depth"]
-    block_heads, block_mlp, survivors_dense, some_unit_zero = [], [], True, False
+    widths = list((recorded or {}).get("block_head_dim") or [head_dim] * depth)
+    block_heads, block_mlp, block_head_dim, survivors_dense, some_unit_zero = [], [], [], True, False
     width = state_dict["patch_embed.proj.weight"].shape[0]
     compact = width != arch["embed_dim"]
     channels = pruned_channels_of(meta, state_dict) if not compact else None
     some_unit_zero = channels is not None
     for i in range(depth):
         qkv, fc1 = state_dict[f"blocks.{i}.attn.qkv.weight"], state_dict[f"blocks.{i}.mlp.fc1.weight"]
-        kept_heads = heads_in_qkv(qkv.shape[0], head_dim)
-        compact |= kept_heads != heads or fc1.shape[0] != hidden
-        head_spec = head_group(f"blocks.{i}.attn", kept_heads, head_dim).primary
+        width = widths[i]
+        if qkv.shape[0] % (3 * width):
+            raise ValueError(f"blocks.{i}.attn.qkv.weight has {qkv.shape[0]} rows, not 3 x heads x {width}: a "
+                             "compact model with narrower heads, whose widths only its recorded architecture holds; "
+                             "read it from its compact.pth or export directory")
+        kept_heads = heads_in_qkv(qkv.shape[0], width)
+        compact |= kept_heads != heads or width != head_dim or fc1.shape[0] != hidden
+        head_spec = head_group(f"blocks.{i}.attn", kept_heads, width).primary
+        dim_spec = head_dim_group(f"blocks.{i}.attn", kept_heads, width).primary
         neuron_spec = neuron_group(f"blocks.{i}.mlp", fc1.shape[0]).primary
         head_alive = units_alive(qkv, head_spec, kept_heads)
+        dim_alive = units_alive(qkv, dim_spec, width)
         row_alive = units_alive(fc1, neuron_spec, fc1.shape[0])
         block_heads.append(int(head_alive.sum()))
+        block_head_dim.append(int(dim_alive.sum()))
         block_mlp.append(int(row_alive.sum()))
-        some_unit_zero |= not bool(head_alive.all()) or not bool(row_alive.all())
-        for live in (select_units(qkv, head_spec, kept_heads, head_alive.nonzero().flatten()),
+        some_unit_zero |= not bool(head_alive.all()) or not bool(dim_alive.all()) or not bool(row_alive.all())
+        live_heads = select_units(qkv, head_spec, kept_heads, head_alive.nonzero().flatten())
+        live_dims = head_dim_group(f"blocks.{i}.attn", int(head_alive.sum()), width).primary
+        for live in (select_units(live_heads, live_dims, width, dim_alive.nonzero().flatten()),
                      select_units(fc1, neuron_spec, fc1.shape[0], row_alive.nonzero().flatten())):
             live = live if channels is None else live.index_select(1, channels)  # a pruned channel's column is zero
             if live.numel() and live.ne(0).float().mean().item() < DENSE_FRACTION:
@@ -159,7 +181,7 @@ def detect(state_dict: Mapping[str, torch.Tensor], model_name: str) -> Detection
         num_heads=heads, head_dim=head_dim, mlp_hidden=hidden, block_heads=tuple(block_heads),
         block_mlp=tuple(block_mlp), compact=compact, structured=structured, weight_density=density,
         unstructured=not structured and density < DENSE_FRACTION, embed_dim=arch["embed_dim"],
-        embed_kept=width if channels is None else channels.numel(),
+        embed_kept=width if channels is None else channels.numel(), block_head_dim=tuple(block_head_dim),
     )
 
 

@@ -65,7 +65,7 @@ def export_model(model: VisionTransformer, model_name: str, tokens: TokenConfig,
     base = model_name.removesuffix("_data")
     with torch.device("meta"):
         full = architecture(create_model(base, num_classes=arch["num_classes"], img_size=arch["img_size"]))
-    compact = any(arch[key] != full[key] for key in ("block_heads", "block_mlp_hidden", "embed_dim"))
+    compact = any(arch[key] != full[key] for key in ("block_heads", "block_mlp_hidden", "embed_dim", "block_head_dim"))
     channels = pruned_channels(model)  # a masked model with pruned embedding channels: kept-channel norms
     timm_loadable = (base in (*DEIT_MODELS, *SMALL_MODELS, *SMALL_DISTILLED) and not compact and channels is None
                      and not token_scorers(model))
@@ -132,7 +132,7 @@ def export_message(paths: dict[str, Path]) -> str:
         lines += ["", "load it with timm alone (copy and paste into Python):", "", config["load_with_timm"], "",
                   "or with this checkout:", "", config["load_with_this_project"]]
     else:
-        why = ("per-block head counts or MLP widths" if config["compact"] else
+        why = ("per-block head counts, head widths or MLP widths" if config["compact"] else
                "LayerNorms over the kept embedding channels of a masked model (its compact.pth has none)"
                if config.get("embed_channels_kept") else "a token selector")
         lines += ["", f"timm's VisionTransformer cannot express {why}; load it with this checkout "
@@ -148,7 +148,8 @@ def load_export(out_dir: str | Path) -> VisionTransformer:
         raise ValueError(f"{out / CONFIG} is not an export config (expected format {EXPORT_FORMAT!r})")
     arch = config["architecture"]
     shape = dict(block_heads=arch["block_heads"], block_mlp_hidden=arch["block_mlp_hidden"],
-                 head_dim=arch["head_dim"], embed_dim=arch["embed_dim"]) if config["compact"] else {}
+                 head_dim=arch["head_dim"], embed_dim=arch["embed_dim"],
+                 block_head_dim=arch.get("block_head_dim")) if config["compact"] else {}
     model = create_model(config["model"], num_classes=arch["num_classes"], img_size=arch["img_size"], **shape)
     if config["token_selection"]:
         apply_token_selection(model, TokenConfig(**config["token_selection"]))
@@ -181,6 +182,20 @@ def export_args(path: str | Path) -> dict[str, Any]:
         return {}
     tokens = config.get("token_selection")
     return {"model": config["model"], **(TokenConfig(**tokens).as_flags() if tokens else {})}
+
+
+def export_architecture(path: str | Path) -> dict[str, Any] | None:
+    """The architecture (``models.compact_architecture`` form) the ``config.json`` beside an exported weights file
+    records when the export is a compact model, else None: its per-block head widths are not in the weights."""
+    path = Path(path)
+    try:
+        config = json.loads((path.parent / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT or not config.get("compact") \
+            or path.name not in (config.get("weights"), config.get("sparse_weights")):
+        return None
+    return {"model": config["model"], **config["architecture"]}
 
 
 def save_sparse(state_dict: dict[str, torch.Tensor], path: str | Path,

@@ -1,26 +1,28 @@
 """Physical compaction of a structured-sparse ViT: pruned heads and MLP neurons removed, not just zeroed.
 
 Training keeps the dense shapes with masked rows (soft pruning). This module turns such a model into a smaller timm
-model for export and timing: fewer heads per block (and a narrower ``qkv``/``proj``), narrower MLPs. The compact
-model computes the same function as the masked one. A pruned unit that is not silent, as in SViTE's compat mode
-(unmasked qkv bias: the head outputs b_v at every token), adds a constant, and that constant is folded into the
+model for export and timing: fewer (or narrower) heads per block, so a narrower ``qkv``/``proj``, and narrower MLPs.
+The compact model computes the same function as the masked one. A pruned unit that is not silent, as in SViTE's compat
+mode (unmasked qkv bias: the head outputs b_v at every token), adds a constant, and that constant is folded into the
 bias of ``proj`` or ``fc2``.
 """
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import Attention
 from torch import nn
 
 from models.channel_units import clear_kept_channels, compact_channels, pruned_channels
 from models.head_stats import block_units, prunable_blocks
 from models.vit import architecture, create_model
 from models.wrappers import unwrap_model
-from sparselearning.units import (UNIT_MULTIPLE_AUTO, V_SECTION, expand_units, kept_count, resolve_multiple,
-                                  select_units, units_alive)
+from sparselearning.units import (UNIT_MULTIPLE_AUTO, V_SECTION, UnitGroup, expand_units, head_dim_group,
+                                  kept_count, qkv_sections, resolve_multiple, select_units, units_alive)
 
 
 def _masked(param: torch.Tensor | None, fqn: str, masks: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
@@ -56,6 +58,51 @@ def _fold(bias: torch.Tensor | None, leak: torch.Tensor, fqn: str) -> torch.Tens
     return None
 
 
+def _compact_attention(name: str, attn: Attention, heads_of: UnitGroup,
+                       masks: Mapping[str, torch.Tensor] | None) -> None:
+    """Replace ``attn``'s ``qkv`` and ``proj`` by their kept heads and, where some head dimension of the block is
+    pruned in every kept head, by its kept head dimensions (see ``compact_model``)."""
+    h, qkv, proj = heads_of.num_units, heads_of.primary, heads_of.output
+    qkv_w = _masked(attn.qkv.weight, qkv.param, masks)
+    qkv_b = _masked(attn.qkv.bias, f"{name}.attn.qkv.bias", masks)
+    proj_w = _masked(attn.proj.weight, proj.param, masks)
+    proj_b = _masked(attn.proj.bias, f"{name}.attn.proj.bias", masks)
+    qkv_mask = None if masks is None else masks.get(qkv.param)
+    alive = qkv_w.ne(0) if qkv_mask is None else qkv_mask.to(qkv_w.device)
+    heads = _kept(units_alive(alive, qkv, h))
+    pruned = torch.ones(h, dtype=torch.bool, device=heads.device)
+    pruned[heads] = False
+    pruned = pruned.nonzero().flatten()
+    leak = torch.zeros(proj_w.shape[0], dtype=proj_w.dtype, device=proj_w.device)
+    if qkv_b is not None:  # a pruned head outputs its v bias at every token
+        leak = select_units(proj_w, proj, h, pruned) @ select_units(qkv_b, qkv, h, pruned, sections=[V_SECTION])
+    qkv_w, proj_w = select_units(qkv_w, qkv, h, heads), select_units(proj_w, proj, h, heads)
+    qkv_b = None if qkv_b is None else select_units(qkv_b, qkv, h, heads)
+    h, d = heads.numel(), attn.head_dim
+    rows = head_dim_group(f"{name}.attn", h, d).primary
+    dim_alive = units_alive(select_units(alive, qkv, heads_of.num_units, heads), rows, d)
+    if bool(dim_alive.any()) and not bool(dim_alive.all()):  # pruned head dimensions (--prune-head-dim)
+        dims, dropped = dim_alive.nonzero().flatten(), (~dim_alive).nonzero().flatten()
+        cols = head_dim_group(f"{name}.attn", h, d).output
+        if qkv_b is not None:  # a pruned dimension of v outputs its v bias at every token
+            leak = leak + select_units(proj_w, cols, d, dropped) @ select_units(
+                qkv_b, rows, d, dropped, sections=qkv_sections(rows, V_SECTION))
+        qkv_w, proj_w = select_units(qkv_w, rows, d, dims), select_units(proj_w, cols, d, dims)
+        qkv_b = None if qkv_b is None else select_units(qkv_b, rows, d, dims)
+        # the attention scales q.k by 1/sqrt(head width); q absorbs sqrt(d'/d), so the logits stay q.k/sqrt(d)
+        d_kept = dims.numel()
+        factor = math.sqrt(d_kept / d)
+        qkv_w[:h * d_kept] *= factor
+        if qkv_b is not None:
+            qkv_b[:h * d_kept] *= factor
+        d = attn.head_dim = d_kept
+        attn.scale = d ** -0.5
+    attn.qkv = _linear_like(attn.qkv, qkv_w, qkv_b)
+    attn.proj = _linear_like(attn.proj, proj_w, _fold(proj_b, leak, f"{name}.attn.proj"))
+    attn.num_heads = h
+    attn.attn_dim = h * d
+
+
 @torch.no_grad()
 def compact_model(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """A physically smaller copy of a structured-sparse ViT, with the same outputs as the masked model.
@@ -68,6 +115,14 @@ def compact_model(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = N
     Both constants go through the dropped ``proj`` or ``fc2`` columns into that layer's bias. This is exact in every
     mode: it adds zero where the biases were masked, and it reproduces SViTE's bias leak in compat mode, so no mode
     flag is needed.
+
+    Pruned head dimensions (global pruning's ``--prune-head-dim``: dimension j of every head of a block, inactive in
+    the q, k and v rows of every kept head) are removed from every head: the block becomes a timm ``Attention`` of
+    the kept head width d' (``qkv`` rows ``[3, H', d']``, ``proj`` columns ``[H', d']``). Its attention scales the
+    logits by 1/sqrt(d') where the masked model scaled by 1/sqrt(d), so the q rows (weight and bias) are multiplied
+    by sqrt(d'/d) and ``attn.scale`` is d'^-1/2: both the fused (SDPA) and the explicit path compute the masked
+    model's logits. A pruned dimension adds q_j k_j = b_q b_k, the same for every query-key pair, which the softmax
+    ignores, and outputs its v bias at every token, folded into the ``proj`` bias like a pruned head's.
 
     Pruned embedding channels (``models.channel_units``: global pruning) are removed from every tensor and
     LayerNorm; the masked model normalises over its kept channels, so this is exact too. Blocks may keep different
@@ -86,26 +141,7 @@ def compact_model(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = N
     channels = pruned_channels(compact, masks)
     for name, attn, mlp in prunable_blocks(compact):
         heads_of, neurons_of = block_units(name, attn, mlp)
-        h, qkv, proj = heads_of.num_units, heads_of.primary, heads_of.output
-        qkv_w = _masked(attn.qkv.weight, qkv.param, masks)
-        qkv_b = _masked(attn.qkv.bias, f"{name}.attn.qkv.bias", masks)
-        proj_w = _masked(attn.proj.weight, proj.param, masks)
-        proj_b = _masked(attn.proj.bias, f"{name}.attn.proj.bias", masks)
-        qkv_mask = None if masks is None else masks.get(qkv.param)
-        alive = qkv_w.ne(0) if qkv_mask is None else qkv_mask.to(qkv_w.device)
-        heads = _kept(units_alive(alive, qkv, h))
-        pruned = torch.ones(h, dtype=torch.bool, device=heads.device)
-        pruned[heads] = False
-        pruned = pruned.nonzero().flatten()
-        leak = torch.zeros(proj_w.shape[0], dtype=proj_w.dtype, device=proj_w.device)
-        if qkv_b is not None:  # a pruned head outputs its v bias at every token
-            leak = select_units(proj_w, proj, h, pruned) @ select_units(qkv_b, qkv, h, pruned, sections=[V_SECTION])
-        attn.qkv = _linear_like(attn.qkv, select_units(qkv_w, qkv, h, heads),
-                                None if qkv_b is None else select_units(qkv_b, qkv, h, heads))
-        attn.proj = _linear_like(attn.proj, select_units(proj_w, proj, h, heads),
-                                 _fold(proj_b, leak, f"{name}.attn.proj"))
-        attn.num_heads = heads.numel()
-        attn.attn_dim = heads.numel() * attn.head_dim
+        _compact_attention(name, attn, heads_of, masks)
 
         fc1, fc2 = neurons_of.primary, neurons_of.output
         fc1_w = _masked(mlp.fc1.weight, fc1.param, masks)
@@ -172,7 +208,10 @@ def compact_architecture(model: nn.Module, model_name: str) -> dict[str, Any]:
 
 
 def build_compact(arch: Mapping[str, Any]) -> nn.Module:
-    """An untrained model with a compact architecture (``compact_architecture`` output), built by ``create_model``."""
+    """An untrained model with a compact architecture (``compact_architecture`` output), built by ``create_model``;
+    files written before per-block head widths were recorded (no ``block_head_dim``) have ``head_dim`` in every
+    block."""
     return create_model(arch["model"], num_classes=arch["num_classes"], img_size=arch["img_size"],
                         block_heads=arch["block_heads"], block_mlp_hidden=arch["block_mlp_hidden"],
-                        head_dim=arch["head_dim"], embed_dim=arch.get("embed_dim"))
+                        head_dim=arch["head_dim"], embed_dim=arch.get("embed_dim"),
+                        block_head_dim=arch.get("block_head_dim"))

@@ -41,7 +41,7 @@ from models.compact import compact_model
 from models.token_merging import block_tokens, max_merges, merge_plan, token_counts
 from models.token_selection import TokenScorer, num_tokens
 from models.wrappers import unwrap_model
-from sparselearning.units import head_group, units_alive
+from sparselearning.units import head_dim_group, head_group, units_alive
 
 KINDS = ("dense", "theoretical", "executed")
 # A weight that keeps at least this fraction of its entries counts as dense (a trained dense weight is never
@@ -283,9 +283,9 @@ def mac_summary(model: nn.Module, densities: Mapping[str, float] | None = None) 
 def structured_form(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module | None:
     """The compact model of a structured-sparse ViT, or None when it is not one.
 
-    Structured means whole heads, MLP neurons or embedding channels are removed (their q/k/v or fc1 rows, or every
-    entry a channel owns, are zero, or masked off when ``masks`` is given) and the surviving units are dense: the
-    pattern S²ViTE and global pruning train. A model with scattered zeros
+    Structured means whole heads, head dimensions, MLP neurons or embedding channels are removed (their q/k/v or fc1
+    rows, or every entry a channel owns, are zero, or masked off when ``masks`` is given) and the surviving units are
+    dense: the pattern S²ViTE and global pruning train. A model with scattered zeros
     that happen to empty a row is unstructured, and its count stays per weight.
     """
     net = unwrap_model(model)
@@ -315,17 +315,20 @@ def nonzero_parameters(model: nn.Module, masks: Mapping[str, torch.Tensor] | Non
 
 
 def _has_removed_unit(net: VisionTransformer, masks: Mapping[str, torch.Tensor]) -> bool:
-    """Whether some block has a head whose q, k and v rows are all inactive, or an fc1 row that is, or some embedding
-    channel is inactive everywhere (global pruning)."""
+    """Whether some block has a head whose q, k and v rows are all inactive, or a head dimension that is in every
+    head, or an fc1 row that is, or some embedding channel is inactive everywhere (global pruning)."""
     if pruned_channels(net, masks or None) is not None:
         return True
     for i, blk in enumerate(net.blocks):
         qkv, fc1 = blk.attn.qkv.weight, blk.mlp.fc1.weight
         qkv_alive = masks.get(f"blocks.{i}.attn.qkv.weight", qkv.ne(0))
         fc1_alive = masks.get(f"blocks.{i}.mlp.fc1.weight", fc1.ne(0))
-        heads = units_alive(qkv_alive, head_group(f"blocks.{i}.attn", blk.attn.num_heads, blk.attn.head_dim).primary,
-                            blk.attn.num_heads)
-        if not bool(heads.all()) or not bool(fc1_alive.any(dim=1).all()):
+        attn = blk.attn
+        heads = units_alive(qkv_alive, head_group(f"blocks.{i}.attn", attn.num_heads, attn.head_dim).primary,
+                            attn.num_heads)
+        dims = units_alive(qkv_alive, head_dim_group(f"blocks.{i}.attn", attn.num_heads, attn.head_dim).primary,
+                           attn.head_dim)
+        if not bool(heads.all()) or not bool(dims.all()) or not bool(fc1_alive.any(dim=1).all()):
             return True
     return False
 

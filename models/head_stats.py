@@ -17,7 +17,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from models.wrappers import unwrap_model
-from sparselearning.units import UnitGroup, head_group, neuron_group
+from sparselearning.units import UnitGroup, head_dim_group, head_group, neuron_group
 
 
 def prunable_blocks(model: nn.Module) -> list[tuple[str, Attention, Mlp]]:
@@ -52,6 +52,19 @@ def block_units(name: str, attn: Attention, mlp: Mlp) -> tuple[UnitGroup, UnitGr
     """The heads and the MLP neurons of block ``name``, as ``sparselearning.units`` defines them."""
     return (head_group(f"{name}.attn", attn.num_heads, attn.head_dim, qkv_bias=attn.qkv.bias is not None),
             neuron_group(f"{name}.mlp", mlp.fc1.out_features, fc1_bias=mlp.fc1.bias is not None))
+
+
+def block_head_dims(name: str, attn: Attention) -> UnitGroup:
+    """The head dimensions of block ``name`` (``--prune-head-dim``), as ``sparselearning.units`` defines them.
+
+    Raises:
+        ValueError: for an attention that normalises q or k over the head width (a removed dimension would change
+            the others).
+    """
+    if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+        raise ValueError(f"{name}.attn normalises q or k over the head width, so its head dimensions cannot be "
+                         "removed one by one; leave --prune-head-dim out")
+    return head_dim_group(f"{name}.attn", attn.num_heads, attn.head_dim, qkv_bias=attn.qkv.bias is not None)
 
 
 def unit_groups(model: nn.Module) -> list[dict[str, Any]]:

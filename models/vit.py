@@ -85,6 +85,7 @@ def create_model(
     block_mlp_hidden: Sequence[int] | None = None,
     head_dim: int | None = None,
     embed_dim: int | None = None,
+    block_head_dim: Sequence[int] | None = None,
 ) -> VisionTransformer:
     """Build a randomly initialised ViT (never downloads weights).
 
@@ -98,20 +99,25 @@ def create_model(
         block_mlp_hidden: MLP hidden width of each block; defaults to mlp_ratio * embed_dim.
         head_dim: width of one head when `block_heads` is given; defaults to embed_dim // num_heads.
         embed_dim: residual width, when it differs from the config's (compact models with pruned embedding
-            channels); needs `block_heads` and `head_dim`, since the config's head count need not divide it.
+            channels); needs `block_heads` and `head_dim` (or `block_head_dim`), since the config's head count need
+            not divide it.
+        block_head_dim: width of one head in each block (compact models with pruned head dimensions); overrides
+            `head_dim`.
     """
     if name in DATA_MODELS:
         model = create_model(name.removesuffix("_data"), num_classes=num_classes, img_size=img_size,
                              drop_rate=drop_rate, drop_path_rate=drop_path_rate, block_heads=block_heads,
-                             block_mlp_hidden=block_mlp_hidden, head_dim=head_dim, embed_dim=embed_dim)
+                             block_mlp_hidden=block_mlp_hidden, head_dim=head_dim, embed_dim=embed_dim,
+                             block_head_dim=block_head_dim)
         apply_token_selection(model, TokenConfig(enabled=True, selector="layerwise"))
         return model
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     if img_size is not None:
         kwargs["img_size"] = img_size
     if embed_dim is not None and embed_dim != config_embed_dim(name):
-        if block_heads is None or head_dim is None:
-            raise ValueError("embed_dim needs block_heads and head_dim (the blocks are rebuilt at that width)")
+        if block_heads is None or (head_dim is None and block_head_dim is None):
+            raise ValueError("embed_dim needs block_heads and head_dim or block_head_dim (the blocks are rebuilt at "
+                             "that width)")
         kwargs.update(embed_dim=embed_dim, num_heads=1)  # resize_blocks sets the real heads below
     if name in DEIT_MODELS:
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -121,8 +127,8 @@ def create_model(
         model = VisionTransformerDistilled(**{**SMALL_MODELS[name.removesuffix(DISTILLED_SUFFIX)], **kwargs})
     else:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-    if block_heads is not None or block_mlp_hidden is not None:
-        resize_blocks(model, block_heads, block_mlp_hidden, head_dim)
+    if block_heads is not None or block_mlp_hidden is not None or block_head_dim is not None:
+        resize_blocks(model, block_heads, block_mlp_hidden, head_dim, block_head_dim)
     return model
 
 
@@ -131,24 +137,27 @@ def resize_blocks(
     block_heads: Sequence[int] | None,
     block_mlp_hidden: Sequence[int] | None,
     head_dim: int | None = None,
+    block_head_dim: Sequence[int] | None = None,
 ) -> None:
-    """Give each block its own head count and MLP width, in place, with fresh timm modules.
+    """Give each block its own head count, head width and MLP width, in place, with fresh timm modules.
 
-    The attention keeps its head width, so a block with fewer heads has a narrower qkv and proj input;
-    dropout settings are carried over from the replaced modules.
+    The attention keeps its head width unless ``head_dim`` or ``block_head_dim`` (per block) sets it, so a block
+    with fewer or narrower heads has a narrower qkv and proj input; dropout settings are carried over from the
+    replaced modules.
     """
     depth = len(model.blocks)
-    for label, values in (("block_heads", block_heads), ("block_mlp_hidden", block_mlp_hidden)):
+    for label, values in (("block_heads", block_heads), ("block_mlp_hidden", block_mlp_hidden),
+                          ("block_head_dim", block_head_dim)):
         if values is not None and (len(values) != depth or min(values) < 1):
             raise ValueError(f"{label} needs {depth} positive entries (one per block), got {list(values)}")
     for i, blk in enumerate(model.blocks):
         dim = blk.norm1.normalized_shape[0]
-        if block_heads is not None:
+        if block_heads is not None or block_head_dim is not None:
             old: Attention = blk.attn
             blk.attn = Attention(
                 dim,
-                num_heads=block_heads[i],
-                attn_head_dim=head_dim or old.head_dim,
+                num_heads=old.num_heads if block_heads is None else block_heads[i],
+                attn_head_dim=block_head_dim[i] if block_head_dim is not None else head_dim or old.head_dim,
                 qkv_bias=old.qkv.bias is not None,
                 attn_drop=old.attn_drop.p,
                 proj_drop=old.proj_drop.p,
@@ -167,6 +176,7 @@ def architecture(model: VisionTransformer) -> dict[str, Any]:
         "depth": len(model.blocks),
         "block_heads": [blk.attn.num_heads for blk in model.blocks],
         "head_dim": model.blocks[0].attn.head_dim,
+        "block_head_dim": [blk.attn.head_dim for blk in model.blocks],
         "block_mlp_hidden": [blk.mlp.fc1.out_features for blk in model.blocks],
     }
 

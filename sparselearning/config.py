@@ -78,6 +78,8 @@ class SparsityConfig:
         latency_lambda: ``pruning_type`` global: λ, the ranking score of a unit minus λ × the ms its removal saves
             (under ``target_macs``, the ms saved beyond the model's average ms per MAC).
         latency_table: ``pruning_type`` global: the measured block-latency table (JSON) for the two above.
+        prune_head_dim: ``pruning_type`` global: each block's head dimensions (q, k and v width, shared by its
+            heads) are units of the ranking too, removed in multiples of ``unit_multiple``.
         nm: the N:M pattern as ``"N:M"`` (0 < N < M), with ``sparse_init="nm"`` only.
         nm_method: ``srste`` (SR-STE: the mask is recomputed from the dense weights' magnitudes every ΔT, gradients
             pass straight through to the pruned weights) or ``dst`` (SViTE's prune-and-regrow within each group).
@@ -108,6 +110,7 @@ class SparsityConfig:
     target_latency: float | None = None
     latency_lambda: float = 0.0
     latency_table: str | None = None
+    prune_head_dim: bool = False
     unit_multiple: int | str = UNIT_MULTIPLE_AUTO
     nm: str | None = None
     nm_method: str = "srste"
@@ -179,12 +182,15 @@ class SparsityConfig:
         for flag, value in (("prune_every", self.prune_every), ("prune_units", self.prune_units)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{flag} must be a positive int, got {value!r}")
+        if not isinstance(self.prune_head_dim, bool):
+            raise ValueError(f"prune_head_dim must be a bool, got {self.prune_head_dim!r}")
         lam = self.latency_lambda
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"--latency-lambda must be a finite number >= 0, got {lam!r}")
         if self.pruning_type != "global":
             for flag, value in (("--target-macs", self.target_macs), ("--target-latency", self.target_latency),
-                                ("--latency-table", self.latency_table), ("--latency-lambda", lam or None)):
+                                ("--latency-table", self.latency_table), ("--latency-lambda", lam or None),
+                                ("--prune-head-dim", self.prune_head_dim or None)):
                 if value is not None:
                     raise ValueError(f"{flag} belongs to --pruning_type global; pass that too or leave it out")
             return
@@ -270,6 +276,7 @@ class SparsityConfig:
             target_latency=args.target_latency,
             latency_lambda=args.latency_lambda,
             latency_table=args.latency_table,
+            prune_head_dim=args.prune_head_dim,
             unit_multiple=args.unit_multiple,
             nm=args.nm,
             nm_method=args.nm_method,
@@ -378,4 +385,7 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     glob.add_argument("--latency-table", dest="latency_table", default=None, metavar="FILE",
                       help="block-latency table (JSON) measured on the target device by python -m "
                            "benchmarks.latency_table")
+    glob.add_argument("--prune-head-dim", dest="prune_head_dim", action="store_true",
+                      help="each block's head dimensions (the q, k and v width its heads share) are units too, "
+                           "removed --unit-multiple at a time; the compact blocks get narrower heads")
     return group

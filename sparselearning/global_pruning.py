@@ -1,17 +1,18 @@
 """Global structural pruning toward a MAC or latency budget (after NViT, Yang et al. CVPR 2023, built from the
 paper's text).
 
-Every removable unit of the model (each block's heads and MLP neurons, and the embedding channels shared by all
-blocks) is scored and ranked in one list. Every ``prune_every`` optimizer steps the ``prune_units`` lowest-ranked
-active units are removed for good, until the model's MACs reach ``target_macs`` of the dense count (or its latency by
-a measured table ``target_latency`` of the dense latency); then the topology is frozen and the run fine-tunes the
-survivors. The units, the masks, the MAC and latency counts and the kept-channel LayerNorms come from the model
-adapter (``models.global_units``), so this package needs no model code.
+Every removable unit of the model (each block's heads and MLP neurons, the embedding channels shared by all blocks
+and, with ``--prune-head-dim``, each block's head dimensions) is scored and ranked in one list. Every ``prune_every``
+optimizer steps the ``prune_units`` lowest-ranked active units are removed for good, until the model's MACs reach
+``target_macs`` of the dense count (or its latency by a measured table ``target_latency`` of the dense latency); then
+the topology is frozen and the run fine-tunes the survivors. The units, the masks, the MAC and latency counts and the
+kept-channel LayerNorms come from the model adapter (``models.global_units``), so this package needs no model code.
 
 Unit multiples (``--unit-multiple``): a block's MLP neurons and the embedding channels are removed N at a time
 (``units.resolve_multiple``: ``auto`` is 8 for layers of at least 384 units, else 1), so their kept counts stay
-multiples of N, the widths matrix kernels run fast; heads go one at a time. A removal of N is the N lowest-scored
-active units of its group, scored by the sum of their scores, and its MAC or latency saving is that of all N at once.
+multiples of N, the widths matrix kernels run fast; so do head dimensions (``auto``: 1 for a 64-wide head); heads go
+one at a time. A removal of N is the N lowest-scored active units of its group, scored by the sum of their scores, and
+its MAC or latency saving is that of all N at once.
 
 Latency awareness (NViT's): with λ > 0 each unit's score is lowered by λ × the milliseconds its removal saves by the
 table, at the current unit counts of each pruning step, so slow units go first. Under a MAC budget only the ms saved
@@ -20,9 +21,9 @@ MACs, so what can make the result faster is removing the units that are slow for
 
 Score (NViT's): per optimizer step and unit, s = Σ w·∂L/∂w over every parameter entry the unit owns (the first-order
 Taylor estimate of the loss change when it is removed), divided by a per-type constant so that heads, neurons and
-channels compare in one list (NViT's 12 for an embedding channel, 6 for a head, 1 for a neuron), squared, and averaged
-over the steps since the last pruning step. It is computed in float32 from unscaled gradients, summed in float64,
-and all-reduced across ranks at each pruning step.
+channels compare in one list (NViT's 12 for an embedding channel, 6 for a head, 1 for a neuron; 3 for a head
+dimension, see ``TYPE_SCALE``), squared, and averaged over the steps since the last pruning step. It is computed in
+float32 from unscaled gradients, summed in float64, and all-reduced across ranks at each pruning step.
 
 This is one more selection rule of the shared loop (``ScheduledMasks``): ``_select`` is the global ranking, and
 there is no regrowth.
@@ -46,8 +47,10 @@ from sparselearning.units import UNIT_MULTIPLE_AUTO, UnitGroup, expand_units, re
 
 logger = logging.getLogger(__name__)
 
-TYPE_SCALE = {"channel": 12.0, "head": 6.0, "neuron": 1.0}
-"""NViT's per-type divisors of the Taylor sum, applied before squaring."""
+TYPE_SCALE = {"channel": 12.0, "head": 6.0, "neuron": 1.0, "head_dim": 3.0}
+"""NViT's per-type divisors of the Taylor sum, applied before squaring. NViT prunes a head's QK dims (divisor 2) and
+its V dims (1) as separate units; here a head dimension is one q, k and v width (timm's ``Attention`` has one head
+width), the union of a QK unit and a V unit, so its sum is divided by theirs, 3."""
 BUDGET_TOLERANCE = 0.01
 """The budget is met when the MACs lie in [(1 - tolerance) * target, target] of the dense count."""
 
@@ -280,8 +283,8 @@ def _is_rank0() -> bool:
 
 
 class GlobalPruning(UnitGroupMasks):
-    """Global structural pruning of heads, MLP neurons and embedding channels to a MAC or latency budget
-    (``--pruning_type global``).
+    """Global structural pruning of heads, MLP neurons and embedding channels (and, with ``prune_head_dim``, head
+    dimensions) to a MAC or latency budget (``--pruning_type global``).
 
     It starts with every unit active (pretrained weights, ``--finetune``; the embedding channels a ``--finetune``
     of a channel-pruned file restored as pruned stay pruned) and masks every parameter entry a removed unit owns, so a removed unit is exactly silent; removed channels make the residual LayerNorms normalise over
@@ -300,15 +303,20 @@ class GlobalPruning(UnitGroupMasks):
             the scores alone.
         prune_every: optimizer steps between pruning steps.
         prune_units: units removed per pruning step (the last removal of N units may pass it by N - 1).
-        unit_multiple: MLP neurons and embedding channels are removed in groups of ``resolve_multiple(unit_multiple,
-            width)`` units, so their kept counts stay multiples of it; heads one at a time.
+        unit_multiple: MLP neurons, embedding channels and head dimensions are removed in groups of
+            ``resolve_multiple(unit_multiple, width)`` units, so their kept counts stay multiples of it; heads one at a
+            time.
+        prune_head_dim: each block's head dimensions are units too (``--prune-head-dim``); ``units`` must then list
+            their groups (``models.global_units(model, prune_head_dim=True)``).
         seed: kept for the schedule state (the selection is deterministic).
         latency_table: the table file ``units`` measures latency with, recorded in the config.
         log_fn: receives a record at construction, after every pruning step and on resume.
 
     Raises:
-        ValueError: when the budget is below what one head, one multiple of neurons per block and one multiple of
-            channels cost, or when a group's starting count is not a multiple of its ``unit_multiple``.
+        ValueError: when the budget is below what one head, one multiple of neurons (and of head dimensions) per
+            block and one multiple of channels cost, when a group's starting count is not a multiple of its
+            ``unit_multiple``, or when ``units`` lists head-dimension groups without ``prune_head_dim`` (or none with
+            it).
     """
 
     STATE_FORMAT = "sparselearning.GlobalPruning/1"
@@ -316,11 +324,12 @@ class GlobalPruning(UnitGroupMasks):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, units: GlobalSource, total_steps: int, *,
                  target_macs: float | None = None, target_latency: float | None = None, latency_lambda: float = 0.0,
                  prune_every: int = 100, prune_units: int = 32, unit_multiple: int | str = UNIT_MULTIPLE_AUTO,
-                 seed: int = 0, latency_table: str | None = None, log_fn: LogFn | None = None) -> None:
+                 seed: int = 0, latency_table: str | None = None, prune_head_dim: bool = False,
+                 log_fn: LogFn | None = None) -> None:
         self.config = SparsityConfig(pruning_type="global", target_macs=target_macs, prune_every=prune_every,
                                      prune_units=prune_units, target_latency=target_latency,
                                      latency_lambda=latency_lambda, latency_table=latency_table,
-                                     unit_multiple=unit_multiple)
+                                     unit_multiple=unit_multiple, prune_head_dim=prune_head_dim)
         self._start_schedule(optimizer, total_steps, seed, log_fn)
         self.model, self.units = model, units
         self.params = dict(unwrap_model(model).named_parameters())
@@ -330,6 +339,10 @@ class GlobalPruning(UnitGroupMasks):
         if len(channels) != 1:
             raise ValueError(f"global pruning needs exactly one channel group from the model adapter, got {len(channels)}")
         self.channel_group = channels[0].name
+        if any(g.kind == "head_dim" for g in self.groups) != prune_head_dim:
+            raise ValueError("the model adapter's unit groups do not match prune_head_dim "
+                             f"{prune_head_dim}: build it with models.global_units(model, prune_head_dim="
+                             f"{prune_head_dim})")
         self.active = {g.name: torch.ones(g.num_units, dtype=torch.bool) for g in self.groups}
         self.active[self.channel_group] = units.active_channels(model).clone()  # a --finetune of a pruned file
         self.multiples = {g.name: 1 if g.kind == "head" else resolve_multiple(unit_multiple, g.num_units)
@@ -346,8 +359,9 @@ class GlobalPruning(UnitGroupMasks):
         self.budget = target * self.dense_cost
         floor = self.cost(self.multiples)
         if floor > self.budget:
+            dims = " and of head dimensions" if prune_head_dim else ""
             raise ValueError(f"{flag} {target} is below {floor / self.dense_cost:.4g}, the cost of one head and one "
-                             "multiple of MLP neurons per block and of embedding channels (--unit-multiple "
+                             f"multiple of MLP neurons{dims} per block and of embedding channels (--unit-multiple "
                              f"{unit_multiple}): it would empty a block or the residual stream. Raise {flag}")
         if prune_every >= total_steps:
             warnings.warn(f"--prune-every {prune_every} >= the run's {total_steps} optimizer steps: nothing will be "
@@ -367,7 +381,8 @@ class GlobalPruning(UnitGroupMasks):
         """Build from a validated ``SparsityConfig`` with ``pruning_type`` global."""
         return cls(model, optimizer, units, total_steps, target_macs=cfg.target_macs,
                    target_latency=cfg.target_latency, latency_lambda=cfg.latency_lambda, prune_every=cfg.prune_every,
-                   prune_units=cfg.prune_units, unit_multiple=cfg.unit_multiple, seed=seed, latency_table=cfg.latency_table, log_fn=log_fn)
+                   prune_units=cfg.prune_units, unit_multiple=cfg.unit_multiple, seed=seed,
+                   latency_table=cfg.latency_table, prune_head_dim=cfg.prune_head_dim, log_fn=log_fn)
 
     def _check_multiples(self, counts: Mapping[str, int], source: str, fix: str) -> None:
         """Removals of N keep a count a multiple of N only if it starts as one."""
@@ -414,9 +429,10 @@ class GlobalPruning(UnitGroupMasks):
         return UpdateScores(death=scores.__getitem__, growth=scores.__getitem__)
 
     def _select(self, scores: UpdateScores, rate: float, step: int) -> dict[str, torch.Tensor]:
-        """The global rule: the ``prune_units`` lowest-scored active units of all groups go (neurons and channels in
-        removals of their multiple), within the budget; with λ > 0 each removal's score is latency-penalised by what
-        it saves at the current counts (beyond the average ms per MAC under a MAC budget)."""
+        """The global rule: the ``prune_units`` lowest-scored active units of all groups go (neurons, channels and
+        head dimensions in removals of their multiple), within the budget; with λ > 0 each removal's score is
+        latency-penalised by what it saves at the current counts (beyond the average ms per MAC under a MAC
+        budget)."""
         return select_removals({name: scores.death(name) for name in self.active}, self.active, self.multiples,
                                self.cost, self.budget, self.config.prune_units, self.units.latency,
                                self.config.latency_lambda, absolute_penalty=self.config.target_latency is not None)
@@ -452,8 +468,9 @@ class GlobalPruning(UnitGroupMasks):
     # ------------------------------------------------------------------------------------------------ reporting
 
     def record(self, event: str = "report") -> dict[str, Any]:
-        """Per group its kept units (``heads_kept``/``neurons_kept`` per block, as S²ViTE's record); ``nonzero_parameters`` is the compact model's parameter count (every entry a
-        removed unit owns is masked)."""
+        """Per group its kept units (``heads_kept``/``neurons_kept`` per block, as S²ViTE's record, and
+        ``head_dims_kept`` with ``prune_head_dim``); ``nonzero_parameters`` is the compact model's parameter count
+        (every entry a removed unit owns is masked)."""
         layers = {}
         for g in self.groups:
             kept = int(self.active[g.name].sum())
@@ -471,6 +488,9 @@ class GlobalPruning(UnitGroupMasks):
                 "channels_kept": sum(kept["channel"]),
                 "neuron_multiples": [self.multiples[g.name] for g in self.groups if g.kind == "neuron"],
                 "channel_multiple": self.multiples[self.channel_group],
+                **({"head_dims_kept": kept["head_dim"],
+                    "head_dim_multiples": [self.multiples[g.name] for g in self.groups if g.kind == "head_dim"]}
+                   if self.config.prune_head_dim else {}),
                 **({"latency_fraction": self.units.latency(self._active_counts()) / self.dense_latency,
                     "target_latency": self.config.target_latency} if self.uses_latency else {})}
 
@@ -479,7 +499,8 @@ class GlobalPruning(UnitGroupMasks):
         record = self.record()
         scalars = {key: record[key] for key in ("density", "density_all", "nonzero_parameters", "macs_fraction",
                                                 "channels_kept", "latency_fraction") if key in record}
-        return {**scalars, "heads_kept": sum(record["heads_kept"]), "neurons_kept": sum(record["neurons_kept"])}
+        return {**scalars, "heads_kept": sum(record["heads_kept"]), "neurons_kept": sum(record["neurons_kept"]),
+                **({"head_dims_kept": sum(record["head_dims_kept"])} if "head_dims_kept" in record else {})}
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
@@ -499,7 +520,8 @@ class GlobalPruning(UnitGroupMasks):
                                   "that version or start a new run")
         self.active = active
         if any(not torch.equal(self.mask_set.masks[name], mask) for name, mask in self._unit_masks().items()):
-            raise ValueError("the checkpoint's global-pruning masks do not cover whole heads, neurons and channels")
+            raise ValueError("the checkpoint's global-pruning masks do not cover whole heads, neurons, channels (and "
+                             "head dimensions)")
         self._write_masks()
         self.window.load_state_dict(state)
         self.window.paused = self.budget_met

@@ -86,17 +86,26 @@ class LatencyTable:
         return total
 
     def check_covers(self, embed_dim: int, heads: Sequence[int], head_dims: Sequence[int], hidden: Sequence[int],
-                     tokens: int, source: str) -> None:
-        """Raise a ValueError unless every shape pruning can reach (1 unit to the dense width on each pruned axis, the
-        model's head dims) lies inside the grid and the table was measured at the model's token count."""
+                     tokens: int, source: str, head_dim_floor: int | None = None) -> None:
+        """Raise a ValueError unless every shape pruning can reach (1 unit to the dense width on each pruned axis)
+        lies inside the grid and the table was measured at the model's token count.
+
+        The head dims are the model's own, measured exactly, unless ``head_dim_floor`` is given (``--prune-head-dim``):
+        then pruning reaches every head width from that floor (one multiple) to the model's, and the grid must span it.
+        """
         if tokens != self.tokens:
             raise ValueError(f"{source} was measured at {self.tokens} tokens per image, the model runs {tokens}: "
                              "measure a table for this model and input size (python -m benchmarks.latency_table)")
         needs = {"embed_dim": (1, embed_dim), "num_heads": (1, max(heads)), "mlp_hidden": (1, max(hidden)),
-                 "head_dim": (min(head_dims), max(head_dims))}
+                 "head_dim": (min(head_dims) if head_dim_floor is None else head_dim_floor, max(head_dims))}
         for axis, (lo, hi) in needs.items():
             values = list(self.grid[axis])
-            if values[0] > lo or values[-1] < hi or (axis == "head_dim" and set(head_dims) - set(values)):
+            exact = axis == "head_dim" and head_dim_floor is None
+            if values[0] > lo or values[-1] < hi or (exact and set(head_dims) - set(values)):
+                if axis == "head_dim" and head_dim_floor is not None:
+                    raise ValueError(f"{source}: its head_dim grid {values} does not span {lo}..{hi}, the head "
+                                     "widths --prune-head-dim can reach; measure a table with a head_dim grid (python "
+                                     f"-m benchmarks.latency_table --model NAME --head-dim {lo} ... {hi})")
                 raise ValueError(f"{source}: its {axis} grid {values} does not cover {lo}..{hi}, which pruning "
                                  "this model can reach; measure a table for this model (python -m "
                                  "benchmarks.latency_table --model NAME)")

@@ -4,8 +4,10 @@ adapter, compaction and the checkpoint detector all read.
 A timm ``Attention`` computes q, k and v with one ``qkv`` Linear whose output rows are three sections (q, k, v) of
 ``num_heads`` blocks of ``head_dim`` rows: the ``[3, H, d]`` view of its rows. Head h owns block h of every section
 (rows and bias) and the matching ``head_dim`` input columns of ``proj``. A timm ``Mlp`` neuron i owns row i of ``fc1``
-(and its bias) and column i of ``fc2``. Everything is expressed by FQN and axis, so this module needs neither timm nor
-the model code.
+(and its bias) and column i of ``fc2``. With global pruning's ``--prune-head-dim``, head dimension j of a block owns
+row j of every head in each of the q, k and v sections (rows and bias) and the matching input column of every head
+in ``proj``: one head width per block, shared by q, k and v, as timm's ``Attention`` has. Everything is expressed by
+FQN and axis, so this module needs neither timm nor the model code.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-UNIT_KINDS = ("head", "neuron", "channel")
+UNIT_KINDS = ("head", "neuron", "channel", "head_dim")
 SLICE_ROLES = ("in", "bias", "out")
 QKV_SECTIONS = 3
 """q, k and v: the sections of a timm ``Attention.qkv`` output."""
@@ -66,8 +68,8 @@ class UnitGroup:
 
     Args:
         name: FQN of the owning module (``blocks.3.attn``); keys scores, records and random draws.
-        kind: ``head`` or ``neuron``.
-        num_units: heads or hidden neurons in the block.
+        kind: one of ``UNIT_KINDS``.
+        num_units: heads, hidden neurons, embedding channels or head dimensions.
         slices: the tensor slices that make up the units.
     """
 
@@ -112,6 +114,30 @@ def head_group(attn: str, num_heads: int, head_dim: int, qkv_bias: bool = True) 
         slices.append(UnitSlice(f"{attn}.qkv.bias", 0, QKV_SECTIONS, head_dim, "bias"))
     slices.append(UnitSlice(f"{attn}.proj.weight", 1, 1, head_dim, "out"))
     return UnitGroup(attn, "head", num_heads, tuple(slices))
+
+
+def head_dim_group(attn: str, num_heads: int, head_dim: int, qkv_bias: bool = True) -> UnitGroup:
+    """The head dimensions of the timm ``Attention`` at FQN ``attn`` (named ``{attn}.head_dim``): dimension j owns
+    row j of every head in each of the q, k and v sections of ``qkv`` (the ``[3, H, d]`` view's ``[:, :, j]``: 3H
+    sections of d rows, width 1; weight, and bias if it has one) and column j of every head in ``proj`` (H sections).
+    Removing it narrows every head of the block at once."""
+    slices = [UnitSlice(f"{attn}.qkv.weight", 0, QKV_SECTIONS * num_heads, 1, "in")]
+    if qkv_bias:
+        slices.append(UnitSlice(f"{attn}.qkv.bias", 0, QKV_SECTIONS * num_heads, 1, "bias"))
+    slices.append(UnitSlice(f"{attn}.proj.weight", 1, num_heads, 1, "out"))
+    return UnitGroup(head_dim_group_name(attn), "head_dim", head_dim, tuple(slices))
+
+
+def head_dim_group_name(attn: str) -> str:
+    """The name of the head-dimension group of the attention at FQN ``attn`` (keys scores, counts and records)."""
+    return f"{attn}.head_dim"
+
+
+def qkv_sections(spec: UnitSlice, part: int) -> range:
+    """The sections of a ``qkv`` slice that hold q, k or v (``part`` 0, 1 or ``V_SECTION``): one of a head slice's
+    3, or H of a head-dimension slice's 3H."""
+    per = spec.sections // QKV_SECTIONS
+    return range(part * per, (part + 1) * per)
 
 
 def neuron_group(mlp: str, hidden: int, fc1_bias: bool = True) -> UnitGroup:

@@ -62,7 +62,8 @@ def structured(**options: Any) -> Callable[..., Sparsifier]:
 def global_pruning(**options: Any) -> Callable[..., Sparsifier]:
     def build(module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, seed: int,
               **schedule: Any) -> Sparsifier:
-        return GlobalPruning(module, optimizer, models.global_units(module), total_steps, seed=seed, log_fn=silent,
+        units = models.global_units(module, prune_head_dim=options.get("prune_head_dim", False))
+        return GlobalPruning(module, optimizer, units, total_steps, seed=seed, log_fn=silent,
                              **{"target_macs": 0.6, "prune_every": UPDATE_FREQUENCY, "prune_units": 12, **options})
     return build
 
@@ -143,6 +144,8 @@ CASES = [
     Case("nm-srste", srste()),
     Case("nm-dst", nm_dst(), variant=True),
     Case("global-multiple4", global_pruning(unit_multiple=4), regrows=False, masks_at_start=False, variant=True),
+    Case("global-headdim", global_pruning(prune_head_dim=True, target_macs=0.2, prune_units=100), regrows=False,
+         masks_at_start=False, variant=True),
     Case("tokens", token_schedule(GLOBAL_ZERO), GLOBAL_ZERO, masks_weights=False, changes_topology=False),
     Case("unstructured+tokens", chain(masking(), token_schedule(LAYERWISE_DROP)), LAYERWISE_DROP, variant=True),
 ]

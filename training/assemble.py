@@ -305,7 +305,8 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
     structured = cfg.sparsity is not None and cfg.sparsity.structured
     units = models.structure_units(model, scaler) if structured else None
     if cfg.sparsity is not None and cfg.sparsity.pruning_type == "global":
-        units = models.global_units(model, cfg.sparsity.latency_table)
+        units = models.global_units(model, cfg.sparsity.latency_table, cfg.sparsity.prune_head_dim,
+                                    cfg.sparsity.unit_multiple)
     weight_sparsifier = sparselearning.build_sparsifier(cfg.sparsity, model, optimizer, total_steps, seed=cfg.seed,
                                                         log_fn=log_fn, units=units)
     token_schedule = (models.TokenSchedule(model, cfg.tokens, total_steps) if cfg.tokens.enabled

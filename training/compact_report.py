@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import models
 from sparselearning.latency_table import LatencyTable, load_table
+from sparselearning.units import UNIT_MULTIPLE_AUTO
 
 MAC_TOLERANCE = 1e-9
 """Relative difference allowed between the FLOP counter's and the budget's MACs: both are integer counts."""
@@ -151,16 +152,20 @@ class CompactMeasurement:
         return record
 
 
-def _table_ms(net: nn.Module, table: LatencyTable, source: str) -> float:
-    """The table's latency of ``net`` as it is (every unit kept), summed over its blocks."""
-    units = models.GlobalUnits(net, table, source)
+def _table_ms(net: nn.Module, table: LatencyTable, source: str, prune_head_dim: bool,
+              unit_multiple: int | str) -> float:
+    """The table's latency of ``net`` as it is (every unit kept), summed over its blocks; with ``prune_head_dim``
+    its (pruned) head widths are interpolated on the table's head_dim grid."""
+    units = models.GlobalUnits(net, table, source, prune_head_dim, unit_multiple)
     return units.latency({group["name"]: group["num_units"] for group in units.groups})
 
 
 def measure_compact(compact: nn.Module, model_name: str, budget: MacBudget, device: torch.device, batch_size: int,
-                    latency_table: str | None = None) -> CompactMeasurement:
+                    latency_table: str | None = None, prune_head_dim: bool = False,
+                    unit_multiple: int | str = UNIT_MULTIPLE_AUTO) -> CompactMeasurement:
     """Measure ``compact`` (on ``device``) against ``budget``'s counts and a randomly initialised dense
-    ``model_name`` of the same input size and classes; with a table, the forward passes use its batch size.
+    ``model_name`` of the same input size and classes; with a table, the forward passes use its batch size, and
+    the run's ``--prune-head-dim`` and ``--unit-multiple`` say which head widths it must cover.
 
     Warns when the FLOP counter and the budget disagree on the MACs.
     """
@@ -176,8 +181,8 @@ def measure_compact(compact: nn.Module, model_name: str, budget: MacBudget, devi
         macs=measured_macs(compact, device), budget_macs=float(budget.current_macs),
         dense_macs=float(budget.dense_macs), ms=ms["compact"], dense_ms=ms["dense"], batch_size=batch_size,
         device=str(device), model_name=model_name,
-        table_ms=None if table is None else _table_ms(compact, table, source),
-        table_dense_ms=None if table is None else _table_ms(dense, table, source))
+        table_ms=None if table is None else _table_ms(compact, table, source, prune_head_dim, unit_multiple),
+        table_dense_ms=None if table is None else _table_ms(dense, table, source, prune_head_dim, unit_multiple))
     if not measurement.macs_agree:
         warnings.warn(measurement.lines()[1], stacklevel=2)
     return measurement

@@ -14,6 +14,7 @@ import engine
 import interop
 import models
 from interop.checkpoint import save_atomic
+from sparselearning.units import UNIT_MULTIPLE_AUTO
 from training import compact_report, run_dir, summary
 from training.artifacts import draw_tokens, print_compaction
 from training.assemble import Run
@@ -150,7 +151,9 @@ def finish(run: Run, cfg: LoopConfig, record: dict[str, Any], history: list[dict
                                           run.precision.amp_dtype), path)
         if proc.is_main and isinstance(run.weight_sparsifier, compact_report.MacBudget):
             measured = compact_report.measure_compact(small, cfg.model_name, run.weight_sparsifier, proc.device,
-                                                      run.val_loader.batch_size, cfg.flags.get("latency_table"))
+                                                      run.val_loader.batch_size, cfg.flags.get("latency_table"),
+                                                      bool(cfg.flags.get("prune_head_dim")),
+                                                      cfg.flags.get("unit_multiple", UNIT_MULTIPLE_AUTO))
             if output_dir is not None:
                 entry = {"acc1": compact[1]["acc1"], "parameters": sum(p.numel() for p in small.parameters()),
                          **measured.to_record()}

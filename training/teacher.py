@@ -59,7 +59,7 @@ def _project_teacher(model_name: str | None, path: str, num_classes: int, img_si
             interop.check_fits(contents.state_dict, name)
         except ValueError as e:
             raise ValueError(f"--teacher-path {path}: {e}") from None
-    detection = interop.detect(contents.state_dict, name)
+    detection = interop.detect(contents.state_dict, name, contents.architecture)
     if (detection.num_classes, detection.img_size) != (num_classes, img_size):
         raise ValueError(f"--teacher-path {path} holds a {name} for {detection.num_classes} classes at "
                          f"{detection.img_size} px, but the student has {num_classes} classes at {img_size} px; "
