@@ -4,7 +4,8 @@
 
 Every grid point is one timm ``Block`` (the modules a compact model is made of: ``Attention`` with the given heads and
 head dim, ``Mlp`` with the given hidden width) timed in eval mode on ``--batch-size`` images of the model's token
-count, with ``benchmarks.timing``'s protocol (warm-up, synchronized timed loops, median over repeats). The default
+count, with ``benchmarks.timing``'s protocol (warm-up, synchronized timed loops), in ``--repeats`` rounds over every
+point in shuffled order, the median over rounds (``build_table``). The default
 grid spans 1 unit to the dense width on every pruned axis (what pruning can reach), in ``--points`` steps, and holds
 the model's head dim alone; for ``--prune-head-dim`` pass a head-dim grid from 1 (or the unit multiple) to it
 (``--head-dim 1 16 32 48 64``). The table records the device, versions, date, grid and this command.
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
+import statistics
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +25,7 @@ from timm.models.vision_transformer import Attention, Block, Mlp
 
 import models
 from benchmarks.env import environment
-from benchmarks.timing import measure
+from benchmarks.timing import Run, measure
 from sparselearning.latency_table import AXES, LatencyTable, save_table
 
 
@@ -39,35 +42,52 @@ def timm_block(embed_dim: int, num_heads: int, head_dim: int, mlp_hidden: int) -
     return block.eval()
 
 
-def block_ms(shape: Sequence[int], tokens: int, batch_size: int, device: torch.device, *, warm: int, iters: int,
-             repeats: int) -> float:
-    """Median milliseconds of one forward pass of a ``timm_block(*shape)`` on ``batch_size`` x ``tokens`` tokens."""
+def block_runner(shape: Sequence[int], tokens: int, batch_size: int, device: torch.device) -> Run:
+    """``n`` forward passes of a ``timm_block(*shape)`` on ``batch_size`` x ``tokens`` random tokens."""
     block = timm_block(*shape).to(device)
     x = torch.randn(batch_size, tokens, shape[0], device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     @torch.inference_mode()
     def run(n: int) -> None:
         for _ in range(n):
             block(x)
 
-    return measure({"block": run}, batch_size=batch_size, num_warm_iter=warm, num_bench_iter=iters,
-                   repeats=repeats, sync=sync)["block"].step_ms
+    return run
 
 
 def build_table(model_name: str, grid: dict[str, list[int]], batch_size: int, device: torch.device, *, warm: int,
-                iters: int, repeats: int, command: str) -> LatencyTable:
-    """Time every grid point for ``model_name``'s token count; ``grid`` has the ``AXES``."""
+                iters: int, repeats: int, command: str, seed: int = 0) -> LatencyTable:
+    """Time every grid point for ``model_name``'s token count; ``grid`` has the ``AXES``.
+
+    The points are timed in ``repeats`` rounds, each over every point in a fresh random order (``seed``), and each
+    point's latency is its median over the rounds. A table of hundreds of points takes minutes, and a shared machine
+    drifts by 5-10% over minutes: timed point after point, that drift turns into differences between regions of the
+    grid, larger than the ones pruning ranks by. Rounds in shuffled order spread it over every point alike. On a CPU
+    the clock is this process's CPU time (other processes' time is not counted); on CUDA wall time, synchronised.
+    """
     with torch.device("meta"):
         net = models.create_model(model_name)
     tokens = net.patch_embed.num_patches + net.num_prefix_tokens
     shape = [len(grid[a]) for a in AXES]
+    indices = [tuple(i) for i in torch.cartesian_prod(*(torch.arange(n) for n in shape)).reshape(-1, len(AXES)).tolist()]
+    runs = {i: block_runner([grid[a][k] for a, k in zip(AXES, i)], tokens, batch_size, device) for i in indices}
+    cuda = device.type == "cuda"
+    clock = {"sync": torch.cuda.synchronize, "clock": time.perf_counter} if cuda else {"clock": time.process_time}
+    rounds: dict[tuple[int, ...], list[float]] = {i: [] for i in indices}
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(repeats):
+        order = [indices[k] for k in torch.randperm(len(indices), generator=generator).tolist()]
+        timings = measure({i: runs[i] for i in order}, batch_size=batch_size, num_warm_iter=warm,
+                          num_bench_iter=iters, repeats=1, **clock)
+        for i, timing in timings.items():
+            rounds[i].append(timing.step_ms)
     ms = torch.zeros(shape, dtype=torch.float64)
-    for index in torch.cartesian_prod(*(torch.arange(n) for n in shape)).reshape(-1, len(AXES)).tolist():
-        point = [grid[a][i] for a, i in zip(AXES, index)]
-        ms[tuple(index)] = block_ms(point, tokens, batch_size, device, warm=warm, iters=iters, repeats=repeats)
+    for i, values in rounds.items():
+        ms[i] = statistics.median(values)
     meta = {**environment(device), "model": model_name, "command": command, "warm": warm, "iters": iters,
-            "repeats": repeats, "unit": f"ms per forward pass of one block on {batch_size} images"}
+            "repeats": repeats, "order": f"{repeats} rounds over every point, each in a random order (seed {seed})",
+            "clock": "wall, synchronised" if cuda else "process CPU time",
+            "unit": f"ms per forward pass of one block on {batch_size} images"}
     return LatencyTable(grid, ms, tokens, batch_size, meta)
 
 

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -542,6 +543,31 @@ def test_the_latency_table_command_measures_a_table_that_covers_the_model(tmp_pa
     units = models.GlobalUnits(plain_micro(), table)
     assert units.latency({"embed": 32, "blocks.0.attn": 2, "blocks.0.mlp": 128, "blocks.1.attn": 2,
                           "blocks.1.mlp": 128}) == pytest.approx(2 * float(table.ms[-1, -1, 0, -1]))
+
+
+def test_the_latency_table_times_every_point_in_shuffled_rounds_and_keeps_the_median(monkeypatch) -> None:
+    """Each round times every grid point once, in a new random order, so slow drift of a shared machine hits every
+    point alike; a point's latency is its median over the rounds."""
+    from benchmarks import latency_table
+    from benchmarks.timing import Timing
+
+    orders = []
+
+    def fake_measure(runs, *, batch_size, num_warm_iter, num_bench_iter, repeats, **clock):
+        assert repeats == 1 and clock["clock"] is time.process_time
+        orders.append(list(runs))
+        r = len(orders)  # round r: every point takes r ms, except that round 3 is slow for the first point timed
+        return {i: Timing(batch_size, num_bench_iter, ((r + (100 if r == 3 and k == 0 else 0)) / 1000,))
+                for k, i in enumerate(runs)}
+
+    monkeypatch.setattr(latency_table, "measure", fake_measure)
+    grid = {"embed_dim": [1, 32], "num_heads": [1, 2], "head_dim": [16], "mlp_hidden": [1, 64, 128]}
+    table = latency_table.build_table("vit_digits_micro", grid, 1, torch.device("cpu"), warm=0, iters=1, repeats=3,
+                                      command="test")
+    assert len(orders) == 3 and all(sorted(o) == sorted(orders[0]) and len(o) == 12 for o in orders)
+    assert len({tuple(o) for o in orders}) == 3, "each round in its own order"
+    assert torch.equal(table.ms, torch.full((2, 2, 1, 3), 2.0, dtype=torch.float64)), "median of 1, 2 and 3 (or 103)"
+    assert table.meta["clock"] == "process CPU time" and "rounds" in table.meta["order"]
 
 
 def test_the_deit_b_benchmark_prunes_both_criteria_to_equal_macs_from_the_same_scores(tmp_path) -> None:
