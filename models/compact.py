@@ -21,7 +21,7 @@ from models.channel_units import clear_kept_channels, compact_channels, pruned_c
 from models.head_stats import block_units, prunable_blocks
 from models.vit import architecture, create_model
 from models.wrappers import unwrap_model
-from sparselearning.units import (UNIT_MULTIPLE_AUTO, V_SECTION, UnitGroup, expand_units, head_dim_group,
+from sparselearning.units import (UNIT_MULTIPLE_AUTO, V_SECTION, UnitGroup, UnitSlice, expand_units, head_dim_group,
                                   kept_count, qkv_sections, resolve_multiple, select_units, units_alive)
 
 
@@ -33,10 +33,21 @@ def _masked(param: torch.Tensor | None, fqn: str, masks: Mapping[str, torch.Tens
     return param.detach() * mask.to(param.device) if mask is not None else param.detach().clone()
 
 
-def _kept(active: torch.Tensor) -> torch.Tensor:
-    """Indices of the active units, or unit 0 if none is: a block needs one unit, and keeping a dead unit is exact."""
-    kept = active.nonzero().flatten()
-    return kept if kept.numel() else torch.zeros(1, dtype=torch.long, device=active.device)
+def _alive(weight: torch.Tensor, masks: Mapping[str, torch.Tensor] | None, fqn: str) -> torch.Tensor:
+    """Bool, shaped like ``weight``: its mask when ``masks`` has one, else where it is non-zero (SViTE files)."""
+    mask = None if masks is None else masks.get(fqn)
+    return weight.ne(0) if mask is None else mask.to(weight.device)
+
+
+def _kept_and_dropped(alive: torch.Tensor, spec: UnitSlice, num_units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the units of slice ``spec`` that own an ``alive`` entry, and of the others. With none alive, unit 0
+    is kept: a block needs one unit, and keeping a dead unit is exact."""
+    kept = units_alive(alive, spec, num_units).nonzero().flatten()
+    if not kept.numel():
+        kept = torch.zeros(1, dtype=torch.long, device=alive.device)
+    dropped = torch.ones(num_units, dtype=torch.bool, device=kept.device)
+    dropped[kept] = False
+    return kept, dropped.nonzero().flatten()
 
 
 def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -67,12 +78,8 @@ def _compact_attention(name: str, attn: Attention, heads_of: UnitGroup,
     qkv_b = _masked(attn.qkv.bias, f"{name}.attn.qkv.bias", masks)
     proj_w = _masked(attn.proj.weight, proj.param, masks)
     proj_b = _masked(attn.proj.bias, f"{name}.attn.proj.bias", masks)
-    qkv_mask = None if masks is None else masks.get(qkv.param)
-    alive = qkv_w.ne(0) if qkv_mask is None else qkv_mask.to(qkv_w.device)
-    heads = _kept(units_alive(alive, qkv, h))
-    pruned = torch.ones(h, dtype=torch.bool, device=heads.device)
-    pruned[heads] = False
-    pruned = pruned.nonzero().flatten()
+    alive = _alive(qkv_w, masks, qkv.param)
+    heads, pruned = _kept_and_dropped(alive, qkv, h)
     leak = torch.zeros(proj_w.shape[0], dtype=proj_w.dtype, device=proj_w.device)
     if qkv_b is not None:  # a pruned head outputs its v bias at every token
         leak = select_units(proj_w, proj, h, pruned) @ select_units(qkv_b, qkv, h, pruned, sections=[V_SECTION])
@@ -148,13 +155,8 @@ def compact_model(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = N
         fc1_b = _masked(mlp.fc1.bias, f"{name}.mlp.fc1.bias", masks)
         fc2_w = _masked(mlp.fc2.weight, fc2.param, masks)
         fc2_b = _masked(mlp.fc2.bias, f"{name}.mlp.fc2.bias", masks)
-        fc1_mask = None if masks is None else masks.get(fc1.param)
-        alive = fc1_w.ne(0) if fc1_mask is None else fc1_mask.to(fc1_w.device)
         n = neurons_of.num_units
-        neurons = _kept(units_alive(alive, fc1, n))
-        dropped = torch.ones(n, dtype=torch.bool, device=neurons.device)
-        dropped[neurons] = False
-        dropped = dropped.nonzero().flatten()
+        neurons, dropped = _kept_and_dropped(_alive(fc1_w, masks, fc1.param), fc1, n)
         hidden = mlp.act(fc1_b if fc1_b is not None else torch.zeros_like(fc1_w[:, 0]))
         leak = select_units(fc2_w, fc2, n, dropped) @ select_units(hidden, fc1, n, dropped)
         mlp.fc1 = _linear_like(mlp.fc1, select_units(fc1_w, fc1, n, neurons),
