@@ -122,8 +122,9 @@ def assert_same(a: object, b: object) -> None:
 @pytest.mark.slow
 def test_a_run_compacted_at_its_budget_fine_tunes_the_compact_model_and_resumes_bit_exactly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """3 epochs of 44 steps; the budget is met in epoch 0, so epoch 1 starts the compact model. Resumed from the
-    checkpoint before the compaction (epoch 0) and from the one after it (epoch 1), the run ends bit-identical."""
+    """3 epochs of 44 steps; the budget is met in epoch 0, so epoch 1 starts the compact model, which compact.pth
+    and --eval of the last checkpoint hold. Resumed from the checkpoint before the compaction (epoch 0) and from the
+    one after it (epoch 1), the run ends bit-identical."""
     kept = {}
 
     def keep_epochs(obj: dict, path: Path) -> None:  # every end-of-epoch checkpoint, besides checkpoint.pth
@@ -152,6 +153,10 @@ def test_a_run_compacted_at_its_budget_fine_tunes_the_compact_model_and_resumes_
     compact = load_checkpoint(tmp_path / "full" / "compact.pth")
     assert compact["architecture"] == arch
     assert_same(compact["model"], final["model"])
+    evaluated = main.main(main.get_args_parser().parse_args(  # checkpoint_tool rebuilds the compact model too
+        ["--model", "vit_digits_micro", "--data-set", "DIGITS", "--num_workers", "0", "--no-pin-mem", "--eval",
+         "--resume", str(tmp_path / "full" / "checkpoint.pth")]))
+    assert (evaluated["test_acc1"], evaluated["ema_test_acc1"]) == (record["test_acc1"], record["ema_test_acc1"])
     for epoch in (0, 1):
         out = tmp_path / f"resumed{epoch}"
         main.main(args_of("--output_dir", str(out), "--resume", str(kept[epoch])))
