@@ -141,7 +141,7 @@ class RunConfig:
         if not self.compact_at_budget:
             return
         if self.sparsity is None or self.sparsity.pruning_type != "global":
-            raise ValueError("--compact-at-budget compacts a global-pruning run once its MAC budget is met; pass "
+            raise ValueError("--compact-at-budget compacts a global-pruning run once its budget is met; pass "
                              "--pruning_type global with a budget, or leave --compact-at-budget out")
         if self.tokens.enabled or self.merge.enabled:
             raise ValueError("--compact-at-budget does not combine with --token_selection or --tome-r (the token "
@@ -177,7 +177,9 @@ class RunConfig:
 @dataclass
 class Run:
     """An assembled run. ``model`` is the plain module (its parameter names are the checkpoint's, the masks' and
-    the EMA's); ``forward_model`` is what the training step calls (the DDP and torch.compile wrappers, if any)."""
+    the EMA's); ``forward_model`` is what the training step calls (the DDP and torch.compile wrappers, if any).
+    ``--compact-at-budget`` replaces the model, EMA, optimizer and sparsifier between epochs (``training.compaction``),
+    so the loop reads them from the run, not from copies."""
 
     process: Process
     precision: Precision

@@ -142,7 +142,8 @@ def train(run: Run, cfg: LoopConfig, start: Start) -> dict[str, Any]:
 def finish(run: Run, cfg: LoopConfig, record: dict[str, Any], history: list[dict[str, Any]],
            seconds: float) -> None:
     """The end of a run: the compact model of a structured run (measured, after global pruning: MACs by the FLOP
-    counter, latency on the device, in the summary and log.txt), the token pictures, the summary, the unlock."""
+    counter, latency on the device, in the summary and log.txt), the token pictures, the summary, the unlock. A run
+    compacted at its budget already trains the compact model, measured against the budget counts it kept."""
     proc, output_dir, model = run.process, cfg.output_dir, run.model
     compact = measured = None
     budget = run.compacted or run.weight_sparsifier  # a run compacted at its budget kept the budget's counts
