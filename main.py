@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import checkpoint_tool
 import models
-from training import cli, flags, loop, preflight, process, run_dir, save_topk, summary
+from interop.checkpoint import load_checkpoint
+from training import cli, compaction, flags, loop, preflight, process, run_dir, save_topk, summary
 from training.assemble import Run, RunConfig, build_run
 from training.resume_check import flag_names
 
@@ -66,8 +67,10 @@ def main(args: argparse.Namespace, on_run: Callable[[Run], Any] | None = None) -
     vars(args).update(run.precision.flags())  # config.json and the checkpoint record what was chosen
     start = loop.Start(args.start_epoch, args.start_epoch * run.steps_per_epoch)
     if args.resume:
+        ckpt = load_checkpoint(args.resume, map_location="cpu")
+        compaction.restore(run, ckpt)  # written after --compact-at-budget compacted: the run is the compact model
         start = loop.Start(*run.state().resume(args.resume, args, proc.world, run.steps_per_epoch, proc.rank,
-                                               flag_names(get_args_parser())))
+                                               flag_names(get_args_parser()), ckpt))
         within = f", batch {start.position['batch']}" if start.position else ""
         proc.say(f"resumed from {args.resume} at epoch {start.epoch}{within}")
         if start.epoch >= args.epochs:

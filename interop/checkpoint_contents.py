@@ -82,7 +82,9 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
     ema = _strip_prefix(raw["model_ema"]) if _is_state_dict(raw.get("model_ema")) else None
     if "sparsifier" in raw and "step" in raw:
         masks = {name: mask.bool() for name, mask in _project_masks(raw["sparsifier"]).items()}
-        return CheckpointContents(path, "project", weights, masks, args, ema, epoch=epoch)
+        compacted = raw.get("compacted")  # trained as its compact model (--compact-at-budget): its architecture
+        return CheckpointContents(path, "project", weights, masks, args, ema, epoch=epoch,
+                                  architecture=dict(compacted["architecture"]) if compacted else None)
     if any(key in raw for key in ORIGINAL_MASK_ENTRIES) or isinstance(raw.get("args"), argparse.Namespace):
         masks, notes = original_masks(raw, weights)
         return CheckpointContents(path, "svite", weights, masks, args, ema, notes=notes, epoch=epoch)

@@ -209,11 +209,11 @@ def compact_architecture(model: nn.Module, model_name: str) -> dict[str, Any]:
     return {"model": model_name, **architecture(unwrap_model(model))}
 
 
-def build_compact(arch: Mapping[str, Any]) -> nn.Module:
-    """An untrained model with a compact architecture (``compact_architecture`` output), built by ``create_model``;
-    files written before per-block head widths were recorded (no ``block_head_dim``) have ``head_dim`` in every
-    block."""
+def build_compact(arch: Mapping[str, Any], **kwargs: Any) -> nn.Module:
+    """An untrained model with a compact architecture (``compact_architecture`` output), built by ``create_model``
+    (``kwargs``: its training settings, e.g. ``drop_path_rate``); files written before per-block head widths were
+    recorded (no ``block_head_dim``) have ``head_dim`` in every block."""
     return create_model(arch["model"], num_classes=arch["num_classes"], img_size=arch["img_size"],
                         block_heads=arch["block_heads"], block_mlp_hidden=arch["block_mlp_hidden"],
                         head_dim=arch["head_dim"], embed_dim=arch.get("embed_dim"),
-                        block_head_dim=arch.get("block_head_dim"))
+                        block_head_dim=arch.get("block_head_dim"), **kwargs)

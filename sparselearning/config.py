@@ -388,4 +388,7 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     glob.add_argument("--prune-head-dim", dest="prune_head_dim", action="store_true",
                       help="each block's head dimensions (the q, k and v width its heads share) are units too, "
                            "removed --unit-multiple at a time; the compact blocks get narrower heads")
+    glob.add_argument("--compact-at-budget", dest="compact_at_budget", action="store_true",
+                      help="once the budget is met, go on (from the next epoch) as the compact model with a fresh "
+                           "optimizer instead of the masked full-size one: same function, less compute")
     return group

@@ -406,6 +406,12 @@ class GlobalPruning(UnitGroupMasks):
     def budget_met(self) -> bool:
         return self.cost(self._active_counts()) <= self.budget
 
+    @property
+    def ready_to_compact(self) -> bool:
+        """Whether the architecture is final (the budget is met, nothing more is pruned), so that the run may go on
+        as the compact model of ``masks`` (``--compact-at-budget``)."""
+        return self.budget_met
+
     # ------------------------------------------------------------------------------------------------ the loop
 
     def step(self, step: int) -> bool:

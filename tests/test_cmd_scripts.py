@@ -55,11 +55,11 @@ EXPECTED = {
     "nvit_base_global": (BASE_DISTILLED, 128, 300, None, None, None, None),  # its pruning: GLOBAL below
 }
 # The global-pruning scripts: the budget and schedule, the fine-tuning lr and the distillation from the unpruned
-# model, whose weights (DEIT_B_WEIGHTS) are also the start (--finetune).
+# model, whose weights (DEIT_B_WEIGHTS) are also the start (--finetune); the compact model fine-tunes.
 GLOBAL = {
     "nvit_base_global": dict(target_macs=0.3864, target_latency=None, prune_every=100, prune_units=64, lr=1e-4,
                              teacher_model=BASE_DISTILLED, distillation_type="soft", distillation_tau=20.0,
-                             distillation_alpha=0.5, unit_multiple="auto"),
+                             distillation_alpha=0.5, unit_multiple="auto", compact_at_budget=True),
 }
 # SViTE's flags common to all its runs (and the original's t_end for the structured ones).
 COMMON_SPARSE = dict(sparse_init="fixed_ERK", growth="gradient", death="magnitude", redistribution="none", t_end=0.8)

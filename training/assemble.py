@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,9 @@ from training.loaders import LoaderConfig, build_train_loader, build_val_loader
 from training.process import Process
 from training.state import TrainingState
 from training.teacher import load_teacher
+
+if TYPE_CHECKING:
+    from training.compaction import Compacted
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,17 @@ class RunConfig:
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     merge: models.MergeConfig = field(default_factory=models.MergeConfig)  # token merging, after any selection
     seed: int = 0  # the mask seed and the lr noise seed, the same on every rank
+    compact_at_budget: bool = False  # global pruning: train the compact model once the budget is met
+
+    def __post_init__(self) -> None:
+        if not self.compact_at_budget:
+            return
+        if self.sparsity is None or self.sparsity.pruning_type != "global":
+            raise ValueError("--compact-at-budget compacts a global-pruning run once its budget is met; pass "
+                             "--pruning_type global with a budget, or leave --compact-at-budget out")
+        if self.tokens.enabled or self.merge.enabled:
+            raise ValueError("--compact-at-budget does not combine with --token_selection or --tome-r (the token "
+                             "modules would have to move to the compact model); leave one of them out")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -157,13 +171,15 @@ class RunConfig:
             precision=PrecisionConfig(args.amp, args.amp_dtype, args.opt_fused),
             mixup=MixupConfig.from_args(args),
             sparsity=sparsity, tokens=tokens, distillation=DistillationConfig.from_args(args),
-            merge=models.MergeConfig.from_args(args), seed=args.seed)
+            merge=models.MergeConfig.from_args(args), seed=args.seed, compact_at_budget=args.compact_at_budget)
 
 
 @dataclass
 class Run:
     """An assembled run. ``model`` is the plain module (its parameter names are the checkpoint's, the masks' and
-    the EMA's); ``forward_model`` is what the training step calls (the DDP and torch.compile wrappers, if any)."""
+    the EMA's); ``forward_model`` is what the training step calls (the DDP and torch.compile wrappers, if any).
+    ``--compact-at-budget`` replaces the model, EMA, optimizer and sparsifier between epochs (``training.compaction``),
+    so the loop reads them from the run, not from copies."""
 
     process: Process
     precision: Precision
@@ -181,6 +197,8 @@ class Run:
     total_steps: int
     train_loader: Any = None
     val_loader: Any = None
+    config: RunConfig | None = None  # what it was built from (a compaction rebuilds the optimizer by it)
+    compacted: Compacted | None = None  # set once the run trains its compact model (training.compaction)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -197,7 +215,7 @@ class Run:
     def state(self) -> TrainingState:
         """What a checkpoint saves and a resume restores."""
         return TrainingState(self.model, self.optimizer, self.lr_scheduler, self.scaler, self.sparsifier,
-                             self.model_ema)
+                             self.model_ema, None if self.compacted is None else self.compacted.to_dict())
 
 
 def build_optimization(cfg: OptimizerConfig, schedule: ScheduleConfig, model: nn.Module, batch_size: int,
@@ -215,6 +233,24 @@ def build_optimization(cfg: OptimizerConfig, schedule: ScheduleConfig, model: nn
         noise=list(s.noise) if s.noise else None, noise_pct=s.noise_pct, noise_std=s.noise_std,
         noise_seed=noise_seed)[0]
     return optimizer, lr_scheduler
+
+
+def wrap_model(model: nn.Module, process: Process, compile_model: bool) -> nn.Module:
+    """What the training step calls: ``model`` in DDP on several processes, and torch.compile'd if asked."""
+    device = process.device
+    forward_model = model
+    if process.world > 1:
+        forward_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
+                                                            if device.type == "cuda" else None)
+    if compile_model:
+        forward_model = torch.compile(forward_model)  # DDP inside: compile splits the graph at its gradient buckets
+    return forward_model
+
+
+def set_distilled_training(model: nn.Module, distillation: DistillationConfig) -> None:
+    """A distilled DeiT returns (class, dist) logits in training only when the run distils."""
+    if isinstance(model, VisionTransformerDistilled):
+        model.set_distilled_training(distillation.enabled)
 
 
 def build_criterion(cfg: MixupConfig) -> nn.Module:
@@ -280,8 +316,7 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
     if cfg.model.finetune:  # the weights, before the EMA copies them and the sparsifier chooses masks by them
         for line in interop.load_pretrained(model, cfg.model.finetune, cfg.model.name):
             say(line)
-    if isinstance(model, VisionTransformerDistilled):  # training returns (class, dist) logits only when distilling
-        model.set_distilled_training(cfg.distillation.enabled)
+    set_distilled_training(model, cfg.distillation)
     models.apply_token_merging(model, cfg.merge)  # no parameters, no random draws; before the EMA copies the model
     model.to(device)
     say(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; {world} process(es) "
@@ -289,12 +324,7 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
     model_ema = None
     if cfg.model.ema:
         model_ema = ModelEmaV3(model, decay=cfg.model.ema_decay, device="cpu" if cfg.model.ema_force_cpu else None)
-    forward_model: nn.Module = model
-    if world > 1:
-        forward_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index]
-                                                            if device.type == "cuda" else None)
-    if cfg.model.compile:
-        forward_model = torch.compile(forward_model)  # DDP inside: compile splits the graph at its gradient buckets
+    forward_model = wrap_model(model, process, cfg.model.compile)
 
     optimizer, lr_scheduler = build_optimization(cfg.optimizer, cfg.schedule, model, cfg.loader.batch_size, world,
                                                  precision.fused, cfg.seed)
@@ -324,4 +354,4 @@ def build_run(cfg: RunConfig, process: Process, *, model: nn.Module | None = Non
                optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, weight_sparsifier=weight_sparsifier,
                sparsifier=combine(weight_sparsifier, token_schedule), criterion=criterion,
                mixup_fn=mixup_fn, clip_grad=cfg.optimizer.clip_grad, total_steps=total_steps,
-               train_loader=train_loader, val_loader=val_loader)
+               train_loader=train_loader, val_loader=val_loader, config=cfg)

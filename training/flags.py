@@ -172,7 +172,8 @@ def _add_checkpoint_args(g: argparse._ArgumentGroup) -> None:
 # schedule, the temperature schedule): checkpoint_tool.py hides and refuses them.
 TRAINING_ONLY = ("color_jitter", "aa", "train_interpolation", "hflip", "reprob", "remode", "recount",
                  "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule", "t_end",
-                 "atten_head", "structure_compat", "tau_schedule", "mask_init", "nm_method", "srste_decay")
+                 "atten_head", "structure_compat", "tau_schedule", "mask_init", "nm_method", "srste_decay",
+                 "compact_at_budget")
 
 
 class _TrainingOnly(argparse.Action):

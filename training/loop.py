@@ -15,7 +15,7 @@ import interop
 import models
 from interop.checkpoint import save_atomic
 from sparselearning.units import UNIT_MULTIPLE_AUTO
-from training import compact_report, run_dir, summary
+from training import compact_report, compaction, run_dir, summary
 from training.artifacts import draw_tokens, print_compaction
 from training.assemble import Run
 from training.interrupts import StepHook, StopSignals
@@ -51,14 +51,15 @@ class Start:
 
 def train(run: Run, cfg: LoopConfig, start: Start) -> dict[str, Any]:
     """Train from ``start`` to ``cfg.epochs``; returns the last epoch's log record."""
-    proc, output_dir, state = run.process, cfg.output_dir, run.state()
+    proc, output_dir = run.process, cfg.output_dir
     device, is_main, world = proc.device, proc.is_main, proc.world
     global_step, best_acc1 = start.step, start.best_acc1
 
     def save_mid_epoch(epoch: int, batch: int, step: int, loss_sum: float) -> Path | None:
         if output_dir is None:
             return None
-        checkpoint = state.checkpoint(epoch, step, best_acc1, gather_rng_states(world), cfg.flags, run.total_steps)
+        checkpoint = run.state().checkpoint(epoch, step, best_acc1, gather_rng_states(world), cfg.flags,
+                                            run.total_steps)
         checkpoint["position"] = {"batch": batch, "loss_sum": loss_sum}
         if is_main:
             save_atomic(checkpoint, output_dir / "checkpoint.pth")
@@ -86,6 +87,9 @@ def train(run: Run, cfg: LoopConfig, start: Start) -> dict[str, Any]:
         resumed = start.position is not None and epoch == start.epoch
         first_batch, loss_sum = (start.position["batch"], start.position["loss_sum"]) if resumed else (0, 0.0)
         train_loader.sampler.skip_batches(first_batch)
+        if first_batch == 0 and compaction.due(run):  # --compact-at-budget: the first epoch boundary after the budget
+            compaction.compact(run, epoch)
+            ctx = run.step_context(cfg.print_freq, stop_hook)
         run.lr_scheduler.step(epoch)  # before the epoch: epoch e trains at lr(e) (DeiT stepped after, repeating 0)
         try:
             train_stats, global_step = engine.train_one_epoch(run.forward_model, run.criterion, train_loader, ctx,
@@ -111,8 +115,8 @@ def train(run: Run, cfg: LoopConfig, start: Start) -> dict[str, Any]:
         is_best = test_stats["acc1"] > best_acc1
         best_acc1 = max(best_acc1, test_stats["acc1"])
         if output_dir is not None:
-            checkpoint = state.checkpoint(epoch, global_step, best_acc1, gather_rng_states(world), cfg.flags,
-                                          run.total_steps)
+            checkpoint = run.state().checkpoint(epoch, global_step, best_acc1, gather_rng_states(world),
+                                                cfg.flags, run.total_steps)
             if is_main:
                 save_atomic(checkpoint, output_dir / "checkpoint.pth")
                 if is_best:
@@ -138,19 +142,24 @@ def train(run: Run, cfg: LoopConfig, start: Start) -> dict[str, Any]:
 def finish(run: Run, cfg: LoopConfig, record: dict[str, Any], history: list[dict[str, Any]],
            seconds: float) -> None:
     """The end of a run: the compact model of a structured run (measured, after global pruning: MACs by the FLOP
-    counter, latency on the device, in the summary and log.txt), the token pictures, the summary, the unlock."""
+    counter, latency on the device, in the summary and log.txt), the token pictures, the summary, the unlock. A run
+    compacted at its budget already trains the compact model, measured against the budget counts it kept."""
     proc, output_dir, model = run.process, cfg.output_dir, run.model
     compact = measured = None
+    budget = run.compacted or run.weight_sparsifier  # a run compacted at its budget kept the budget's counts
     if cfg.structured:  # every rank evaluates (the evaluation all-reduces), rank 0 writes
-        small = models.compact_model(model, getattr(run.weight_sparsifier, "masks", None))
+        small = model if run.compacted else models.compact_model(model, getattr(run.weight_sparsifier, "masks", None))
         path = None
         if proc.is_main and output_dir is not None:
             path = interop.save_compact(small, cfg.model_name, output_dir / "compact.pth", cfg.flags)
-            print_compaction(model, small, path)
+            if run.compacted:
+                print(f"compact model written to {path} (trained as such from epoch {run.compacted.epoch} on)")
+            else:
+                print_compaction(model, small, path)
         compact = (small, engine.evaluate(small.to(proc.device), run.val_loader, proc.device,
                                           run.precision.amp_dtype), path)
-        if proc.is_main and isinstance(run.weight_sparsifier, compact_report.MacBudget):
-            measured = compact_report.measure_compact(small, cfg.model_name, run.weight_sparsifier, proc.device,
+        if proc.is_main and isinstance(budget, compact_report.MacBudget):
+            measured = compact_report.measure_compact(small, cfg.model_name, budget, proc.device,
                                                       run.val_loader.batch_size, cfg.flags.get("latency_table"),
                                                       bool(cfg.flags.get("prune_head_dim")),
                                                       cfg.flags.get("unit_multiple", UNIT_MULTIPLE_AUTO))

@@ -20,7 +20,7 @@ The rule, by flag:
   ``--srste-decay`` for unstructured runs (N:M runs are unstructured);
   ``--atten_density``, ``--other_density``, ``--structure-compat``, ``--unit-multiple`` for structured runs;
   ``--target-macs``, ``--prune-every``, ``--prune-units``, ``--target-latency``, ``--latency-lambda``,
-  ``--latency-table``, ``--prune-head-dim`` for global pruning; the topology schedule and
+  ``--latency-table``, ``--prune-head-dim``, ``--compact-at-budget`` for global pruning; the topology schedule and
   criteria (``--update_frequency``, ``--growth``, ``--death``, ``--redistribution``, ``--death-rate``,
   ``--decay-schedule``, ``--t_end``) and ``--mask-init`` for both; ``--token_selection`` always and the
   token settings (``--token_number``, ``--token-ratio``, ``--token-selector``, ``--token-mode``, ``--tau-schedule``,
@@ -64,7 +64,7 @@ EXPERIMENT_FLAGS = frozenset({
     "density", "sparse_init", "update_frequency", "growth", "death", "redistribution", "death_rate", "decay_schedule",
     "t_end", "sparse_exclude", "sparse_include", "erk_power", "pruning_type", "mask_init", "nm", "nm_method",
     "srste_decay", "atten_density", "other_density", "structure_compat", "unit_multiple", "target_macs", "prune_every",
-    "prune_units", "target_latency", "latency_lambda", "latency_table", "prune_head_dim",
+    "prune_units", "target_latency", "latency_lambda", "latency_table", "prune_head_dim", "compact_at_budget",
     "token_selection", "token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise",
     "distillation_type", "teacher_model", "teacher_path", "distillation_alpha", "distillation_tau",
     "teacher_topk", "teacher_topk_k",
@@ -80,7 +80,7 @@ _SPARSE_FLAGS = frozenset({"update_frequency", "growth", "death", "redistributio
 _UNSTRUCTURED_FLAGS = frozenset({"density", "sparse_init", "erk_power", "sparse_include", "sparse_exclude", "nm",
                                  "nm_method", "srste_decay"})
 _GLOBAL_FLAGS = frozenset({"target_macs", "prune_every", "prune_units", "target_latency", "latency_lambda",
-                           "latency_table", "prune_head_dim"})
+                           "latency_table", "prune_head_dim", "compact_at_budget"})
 _STRUCTURED_FLAGS = frozenset({"atten_density", "other_density", "structure_compat", "unit_multiple"})
 _TOKEN_FLAGS = frozenset({"token_number", "token_ratio", "token_selector", "token_mode", "tau_schedule", "eval_noise"})
 _TEACHER_FLAGS = frozenset({"teacher_model", "teacher_path", "distillation_alpha", "distillation_tau", "teacher_topk",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,25 +27,28 @@ class TrainingState:
     scaler: torch.amp.GradScaler
     sparsifier: sparselearning.Sparsifier
     model_ema: ModelEmaV3 | None
+    compacted: dict[str, Any] | None = None  # a run compacted at its budget (training.compaction.Compacted)
 
     def checkpoint(self, epoch: int, step: int, best_acc1: float, rng: list[dict[str, Any]],
                    args: dict[str, Any], total_steps: int) -> dict[str, Any]:
+        compacted = {} if self.compacted is None else {"compacted": self.compacted}
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "model_ema": self.model_ema.module.state_dict() if self.model_ema is not None else None,
                 "sparsifier": self.sparsifier.state_dict(), "epoch": epoch, "step": step, "best_acc1": best_acc1,
-                "rng": rng, "args": args, "total_steps": total_steps}
+                "rng": rng, "args": args, "total_steps": total_steps, **compacted}
 
     def resume(self, path: str, args: argparse.Namespace, world: int, steps_per_epoch: int, rank: int,
-               flags: dict[str, str]) -> tuple[int, int, float, dict[str, Any] | None]:
+               flags: dict[str, str], ckpt: Mapping[str, Any] | None = None
+               ) -> tuple[int, int, float, dict[str, Any] | None]:
         """Restore a ``checkpoint`` file of the same experiment (``training.resume_check``, checked before anything
-        is loaded; ``flags`` names its settings as the command line spells them); returns (first epoch to run,
-        optimizer steps done, best top-1, position).
+        is loaded; ``flags`` names its settings as the command line spells them; ``ckpt``: the file's contents when
+        already loaded); returns (first epoch to run, optimizer steps done, best top-1, position).
 
         A mid-epoch checkpoint holds ``position`` = {"batch": batches done in its epoch, "loss_sum": their summed
         loss}; its epoch is then the first to run, from that batch on.
         """
-        ckpt = load_checkpoint(path, map_location="cpu")
+        ckpt = load_checkpoint(path, map_location="cpu") if ckpt is None else ckpt
         if "optimizer" not in ckpt:
             interop.load_weights(self.model, ckpt.get("model", ckpt), path, args.model)
             raise ValueError(f"{path} holds weights only (no optimizer state) and cannot be resumed; "
