@@ -101,8 +101,12 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, extra: tuple[str, ...
     assert [r["train_loss"] for r in read_log(straight)] == [r["train_loss"] for r in read_log(killed)][-3:]
 
 
+GLOBAL_COMPACTED = ("--pruning_type", "global", "--target-macs", "0.6", "--prune-every", "4", "--prune-units", "60",
+                    "--compact-at-budget")  # the budget is met in epoch 0; epoch 1 trains the compact model
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [(), SPARSE_TOKENS], ids=["dense", "sparse+tokens"])
+@pytest.mark.parametrize("extra", [(), SPARSE_TOKENS, GLOBAL_COMPACTED], ids=["dense", "sparse+tokens", "global+compact"])
 def test_torchrun_two_processes_keep_identical_weights(tmp_path: Path, extra: tuple[str, ...]) -> None:
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path))
@@ -113,6 +117,9 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path: Path, extra: tu
     w0 = torch.load(tmp_path / "weights_rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "weights_rank1.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    if "--compact-at-budget" in extra:  # both ranks compacted at the same boundary and trained the compact model on
+        dense = models.create_model("vit_digits_micro", num_classes=10).state_dict()
+        assert sum(v.numel() for v in w0.values()) < 0.8 * sum(v.numel() for v in dense.values())
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["model"]
     assert all(torch.equal(saved[k], w0[k]) for k in w0)  # the checkpoint holds exactly these weights
     log = read_log(tmp_path / "run")
