@@ -94,7 +94,8 @@ def args_of(*extra: str):
     args = main.get_args_parser().parse_args([*TINY_RUN, "--epochs", "3", "--pruning_type", "global",
                                               "--target-macs", "0.6", "--prune-every", "4", "--prune-units", "60",
                                               "--compact-at-budget", "--model-ema-decay", "0.9",
-                                              "--drop-path", "0.1", *extra])  # drop path: the rebuilt model's too
+                                              "--drop-path", "0.1", "--save-every-steps", "20",
+                                              *extra])  # drop path: the rebuilt model's too
     args.pin_mem = False
     return args
 
@@ -123,15 +124,18 @@ def assert_same(a: object, b: object) -> None:
 def test_a_run_compacted_at_its_budget_fine_tunes_the_compact_model_and_resumes_bit_exactly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """3 epochs of 44 steps; the budget is met in epoch 0, so epoch 1 starts the compact model, which compact.pth
-    and --eval of the last checkpoint hold. Resumed from the checkpoint before the compaction (epoch 0) and from the
-    one after it (epoch 1), the run ends bit-identical."""
+    and --eval of the last checkpoint hold. Resumed from the checkpoint before the compaction (end of epoch 0, and
+    mid-way through it) and from those after it (end of epoch 1, and mid-way through it), the run ends
+    bit-identical."""
     kept = {}
 
-    def keep_epochs(obj: dict, path: Path) -> None:  # every end-of-epoch checkpoint, besides checkpoint.pth
-        save_atomic(obj, path)
+    def keep_epochs(obj: dict, path: Path) -> None:  # every end-of-epoch checkpoint and the first mid-epoch one of
+        save_atomic(obj, path)                       # each epoch, besides checkpoint.pth
         if path.name == "checkpoint.pth" and path.parent.name == "full":
-            kept[obj["epoch"]] = path.with_name(f"epoch{obj['epoch']}.pth")
-            save_atomic(obj, kept[obj["epoch"]])
+            key = ("mid", obj["epoch"]) if "position" in obj else obj["epoch"]
+            if key not in kept:
+                kept[key] = path.with_name(f"{key[0]}{key[1]}.pth" if "position" in obj else f"epoch{key}.pth")
+                save_atomic(obj, kept[key])
 
     monkeypatch.setattr(loop, "save_atomic", keep_epochs)
     record = main.main(args_of("--output_dir", str(tmp_path / "full")))
@@ -157,7 +161,9 @@ def test_a_run_compacted_at_its_budget_fine_tunes_the_compact_model_and_resumes_
         ["--model", "vit_digits_micro", "--data-set", "DIGITS", "--num_workers", "0", "--no-pin-mem", "--eval",
          "--resume", str(tmp_path / "full" / "checkpoint.pth")]))
     assert (evaluated["test_acc1"], evaluated["ema_test_acc1"]) == (record["test_acc1"], record["ema_test_acc1"])
-    for epoch in (0, 1):
-        out = tmp_path / f"resumed{epoch}"
-        main.main(args_of("--output_dir", str(out), "--resume", str(kept[epoch])))
+    mid = {epoch: load_checkpoint(kept["mid", epoch]) for epoch in (0, 1)}
+    assert "compacted" not in mid[0] and mid[1]["compacted"]["epoch"] == 1 and mid[1]["position"]["batch"] > 0
+    for key in (0, 1, ("mid", 0), ("mid", 1)):
+        out = tmp_path / f"resumed{key}".replace(" ", "").replace("'", "")
+        main.main(args_of("--output_dir", str(out), "--resume", str(kept[key])))
         assert_same(trained(load_checkpoint(out / "checkpoint.pth")), trained(final))
