@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,3 +70,20 @@ TINY_RUN = ("--model", "vit_digits_micro", "--data-set", "DIGITS", "--batch-size
 @pytest.fixture
 def tiny_run() -> tuple[str, ...]:
     return TINY_RUN
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: range, sparsifier=None,
+                batch_size: int = 8) -> list[int]:
+    """Optimizer steps of a 16-px, 10-class micro model on random images seeded by the step number, each followed by
+    ``sparsifier.step(step)`` when given; returns the steps at which it changed the masks."""
+    changed = []
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(batch_size, 3, 16, 16, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if sparsifier is not None and sparsifier.step(step):
+            changed.append(step)
+    return changed

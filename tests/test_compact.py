@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, VisionTransformer
 
@@ -14,6 +13,7 @@ from interop.compact_checkpoint import is_compact_checkpoint, load_compact, save
 from models.compact import build_compact, compact_model, random_compact_model, random_unit_masks
 from models.head_stats import structure_units
 from sparselearning import StructuredDST
+from conftest import train_steps
 
 torch.set_num_threads(1)
 
@@ -34,14 +34,7 @@ def trained_structured(compat: bool) -> tuple[torch.nn.Module, StructuredDST]:
             if name.endswith("bias"):
                 p.normal_(std=0.5)
         sparsifier.mask_set.apply_()
-    for step in range(1, 8):
-        gen = torch.Generator().manual_seed(step)
-        x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sparsifier.step(step)
+    train_steps(model, optimizer, range(1, 8), sparsifier)
     return model.eval(), sparsifier
 
 

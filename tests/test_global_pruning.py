@@ -22,6 +22,7 @@ from sparselearning.global_pruning import (TYPE_SCALE, GlobalPruning, global_ord
 from sparselearning.latency_table import LatencyTable, load_table, save_table
 from sparselearning.units import unit_sum
 from training.resume_check import compare
+from conftest import train_steps
 
 
 def micro(name: str = "vit_digits_micro") -> torch.nn.Module:
@@ -39,21 +40,6 @@ def pruner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, target: flo
            units: int = 6) -> GlobalPruning:
     return GlobalPruning(model, optimizer, models.global_units(model), 30, target_macs=target, prune_every=every,
                          prune_units=units, log_fn=lambda record: None)
-
-
-def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: range,
-                sparsifier: GlobalPruning | None = None) -> list[int]:
-    changed = []
-    for step in steps:
-        gen = torch.Generator().manual_seed(step)
-        x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if sparsifier is not None and sparsifier.step(step):
-            changed.append(step)
-    return changed
 
 
 def test_channel_unit_owns_every_residual_tensor() -> None:

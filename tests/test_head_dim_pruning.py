@@ -19,7 +19,8 @@ from sparselearning import SparsityConfig
 from sparselearning.global_pruning import TYPE_SCALE, GlobalPruning, global_order, prune_to_budget
 from sparselearning.latency_table import LatencyTable, save_table
 from sparselearning.units import expand_units, head_dim_group, unit_positions
-from test_global_pruning import plain_micro, train_steps
+from conftest import train_steps
+from test_global_pruning import plain_micro
 from training import compact_report
 from training.resume_check import compare
 

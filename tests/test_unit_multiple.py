@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import checkpoint_tool
 import main
@@ -16,6 +15,7 @@ from interop.detect import Detection
 from models import structure_units
 from sparselearning import SparsityConfig, StructuredDST, format_table
 from sparselearning.units import auto_multiple, kept_count, resolve_multiple
+from conftest import train_steps
 
 torch.set_num_threads(1)
 
@@ -78,14 +78,7 @@ def sparsifier(multiple, other_density=0.3, records=None, seed=0):
 def test_counts_stay_multiples_through_updates_and_compaction_and_macs_use_them():
     records = []
     model, optimizer, dst = sparsifier(16, records=records)  # int(128 x 0.3) = 38 -> 32
-    gen = torch.Generator().manual_seed(0)
-    for step in range(1, 31):
-        x, y = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        dst.step(step)
+    train_steps(model, optimizer, range(1, 31), dst, batch_size=4)
     updates = [r for r in records if r["event"] == "update"]
     assert len(updates) >= 10 and sum(r["swapped_neurons"] for r in updates) > 0  # units really moved
     assert all(r["neurons_kept"] == [32, 32] and r["neuron_multiples"] == [16, 16] for r in records)
