@@ -23,7 +23,9 @@ own balanced λ the same way. Both are fixed before anything is timed.
 The dense model and the compact models are timed interleaved with ``benchmarks.timing.measure`` (float32, one
 thread, ``--batch-size`` images, process CPU time, median over ``--repeats``, with a distribution-free 95% interval
 of the median paired ratio against MAC-only, ``benchmarks.timing.median_interval``). Writes
-``benchmarks/results/<device>-global-pruning.csv`` and ``.md``.
+``benchmarks/results/<device>-global-pruning.csv`` and ``.md``. With ``--train-repeats N`` it also times a training
+step (forward, backward, AdamW) of the dense model, which a masked run's fine-tuning costs at least, against the
+MAC-only compact model, which ``--compact-at-budget`` fine-tunes instead (``<device>-global-pruning-train.csv``).
 """
 from __future__ import annotations
 
@@ -61,6 +63,9 @@ COLUMNS = ("criterion", "latency_lambda", "embed_dim", "heads", "mlp_hidden", "g
            "vs_mac_only", "vs_mac_only_lo", "vs_mac_only_hi", "vs_mac_only_min", "vs_mac_only_max", "block_heads", "block_mlp_hidden", "batch_size",
            "repeats", "score_batches", "score_batch_size", "device", "threads", "torch", "timm", "python", "date",
            "command")
+
+TRAIN_COLUMNS = ("model", "gmacs", "ms_per_step", "speedup", "speedup_lo", "speedup_hi", "speedup_min", "speedup_max",
+                 "batch_size", "train_repeats", "device", "threads", "torch", "timm", "python", "date", "command")
 
 
 def collect_scores(model: nn.Module, table: Path, target_macs: float, batches: int, batch_size: int,
@@ -174,6 +179,69 @@ def timed(models_by_name: Mapping[str, nn.Module], batch_size: int, repeats: int
                    num_warm_iter=1, num_bench_iter=1, repeats=repeats, clock=time.process_time)
 
 
+def timed_training(models_by_name: Mapping[str, nn.Module], batch_size: int, repeats: int,
+                   seed: int) -> dict[str, Timing]:
+    """One optimizer step (forward, cross-entropy, backward, AdamW) of every model, timed interleaved like ``timed``:
+    the cost per batch of a run's fine-tuning on the masked full-size model and, with ``--compact-at-budget``, on the
+    compact one. The lr is 0, so the weights stay as they are; the models are left in eval mode."""
+    first = next(iter(models_by_name.values()))
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, *first.patch_embed.img_size, generator=generator)
+    y = torch.randint(0, first.num_classes, (batch_size,), generator=generator)
+
+    def runner(net: nn.Module) -> Callable[[int], None]:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.0)
+
+        def run(n: int) -> None:
+            net.train()
+            for _ in range(n):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x), y).backward()
+                optimizer.step()
+            net.eval()
+        return run
+
+    return measure({name: runner(net) for name, net in models_by_name.items()}, batch_size=batch_size,
+                   num_warm_iter=1, num_bench_iter=1, repeats=repeats, clock=time.process_time)
+
+
+def training_rows(steps: Mapping[str, Timing], nets: Mapping[str, nn.Module], meta: Mapping[str, str]) -> list[dict]:
+    """The training-step rows: the dense model (the masked run) and the MAC-only compact one, with its speedup."""
+    rows = []
+    for name, label in (("dense", "masked run (dense shapes)"), ("MAC-only", "compact, MAC-only")):
+        speed = paired_ratios(steps[name], steps["dense"])
+        versus = (dict.fromkeys(("speedup", "speedup_lo", "speedup_hi", "speedup_min", "speedup_max"), "")
+                  if name == "dense" else
+                  {"speedup": statistics.median(speed), "speedup_lo": median_interval(speed)[0],
+                   "speedup_hi": median_interval(speed)[1], "speedup_min": min(speed), "speedup_max": max(speed)})
+        rows.append({**meta, "model": label, "gmacs": models.count_macs(nets[name]).total / 1e9,
+                     "ms_per_step": steps[name].step_ms, **versus})
+    return rows
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, object]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in columns} for row in rows)
+
+
+def training_markdown(rows: list[dict], meta: Mapping[str, str]) -> list[str]:
+    """The training-step section: the masked run's step (timed as the dense model, a lower bound: the masks add
+    work) against the compact model's."""
+    lines = ["", f"## Training step, batch {meta['batch_size']}: the fine-tuning phase before and with "
+             "`--compact-at-budget`", "",
+             f"Forward, cross-entropy, backward and an AdamW step, float32, one thread, process CPU time, "
+             f"{meta['train_repeats']} interleaved repeats; the masked run is timed as the dense model (its masks only "
+             "add work, so the speedup is a lower bound).", "",
+             "| model | GMACs | ms / step | speedup [95%] (min-max) |", "|---|---|---|---|"]
+    for r in rows:
+        speed = (f"{float(r['speedup']):.3f}× [{float(r['speedup_lo']):.3f}, {float(r['speedup_hi']):.3f}] "
+                 f"({float(r['speedup_min']):.3f}–{float(r['speedup_max']):.3f})" if r["speedup"] != "" else "1")
+        lines.append(f"| {r['model']} | {float(r['gmacs']):.3f} | {float(r['ms_per_step']):.0f} | {speed} |")
+    return lines + [""]
+
+
 def markdown(rows: list[dict], meta: Mapping[str, str]) -> str:
     lines = [f"# Global pruning of {meta['model']} (random weights) to {float(meta['target_macs']):.4f} of its MACs "
              f"(NViT-B: {NVIT_B_GMACS} of DeiT-B's {DEIT_B_GMACS} GMACs): {meta['device']}", "",
@@ -228,6 +296,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-repeats", type=int, default=0,
+                        help="also time a training step of the dense and the MAC-only compact model this many times "
+                             "(0: skip; at least 6 for the interval); written to <csv stem>-train.csv and the .md")
     parser.add_argument("--model", default=MODEL, choices=models.MODEL_NAMES, help=argparse.SUPPRESS)
     parser.add_argument("--csv", type=Path, default=None,
                         help="default benchmarks/results/<device>-global-pruning.csv, the markdown next to it")
@@ -238,8 +309,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.repeats < 6:
-        parser.error(f"--repeats {args.repeats}: a 95% interval of the median paired ratio needs at least 6")
+    for flag, value in (("--repeats", args.repeats), ("--train-repeats", args.train_repeats or 6)):
+        if value < 6:
+            parser.error(f"{flag} {value}: a 95% interval of the median paired ratio needs at least 6")
     device = torch.device("cpu")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -262,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     meta = {**env.environment(device), "command": shlex.join(["python", "benchmarks/global_pruning.py", *argv]),
             "batch_size": args.batch_size, "repeats": args.repeats, "score_batches": args.score_batches,
             "score_batch_size": args.score_batch_size, "model": args.model, "target_macs": args.target_macs,
-            "prune_units": args.prune_units,
+            "prune_units": args.prune_units, "train_repeats": args.train_repeats,
             "img_size": model.patch_embed.img_size[0], "latency_table": shown_path(args.latency_table),
             "table_note": ", ".join(f"{k} {pruner.units.table.meta.get(k)}" for k in ("device", "threads", "date"))
             + f", batch {pruner.units.table.batch_size}"}
@@ -293,11 +365,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "block_heads": " ".join(map(str, arch["block_heads"])),
             "block_mlp_hidden": " ".join(map(str, arch["block_mlp_hidden"])), **meta})
     csv_path = args.csv or RESULTS / f"{env.device_slug(device)}-global-pruning.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+    write_csv(csv_path, COLUMNS, rows)
     text = markdown(rows, meta)
+    if args.train_repeats:
+        steps = timed_training({"dense": model, "MAC-only": nets["MAC-only"]}, args.batch_size, args.train_repeats,
+                               args.seed)
+        train_rows = training_rows(steps, nets, meta)
+        write_csv(csv_path.with_name(csv_path.stem + "-train.csv"), TRAIN_COLUMNS, train_rows)
+        text = "\n".join([text.rstrip("\n"), *training_markdown(train_rows, meta)])
     csv_path.with_suffix(".md").write_text(text)
     print(text)
     print(f"wrote {csv_path} and {csv_path.with_suffix('.md')}")

@@ -566,7 +566,8 @@ def test_the_deit_b_benchmark_prunes_both_criteria_to_equal_macs_from_the_same_s
                        tmp_path / "t.json")
     csv_path = global_pruning.main(["--model", "vit_digits_micro", "--latency-table", str(table), "--target-macs",
                                     "0.5", "--prune-units", "16", "--latency-lambda", "0.05", "--score-batches", "2",
-                                    "--batch-size", "2", "--repeats", "6", "--csv", str(tmp_path / "gp.csv")])
+                                    "--batch-size", "2", "--repeats", "6", "--train-repeats", "6",
+                                    "--csv", str(tmp_path / "gp.csv")])
     rows = {r["criterion"]: r for r in csv.DictReader(open(csv_path))}
     assert list(rows) == ["dense", "MAC-only", "latency-aware", "latency-aware, NViT's penalty",
                           "uniform, fastest by the table", "uniform, slowest by the table"]
@@ -583,3 +584,8 @@ def test_the_deit_b_benchmark_prunes_both_criteria_to_equal_macs_from_the_same_s
     lo, hi = float(rows["latency-aware"]["vs_mac_only_lo"]), float(rows["latency-aware"]["vs_mac_only_hi"])
     assert (lo, hi) == (float(rows["latency-aware"]["vs_mac_only_min"]), float(rows["latency-aware"]["vs_mac_only_max"]))
     assert "| latency-aware | 0.05 |" in csv_path.with_suffix(".md").read_text()
+    train = list(csv.DictReader(open(tmp_path / "gp-train.csv")))  # the fine-tuning step, masked and compact
+    assert [r["model"] for r in train] == ["masked run (dense shapes)", "compact, MAC-only"]
+    assert float(train[1]["gmacs"]) < float(train[0]["gmacs"]) and float(train[1]["speedup"]) > 0
+    assert float(train[1]["speedup_lo"]) <= float(train[1]["speedup"]) <= float(train[1]["speedup_hi"])
+    assert "## Training step" in csv_path.with_suffix(".md").read_text()
